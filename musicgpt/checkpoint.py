@@ -1,0 +1,259 @@
+"""Checkpoints: safetensors weights plus a JSON config, written atomically, never unpickled.
+
+A checkpoint is one `NAME.safetensors` file holding the model weights (and, for `last`, the
+optimizer state and random state for exact resumption) with the model and codec configuration
+in its metadata, plus a human-readable `NAME.json` beside it. The safetensors file is the
+source of truth: it is written to a temporary file and renamed, so a run killed mid-write
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from musicgpt.errors import CheckpointError, MusicGPTError
+from musicgpt.model import ModelConfig, MusicGPT
+from musicgpt.vocab import CodecConfig
+
+FORMAT = "musicgpt-checkpoint-v1"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds besides the weights."""
+
+    model_config: ModelConfig
+    codec_config: CodecConfig
+    state: dict[str, Any] = field(default_factory=dict)  # step, tokens seen, metrics, train config
+    path: Path | None = None
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync it, then rename over `path` so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied embeddings); return the aliases."""
+    seen: dict[tuple[int, int, tuple], str] = {}
+    out, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            out[name] = t.detach().contiguous().cpu()
+    return out, aliases
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            v = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"optim.{idx}.{k}"] = v.detach().contiguous().cpu()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = t
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: MusicGPT,
+    codec_config: CodecConfig,
+    *,
+    state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    half: bool = False,
+) -> Path:
+    """Write `path` (.safetensors) and its .json atomically; with `optimizer`, also what resuming needs."""
+    path = Path(path).with_suffix(".safetensors")
+    tensors, aliases = _unique_tensors({f"model.{k}": v for k, v in model.state_dict().items()})
+    if half:
+        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in tensors.items()}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "model_config": model.config.to_dict(),
+        "codec_config": codec_config.to_dict(),
+        "state": state or {},
+        "aliases": aliases,
+    }
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _optimizer_tensors(optimizer)
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"musicgpt": json.dumps(meta)}))
+    info = {k: meta[k] for k in ("format", "model_config", "codec_config", "state")}
+    info["weights"] = path.name
+    _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("musicgpt")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or damaged: {e})") from None
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        meta = None
+    if not meta or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a musicgpt checkpoint (missing or unknown metadata)")
+    return tensors, meta
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """Turn 'default', a run folder, a .json or a .safetensors path into the weights file to load.
+
+    A run folder resolves to its `best` checkpoint if present, else `last`.
+    """
+    if str(spec) == "default":
+        path = DEFAULT_MODEL_DIR / "model.safetensors"
+        if not path.is_file():
+            raise CheckpointError("the default model is not installed with this copy of musicgpt")
+        return path
+    p = Path(spec)
+    if p.is_dir():
+        for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"{p}: no checkpoint in this folder (expected best.safetensors or last.safetensors)")
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    return p
+
+
+def latest_run(runs_dir: str | os.PathLike = "runs") -> Path | None:
+    """The most recently modified run folder under `runs_dir` holding a checkpoint, or None."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return None
+    runs = [d for d in root.iterdir() if d.is_dir() and any(d.glob("*.safetensors"))]
+    return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.safetensors")), default=None)
+
+
+def load_checkpoint(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], Checkpoint]:
+    """Read every tensor of a checkpoint and its metadata (configs validated)."""
+    path = resolve_checkpoint(spec)
+    tensors, meta = _read(path)
+    try:
+        ckpt = Checkpoint(
+            ModelConfig.from_dict(meta["model_config"]),
+            CodecConfig.from_dict(meta["codec_config"]),
+            dict(meta.get("state") or {}),
+            path,
+        )
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: checkpoint configuration is incomplete ({e})") from None
+    except MusicGPTError as e:
+        raise CheckpointError(f"{path}: bad configuration in checkpoint ({e})") from None
+    if ckpt.model_config.vocab_size != ckpt.codec_config.vocab_size:
+        raise CheckpointError(
+            f"{path}: model vocabulary ({ckpt.model_config.vocab_size}) does not match the codec's "
+            f"({ckpt.codec_config.vocab_size})"
+        )
+    ckpt.state["_meta"] = meta
+    return {k: v.to(map_location) for k, v in tensors.items()}, ckpt
+
+
+def model_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """The model's state dict from checkpoint tensors, with tied weights restored."""
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    for alias, source in meta.get("aliases", {}).items():
+        state[alias[len("model."):]] = state[source[len("model."):]]
+    return state
+
+
+def load_model(
+    spec: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[MusicGPT, Checkpoint]:
+    """Build the model a checkpoint describes and load its weights (float32, eval mode)."""
+    tensors, ckpt = load_checkpoint(spec)
+    meta = ckpt.state.pop("_meta")
+    model = MusicGPT(ckpt.model_config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in model_state(tensors, meta).items()}, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{ckpt.path}: weights do not match the configuration ({first})") from None
+    return model.to(device).eval(), ckpt
+
+
+def restore_training(
+    spec: str | os.PathLike, model: MusicGPT, optimizer: torch.optim.Optimizer
+) -> Checkpoint:
+    """Load weights, optimizer and random state from a `last` checkpoint into live objects."""
+    tensors, ckpt = load_checkpoint(spec)
+    meta = ckpt.state.pop("_meta")
+    if "optimizer" not in meta:
+        raise CheckpointError(f"{ckpt.path}: holds no optimizer state, so training cannot resume from it")
+    model.load_state_dict(model_state(tensors, meta), strict=True)
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return ckpt
+
+
+def default_model_available() -> bool:
+    """Whether this installation ships the trained default model."""
+    return (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
+
+
+def choose_checkpoint(spec: str | os.PathLike | None, runs_dir: str | os.PathLike = "runs") -> tuple[Path, str]:
+    """The checkpoint a command should use and a one-line note of why.
+
+    An explicit spec wins; otherwise the newest run under `runs_dir`; otherwise the shipped
+    default model; otherwise a clear error telling the user to train first.
+    """
+    if spec is not None:
+        return resolve_checkpoint(spec), ""
+    run = latest_run(runs_dir)
+    if run is not None:
+        path = resolve_checkpoint(run)
+        return path, f"using the newest run's checkpoint {path}"
+    if default_model_available():
+        return resolve_checkpoint("default"), "using the default model shipped with musicgpt"
+    raise CheckpointError(
+        f"no trained model found (no run under {runs_dir}/ and no default model): "
+        "train one first with `musicgpt train midi_data/`"
+    )

@@ -1,0 +1,220 @@
+"""The `musicgpt` command line: parses arguments and calls library functions.
+
+Each subcommand is a pair `_add_<name>(subparsers)` / `_run_<name>(args)`; the
+work itself lives in the library modules so tests can call it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from musicgpt import __version__
+from musicgpt.errors import MusicGPTError
+
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("encode", help="turn a MIDI file into readable event tokens, one per line")
+    p.add_argument("midi", type=Path, help="input .mid/.midi file")
+    p.add_argument("-o", "--output", type=Path, help="token file to write (default: stdout)")
+    p.set_defaults(func=_run_encode)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    from musicgpt import codec
+
+    tokens = codec.encode(args.midi)
+    text = "\n".join(codec.token_names(tokens)) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    print(
+        f"{args.midi}: {len(tokens)} tokens, {codec.count_notes(tokens)} notes, "
+        f"{codec.duration_seconds(tokens):.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_decode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("decode", help="turn a token file (one event name per line) back into MIDI")
+    p.add_argument("tokens", type=Path, help="token file written by `musicgpt encode`")
+    p.add_argument("-o", "--output", type=Path, required=True, help="MIDI file to write")
+    p.set_defaults(func=_run_decode)
+
+
+def _run_decode(args: argparse.Namespace) -> int:
+    from musicgpt import codec
+
+    try:
+        lines = args.tokens.read_text().split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MusicGPTError(f"{args.tokens}: cannot read token file ({e.__class__.__name__})") from None
+    tokens = codec.parse_token_names(lines, source=str(args.tokens))
+    midi = codec.decode(tokens)
+    codec.write_midi(midi, args.output)
+    n = sum(len(i.notes) for i in midi.instruments)
+    print(f"{args.output}: {n} notes, {midi.get_end_time():.1f} s", file=sys.stderr)
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on a folder of MIDI files",
+        description="Train a relative-attention GPT on every MIDI file under DATA_DIR. Options left out "
+        "take per-device defaults (CPU: the tiny preset, about ten minutes on 2 cores).",
+    )
+    p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
+    p.add_argument("--preset", help="model size: tiny, small or base")
+    p.add_argument("--out", help="run folder for checkpoints and metrics (default runs/<timestamp>)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps in the whole run (the schedule's length)")
+    p.add_argument("--stop-at", type=int, help="pause at this step; continue later with --resume")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="linear warmup steps")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--dropout", type=float, help="dropout probability (overrides the preset)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast on CUDA by default")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--init", metavar="CKPT", help="fine-tune from a trained checkpoint ('default': the shipped model)")
+    p.add_argument("--attention", choices=["relative", "absolute"], help="attention kind (overrides the preset)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no transposition or time stretch")
+    p.add_argument("--eval-interval", type=int, help="steps between validation runs")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out for validation")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from musicgpt.train import TrainConfig, train
+
+    names = set(TrainConfig.__dataclass_fields__)
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    train(cfg)
+    return 0
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="write new MIDI with a trained model, from silence or continuing a primer",
+        description="Generate piano music with a trained model and write it as MIDI files (listed on stdout). "
+        "Without --checkpoint the newest run under runs/ is used, else the shipped default model. "
+        "Sampling defaults: temperature 1.0, top-p 0.95, other filters off.",
+    )
+    p.add_argument("--checkpoint", help="run folder, .safetensors file, or 'default' (the shipped model)")
+    p.add_argument("--primer", type=Path, help="MIDI file to continue (default: start from silence)")
+    p.add_argument("--primer-seconds", type=float, metavar="S", help="use only the primer's first S seconds")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--tokens", type=int, metavar="N", help="generate N tokens (or until the model ends the piece)")
+    length.add_argument("--seconds", type=float, metavar="S", help="generate S seconds of music (default 30; at most 100 tokens per second)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="K", help="pieces to write, generated as one batch (default 1)")
+    p.add_argument("--seed", type=int, help="random seed (default: a new one, printed so the run can be repeated)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic)")
+    p.add_argument("--temperature", type=float, help="divide logits by this; < 1 is safer, > 1 wilder (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, help="nucleus: the smallest set holding this probability (default 0.95; 1: off)")
+    p.add_argument("--typical-p", type=float, help="locally typical sampling mass (default 1: off)")
+    p.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top token's probability (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, help="CTRL penalty on tokens in the model's view (default 1: off)")
+    p.add_argument("--beams", type=int, dest="num_beams", help="beam search with this many beams (deterministic)")
+    p.add_argument("--length-penalty", type=float, help="beam score = log-prob / length ** this (default 1.0)")
+    p.add_argument("--out", default="samples", help="folder for the MIDI files (default samples/)")
+    p.add_argument("--include-primer", action="store_true", help="write the primer before the continuation")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from musicgpt.generate import SamplingConfig, sample_files
+
+    names = ("greedy", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
+             "num_beams", "length_penalty")
+    sampling = SamplingConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+    paths = sample_files(
+        checkpoint=args.checkpoint, primer=args.primer, primer_seconds=args.primer_seconds, tokens=args.tokens,
+        seconds=args.seconds, num_samples=args.num_samples, seed=args.seed, sampling=sampling, out_dir=args.out,
+        include_primer=args.include_primer, device=args.device,
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _add_attention(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attention",
+        help="draw which earlier notes a note attends to, as arcs over a piano roll",
+        description="Run a trained model once over the start of a MIDI file and draw its self-attention as "
+        "arcs from a query note back to the notes it attends to, one colour per head. The output's "
+        "extension picks the format: .png or .svg (a picture) or .html (an interactive, offline page).",
+    )
+    p.add_argument("midi", type=Path, help="input .mid/.midi file (a generated sample works too)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="picture to write: .png, .svg or .html")
+    p.add_argument("--checkpoint", help="run folder or .safetensors (default: the newest run, else the shipped model)")
+    p.add_argument("--layer", type=int, default=-1, help="layer, counted from 0; negative counts from the end (default -1: the last)")
+    p.add_argument("--heads", help="comma-separated heads, counted from 0, e.g. 0,3 (default: all)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--query-note", type=int, metavar="INDEX", help="query note by index in onset order, from 0 (default: one late in the excerpt)")
+    q.add_argument("--query-time", type=float, metavar="SECONDS", help="query the note starting nearest this time")
+    p.add_argument("--top-k", type=int, default=5, help="arcs per head: the K most attended notes (default 5)")
+    p.add_argument("--threshold", type=float, default=0.02, help="hide arcs lighter than this weight (default 0.02)")
+    p.add_argument("--max-tokens", type=int, help="tokens of the piece fed to the model (default: its context or 512, whichever is smaller)")
+    p.add_argument("--grid", action="store_true", help="instead: every layer's and head's attention matrix as small heat maps")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=_run_attention)
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from musicgpt.attention_plot import note_label, parse_heads, render_attention
+
+    r = render_attention(
+        args.midi, args.output, checkpoint=args.checkpoint, layer=args.layer, heads=parse_heads(args.heads),
+        query_note=args.query_note, query_time=args.query_time, top_k=args.top_k, threshold=args.threshold,
+        max_tokens=args.max_tokens, grid=args.grid, device=args.device,
+    )
+    if r.note:
+        print(r.note, file=sys.stderr)
+    what = "every layer and head" if args.grid else f"layer {r.layer}, query {note_label(r.excerpt, r.query)}, {len(r.arcs)} arcs"
+    print(f"{r.path}: {what} ({len(r.excerpt.tokens)} tokens)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="musicgpt",
+        description="Learn to compose piano music from MIDI files and write new MIDI.",
+    )
+    parser.add_argument("--version", action="version", version=f"musicgpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_train, _add_sample, _add_encode, _add_decode, _add_attention):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `musicgpt` console script; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MusicGPTError as e:
+        print(f"musicgpt: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("musicgpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

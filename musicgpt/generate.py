@@ -1,0 +1,530 @@
+"""Sampling: logit filters, greedy / sampled / beam decoding over the KV cache, and `sample_files`.
+
+Every strategy runs the model on the new token only (`MusicGPT.decode_step`). A relative-attention
+model keeps going past its window with the cache's sliding window (distances, not positions, are
+what it knows, so this is exact with respect to `forward(..., attn_window=window)`). An
+absolute-position model cannot slide: when its cache is full, the most recent half context is
+re-encoded at positions 0.. and decoding continues from there, one re-encoding every
+context_len / 2 tokens instead of a full recompute per token.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from musicgpt import codec
+from musicgpt.checkpoint import choose_checkpoint, load_model
+from musicgpt.errors import MidiReadError, MusicGPTError
+from musicgpt.model import MusicGPT
+from musicgpt.vocab import TIME_SHIFT, CodecConfig
+
+DEFAULT_SECONDS = 30.0  # music written when neither --tokens nor --seconds is given
+TOKENS_PER_SECOND_CAP = 100  # --seconds S also stops after S * 100 tokens (piano runs ~20-60/s)
+_FLAGS = {"num_beams": "--beams"}  # options whose CLI flag is not the field name with dashes
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class SamplingConfig:
+    """How each next token is chosen; a filter left at its neutral value (0 or 1.0) is off.
+
+    Greedy and beam search are deterministic and use only the repetition penalty (and, for
+    beams, length_penalty); sampling applies every filter in `filter_logits`'s order.
+    """
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # keep the k most likely tokens (ties at the k-th value all kept)
+    top_p: float = 0.95  # nucleus: smallest set holding this much probability
+    typical_p: float = 1.0  # locally typical set holding this much probability
+    min_p: float = 0.0  # keep tokens with p >= min_p * p_max
+    repetition_penalty: float = 1.0  # CTRL penalty on tokens in the model's view
+    num_beams: int = 1  # > 1: beam search
+    length_penalty: float = 1.0  # beam hypothesis score = sum log p / length ** length_penalty
+
+    def validate(self) -> SamplingConfig:
+        """Raise a one-line MusicGPTError naming the first invalid option; return self."""
+        _check(self, "temperature", _real(self.temperature) and self.temperature > 0, "> 0")
+        _check(self, "top_k", _integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)")
+        _check(self, "top_p", _real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]")
+        _check(self, "typical_p", _real(self.typical_p) and 0 < self.typical_p <= 1, "in (0, 1]")
+        _check(self, "min_p", _real(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)")
+        _check(self, "repetition_penalty", _real(self.repetition_penalty) and self.repetition_penalty > 0, "> 0")
+        _check(self, "num_beams", _integer(self.num_beams) and self.num_beams >= 1, "an integer >= 1")
+        _check(self, "length_penalty", _real(self.length_penalty), "a finite number")
+        if self.greedy and self.num_beams > 1:
+            raise MusicGPTError("choose --greedy or --beams, not both")
+        return self
+
+    @property
+    def deterministic(self) -> bool:
+        return self.greedy or self.num_beams > 1
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(cfg: SamplingConfig, name: str, ok: bool, rule: str) -> None:
+    if not ok:
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        raise MusicGPTError(f"{flag} must be {rule}, got {getattr(cfg, name)!r}")
+
+
+# ----------------------------------------------------------------------------- logit filters
+
+def filter_logits(logits: Tensor, cfg: SamplingConfig, generated: Tensor | None = None) -> Tensor:
+    """Logits [B, V] with cfg's processors applied and removed tokens at -inf (input untouched).
+
+    Order, as in Hugging Face transformers: repetition penalty (over `generated` [B, T] token
+    ids), temperature, top-k, top-p, min-p, typical-p. Top-k keeps every token tied with the
+    k-th best logit, so it may keep more than k; the mass filters always keep at least one.
+    """
+    if generated is not None and cfg.repetition_penalty != 1.0:
+        logits = penalize_repeats(logits, generated, cfg.repetition_penalty)
+    if cfg.temperature != 1.0:
+        logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.size(-1):
+        kth = logits.topk(cfg.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if cfg.top_p < 1.0:  # most probable first
+        logits = _keep_smallest_set(logits, -logits, cfg.top_p)
+    if cfg.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < cfg.min_p * probs.amax(-1, keepdim=True), -math.inf)
+    if cfg.typical_p < 1.0:  # Meister et al. 2022: closest to the expected surprise first
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp).nansum(-1, keepdim=True)  # 0 * -inf = nan counts as 0
+        logits = _keep_smallest_set(logits, (-logp - entropy).abs(), cfg.typical_p)
+    return logits
+
+
+def penalize_repeats(logits: Tensor, generated: Tensor, penalty: float) -> Tensor:
+    """CTRL rule: the logits of tokens in `generated` are divided by penalty if positive, else multiplied."""
+    seen = logits.gather(-1, generated)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, generated, seen)
+
+
+def _keep_smallest_set(logits: Tensor, key: Tensor, mass: float) -> Tensor:
+    """Keep tokens in ascending `key` order (ties by index) until they hold `mass`; at least one."""
+    order = key.argsort(dim=-1, stable=True)
+    probs = logits.softmax(-1).gather(-1, order)
+    before = probs.cumsum(-1) - probs  # mass of the tokens ranked ahead of each
+    drop = before >= mass
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+
+
+# ----------------------------------------------------------------------------- model steppers
+
+def _reach(model: MusicGPT, window: int) -> int:
+    """Prompt tokens that can still influence the next ones: the receptive field of the stack."""
+    if model.config.attention == "absolute":
+        return model.config.context_len
+    return model.config.n_layer * (window - 1) + 1
+
+
+class _CachedStepper:
+    """Feeds the model one new token per step through a KV cache."""
+
+    def __init__(self, model: MusicGPT, window: int):
+        self.model, self.window = model, window
+        self.full_at = model.config.context_len if model.config.attention == "absolute" else None
+
+    def start(self, prompt: Tensor, batch: int) -> Tensor:
+        """Encode the prompt [1, P] once and copy its cache to `batch` rows; logits [batch, V]."""
+        self.cache = self.model.new_cache(1, window=self.window)
+        logits = self._prefill(prompt[:, -_reach(self.model, self.window):])
+        if batch > 1:
+            self.cache.reorder(torch.zeros(batch, dtype=torch.long, device=prompt.device))
+        return logits.expand(batch, -1)
+
+    def _prefill(self, tokens: Tensor) -> Tensor:
+        # Window-sized chunks keep each attention matrix at most window x 2 * window.
+        for chunk in tokens.split(self.window, dim=1):
+            logits = self.model.decode_step(chunk, self.cache)
+        return logits[:, -1]
+
+    def step(self, seq: Tensor, pos: int) -> Tensor:
+        """Logits [B, V] for the token after seq[:, pos], which the cache has not seen yet."""
+        if self.full_at is not None and self.cache.length >= self.full_at:
+            keep = max(1, self.full_at // 2)  # absolute positions cannot slide: re-encode
+            self.cache = self.model.new_cache(seq.size(0), window=self.window)
+            return self._prefill(seq[:, pos + 1 - keep:pos + 1])
+        return self.model.decode_step(seq[:, pos:pos + 1], self.cache)[:, -1]
+
+    def reorder(self, rows: Tensor) -> None:
+        self.cache.reorder(rows)
+
+
+class _RecomputeStepper:
+    """The slow reference: re-runs the model over the whole visible context every step."""
+
+    def __init__(self, model: MusicGPT, window: int):
+        self.model, self.window = model, window
+        self.reach = _reach(model, window)
+
+    def start(self, prompt: Tensor, batch: int) -> Tensor:
+        return self._run(prompt[:, -self.reach:]).expand(batch, -1)
+
+    def step(self, seq: Tensor, pos: int) -> Tensor:
+        return self._run(seq[:, max(0, pos + 1 - self.reach):pos + 1])
+
+    def _run(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens, attn_window=self.window)[0][:, -1]
+
+    def reorder(self, rows: Tensor) -> None:
+        pass  # nothing cached; the caller reorders the token buffer
+
+
+# ----------------------------------------------------------------------------- decoding loops
+
+@dataclass
+class _Stop:
+    """When a row ends: EOS, or the music it generated reaching max_seconds."""
+
+    max_new_tokens: int
+    eos_id: int | None
+    max_seconds: float | None
+    shift_seconds: Tensor  # [V] seconds each token moves time on (TIME_SHIFTs only)
+    ban: Tensor  # [V] 0, or -inf for tokens never to emit (PAD)
+
+    def ends(self, tokens: Tensor, elapsed: Tensor) -> Tensor:
+        """Whether each token ends its row, given the row's elapsed seconds including it."""
+        ended = tokens == self.eos_id if self.eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        if self.max_seconds is not None:
+            ended |= elapsed >= self.max_seconds
+        return ended
+
+
+def _progress_bar(enabled: bool, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", desc="sampling", disable=not enabled, file=sys.stderr, leave=False)
+
+
+def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: int,
+            seed: int, progress: bool) -> list[Tensor]:
+    """Greedy or sampled decoding of `batch` rows from one prompt; rows stop at EOS or time."""
+    P, N = prompt.size(1), stop.max_new_tokens
+    seq = prompt.new_empty(batch, P + N)  # one buffer for the whole run: no per-step concat
+    seq[:, :P] = prompt
+    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    lengths = torch.zeros(batch, dtype=torch.long, device=prompt.device)
+    alive = torch.ones(batch, dtype=torch.bool, device=prompt.device)
+    elapsed = torch.zeros(batch, device=prompt.device)
+    penalize = cfg.repetition_penalty != 1.0
+    logits = stepper.start(prompt, batch)
+    with _progress_bar(progress, N) as bar:
+        for t in range(N):
+            pos = P + t
+            logits = logits.float() + stop.ban
+            seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
+            if cfg.greedy:
+                if penalize:
+                    logits = penalize_repeats(logits, seen, cfg.repetition_penalty)
+                token = logits.argmax(-1)
+            else:
+                probs = filter_logits(logits, cfg, seen).softmax(-1)
+                token = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            seq[:, pos] = token
+            lengths += alive  # a row's final token (EOS or the last shift) still counts here
+            elapsed += stop.shift_seconds[token]
+            alive &= ~stop.ends(token, elapsed)
+            bar.update()
+            if t + 1 == N or not alive.any().item():  # the one host sync per step
+                break
+            logits = stepper.step(seq, pos)
+    return [_strip_eos(seq[k, P:P + n], stop.eos_id) for k, n in enumerate(lengths.tolist())]
+
+
+def _strip_eos(tokens: Tensor, eos_id: int | None) -> Tensor:
+    if eos_id is not None and len(tokens) and tokens[-1] == eos_id:
+        tokens = tokens[:-1]
+    return tokens.cpu()
+
+
+def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, progress: bool) -> Tensor:
+    """Beam search as in Hugging Face: hypotheses end at EOS or at max_seconds, score / len ** lp.
+
+    Per step the B * V continuations are ranked; the best B that do not end become the new
+    beams (their cache rows reordered), and ending ones ranked within the top B are kept as
+    finished hypotheses. It stops when B finished ones cannot be beaten by the running beams.
+    """
+    B, P, N = cfg.num_beams, prompt.size(1), stop.max_new_tokens
+    dev = prompt.device
+    seq = prompt.new_empty(B, P + N)
+    seq[:, :P] = prompt
+    scores = torch.full((B,), -math.inf, device=dev)
+    scores[0] = 0.0  # all beams start identical: expand from the first only
+    elapsed = torch.zeros(B, device=dev)
+    finished: list[tuple[float, Tensor]] = []
+    logits = stepper.start(prompt, B)
+    done = False
+    with _progress_bar(progress, N) as bar:
+        for t in range(N):
+            pos, norm = P + t, (t + 1) ** cfg.length_penalty
+            logits = logits.float() + stop.ban
+            if cfg.repetition_penalty != 1.0:
+                logits = penalize_repeats(logits, seq[:, max(0, pos - stepper.window):pos], cfg.repetition_penalty)
+            cand = (scores[:, None] + logits.log_softmax(-1)).view(-1)
+            ranked, order = cand.sort(descending=True, stable=True)  # stable: ties as argmax
+            V = logits.size(-1)
+            beam, token = order // V, order % V
+            ends = stop.ends(token, elapsed[beam] + stop.shift_seconds[token])
+            keep = (~ends).nonzero()[:B, 0]
+            for r in ends[:B].nonzero()[:, 0].tolist():
+                hyp = torch.cat([seq[beam[r], P:pos], token[r:r + 1]])
+                finished.append((ranked[r].item() / norm, _strip_eos(hyp, stop.eos_id)))
+            finished = sorted(finished, key=lambda h: -h[0])[:B]
+            rows = beam[keep]
+            seq = seq.index_select(0, rows)
+            seq[:, pos] = token[keep]
+            scores, elapsed = ranked[keep], elapsed[rows] + stop.shift_seconds[token[keep]]
+            stepper.reorder(rows)
+            bar.update()
+            done = len(finished) >= B and scores[0].item() / norm <= finished[-1][0]
+            if done or t + 1 == N:
+                break
+            logits = stepper.step(seq, pos)
+    if not done:
+        norm = (t + 1) ** cfg.length_penalty
+        finished += [(s / norm, seq[b, P:pos + 1].cpu()) for b, s in enumerate(scores.tolist())]
+    return max(finished, key=lambda h: h[0])[1]
+
+
+def _shift_seconds(config: CodecConfig, device) -> Tensor:
+    """[vocab_size] seconds by which each token moves time on (0 except TIME_SHIFTs)."""
+    table = torch.zeros(config.vocab_size, device=device)
+    steps = torch.arange(1, config.max_shift_steps + 1, device=device, dtype=table.dtype)
+    table[TIME_SHIFT:TIME_SHIFT + config.max_shift_steps] = steps * config.step_seconds
+    return table
+
+
+def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: SamplingConfig | None = None,
+             num_samples: int = 1, seed: int = 0, **options) -> list[Tensor]:
+    """Continue `prompt` (1-D token ids, e.g. [EOS] + primer) `num_samples` times; new tokens only.
+
+    Each row stops at EOS (not included), at `max_seconds` of generated TIME_SHIFTs, or after
+    `max_new_tokens`. Sampling draws from a torch.Generator seeded with `seed`, so a seed fixes
+    the output on a given device; `sampling.num_beams > 1` runs `beam_search` (one sequence).
+    Options: codec_config (default CodecConfig()), max_seconds, stop_at_eos=True, window (default
+    the context length), progress=False, use_cache=True (False recomputes the whole visible
+    context every step: the slow reference for tests and benchmarks).
+    """
+    cfg = (sampling or SamplingConfig()).validate()
+    if not _integer(num_samples) or num_samples < 1:
+        raise MusicGPTError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if cfg.num_beams > 1:
+        if num_samples > 1:
+            raise MusicGPTError("beam search is deterministic: use --num-samples 1 with --beams")
+        return [beam_search(model, prompt, max_new_tokens=max_new_tokens, sampling=cfg, **options)]
+    with _session(model, prompt, max_new_tokens, **options) as (stepper, prompt, stop, progress):
+        return _sample(stepper, prompt, cfg, stop, num_samples, seed, progress)
+
+
+def beam_search(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: SamplingConfig | None = None,
+                **options) -> Tensor:
+    """The best continuation found with `sampling.num_beams` beams (one beam is greedy decoding).
+
+    Uses only the repetition and length penalties of `sampling`; options as for `generate`.
+    """
+    cfg = (sampling or SamplingConfig()).validate()
+    with _session(model, prompt, max_new_tokens, **options) as (stepper, prompt, stop, progress):
+        return _beam_search(stepper, prompt, cfg, stop, progress)
+
+
+@contextmanager
+def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: CodecConfig | None = None,
+             max_seconds: float | None = None, stop_at_eos: bool = True, use_cache: bool = True,
+             window: int | None = None, progress: bool = False):
+    """Check the request, build the stepper and stop rule, and run in eval + inference mode."""
+    codec_config = codec_config or CodecConfig()
+    if model.config.vocab_size != codec_config.vocab_size:
+        raise MusicGPTError(f"model vocabulary ({model.config.vocab_size}) does not match the codec's "
+                            f"({codec_config.vocab_size})")
+    if not _integer(max_new_tokens) or max_new_tokens < 1:
+        raise MusicGPTError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    device = model.wte.weight.device
+    prompt = torch.as_tensor(prompt).to(device=device, dtype=torch.long).reshape(1, -1)
+    if prompt.size(1) == 0:
+        raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
+    ban = torch.zeros(codec_config.vocab_size, device=device)
+    ban[codec_config.pad_id] = -math.inf  # padding is never music
+    stop = _Stop(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_seconds,
+                 _shift_seconds(codec_config, device), ban)
+    window = window or model.config.context_len
+    stepper = (_CachedStepper if use_cache else _RecomputeStepper)(model, window)
+    was_training = model.training
+    model.eval()  # dropout off while sampling; the caller's mode comes back afterwards
+    try:
+        with torch.inference_mode():
+            yield stepper, prompt, stop, progress
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- files
+
+def pick_device(name: str) -> str:
+    """'auto' (CUDA if present, else CPU), 'cpu', 'cuda[:N]' or 'mps', checked to be available."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MusicGPTError(f"--device {name} was asked for but CUDA is not available")
+        return name
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise MusicGPTError("--device mps was asked for but MPS is not available")
+        return name
+    raise MusicGPTError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
+
+
+def budget(tokens: int | None, seconds: float | None) -> tuple[int, float | None]:
+    """(max_new_tokens, max_seconds) from --tokens / --seconds; by default 30 s of music."""
+    if tokens is not None and (not _integer(tokens) or tokens < 1):
+        raise MusicGPTError(f"--tokens must be a positive integer, got {tokens!r}")
+    if seconds is not None and (not _real(seconds) or seconds <= 0):
+        raise MusicGPTError(f"--seconds must be a positive number, got {seconds!r}")
+    if tokens is not None:
+        return tokens, seconds
+    seconds = DEFAULT_SECONDS if seconds is None else seconds
+    return max(64, math.ceil(seconds * TOKENS_PER_SECOND_CAP)), seconds
+
+
+def new_seed() -> int:
+    """A random seed for a run the user did not seed (printed so it can be reproduced)."""
+    return secrets.randbelow(2**31)
+
+
+def _continuation(primer: np.ndarray, new: np.ndarray, config: CodecConfig, include_primer: bool):
+    """The PrettyMIDI to write: primer + continuation, or the continuation alone shifted to 0.
+
+    Decoding both together gives continuation notes the primer's velocity when no VELOCITY token
+    came since, and closes primer notes the continuation releases; without the primer, those
+    notes still sounding at the join are kept from time 0, as a listener would hear them.
+    """
+    midi = codec.decode(np.concatenate([primer, new]).astype(np.int16), config)
+    if include_primer or len(primer) == 0:
+        return midi
+    cut = codec.duration_seconds(primer, config)
+    for inst in midi.instruments:
+        kept = [n for n in inst.notes if n.end > cut + 1e-9]
+        for n in kept:
+            n.start, n.end = max(n.start - cut, 0.0), n.end - cut
+        inst.notes = kept
+    return midi
+
+
+def _fit_seconds(tokens: np.ndarray, seconds: float | None, config: CodecConfig) -> np.ndarray:
+    """Shorten the final TIME_SHIFT that carried a piece past `seconds` so it ends right there."""
+    if True or seconds is None or not len(tokens) or not TIME_SHIFT <= tokens[-1] < config.velocity_offset:
+        return tokens
+    head = tokens[:-1]
+    room = round((seconds - codec.duration_seconds(head, config)) / config.step_seconds)
+    if room >= int(tokens[-1]) - TIME_SHIFT + 1:
+        return tokens
+    return np.append(head, TIME_SHIFT + room - 1).astype(tokens.dtype) if room > 0 else head
+
+
+def _claim(folder: Path, stem: str) -> Path:
+    """Create `folder/stem.mid` exclusively (adding -2, -3, ... if taken) so runs never overwrite."""
+    for n in range(1, 10_000):
+        path = folder / (f"{stem}.mid" if n == 1 else f"{stem}-{n}.mid")
+        try:
+            path.open("x").close()
+            return path
+        except FileExistsError:
+            continue
+    raise MusicGPTError(f"{folder}: too many samples named {stem}")
+
+
+def sample_files(checkpoint: str | Path | None = None, primer: str | Path | None = None,
+                 primer_seconds: float | None = None, tokens: int | None = None,
+                 seconds: float | None = None, num_samples: int = 1, seed: int | None = None,
+                 sampling: SamplingConfig | None = None, out_dir: str | Path = "samples",
+                 include_primer: bool = False, device: str = "cpu", progress: bool = True,
+                 runs_dir: str | Path = "runs") -> list[Path]:
+    """Generate `num_samples` pieces (one batch) and write them as MIDI files; return their paths.
+
+    Everything the user passed is checked before the model is loaded; the checkpoint is chosen
+    by `choose_checkpoint` (explicit, newest run, shipped default). Files are named
+    `<primer stem or silence>-<YYYYmmdd-HHMMSS>-seed<seed>-<k>.mid` and never overwrite.
+    """
+    sampling = (sampling or SamplingConfig()).validate()
+    max_new, max_seconds = budget(tokens, seconds)
+    _check_request(sampling, num_samples, seed, primer, primer_seconds)
+    device = pick_device(device)
+    primer_tokens = np.zeros(0, dtype=np.int16)
+    if primer is not None:  # read (and so validate) the primer before any model work
+        primer_tokens = _encode_primer(primer, CodecConfig(), primer_seconds)
+    path, note = choose_checkpoint(checkpoint, runs_dir)
+    if note:
+        print(f"musicgpt: {note}", file=sys.stderr)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MusicGPTError(f"{out_dir}: cannot create the output folder ({e.strerror or e})") from None
+    if seed is None:
+        seed = new_seed()
+        if not sampling.deterministic:
+            print(f"musicgpt: seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
+
+    model, ckpt = load_model(path, device)
+    config = ckpt.codec_config
+    if primer is not None and config != CodecConfig():
+        primer_tokens = _encode_primer(primer, config, primer_seconds)
+    prompt = np.concatenate([[config.eos_id], primer_tokens]).astype(np.int64)
+    pieces = generate(model, prompt, max_new_tokens=max_new, sampling=sampling, num_samples=num_samples,
+                      seed=seed, codec_config=config, max_seconds=max_seconds, progress=progress)
+
+    stem = f"{Path(primer).stem if primer else 'silence'}-{datetime.now():%Y%m%d-%H%M%S}-seed{seed}"
+    paths = []
+    for k, piece in enumerate(pieces):
+        piece = _fit_seconds(piece.numpy(), max_seconds, config)
+        midi = _continuation(primer_tokens, piece, config, include_primer)
+        path = _claim(out_dir, f"{stem}-{k}")
+        codec.write_midi(midi, path)
+        paths.append(path)
+    return paths
+
+
+def _check_request(sampling: SamplingConfig, num_samples, seed, primer, primer_seconds) -> None:
+    if not _integer(num_samples) or num_samples < 1:
+        raise MusicGPTError(f"--num-samples must be a positive integer, got {num_samples!r}")
+    if sampling.deterministic and num_samples > 1:
+        raise MusicGPTError("--greedy and --beams are deterministic: they give one sample, use --num-samples 1")
+    if seed is not None and (not _integer(seed) or not 0 <= seed < 2**63):
+        raise MusicGPTError(f"--seed must be an integer in 0 .. 2**63 - 1, got {seed!r}")
+    if primer_seconds is not None and (primer is None or not _real(primer_seconds) or primer_seconds <= 0):
+        raise MusicGPTError("--primer-seconds needs --primer and a positive number of seconds")
+
+
+def _encode_primer(primer, config: CodecConfig, seconds: float | None) -> np.ndarray:
+    tokens = codec.encode(primer, config)
+    if seconds is not None:
+        tokens = codec.truncate_seconds(tokens, seconds, config)
+    if codec.count_notes(tokens, config) == 0:
+        within = f" in its first {seconds:g} s" if seconds is not None else ""
+        raise MidiReadError(f"{primer}: no notes to continue from{within}")
+    return np.asarray(tokens, dtype=np.int16)

@@ -1,0 +1,332 @@
+"""Reading MIDI into note arrays (sustain pedal applied, drums dropped) and writing MIDI safely.
+
+Files are read by a small parser of our own that follows mido/pretty_midi rule for rule
+(tempo from the first track only; a NOTE_OFF ends every sounding note of its key; a note whose
+NOTE_OFF follows it on the same tick is dropped) and converts ticks to seconds with
+pretty_midi's float arithmetic, so `encode(path)` and `encode(pretty_midi.PrettyMIDI(path))`
+see the same notes, about 20x faster. The sustain pedal applies per (track, channel) here and
+per instrument for PrettyMIDI objects, which is the same unless a channel changes program.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+
+from musicgpt.errors import MidiReadError
+
+MAX_SECONDS = 2 * 3600  # longer "pieces" come from absurd tempos or corrupt delta times
+SUSTAIN_CC = 64
+PM_SOURCE = "<PrettyMIDI>"  # how errors name a PrettyMIDI object passed instead of a path
+
+
+@dataclass
+class Notes:
+    """Notes of all non-drum instruments merged, sounding ends after the sustain pedal."""
+
+    pitch: np.ndarray  # int64, 0..127
+    start: np.ndarray  # float64 seconds
+    end: np.ndarray  # float64 seconds, >= start
+    velocity: np.ndarray  # int64, 1..127
+
+    def __len__(self) -> int:
+        return len(self.pitch)
+
+
+def read_notes(midi: str | os.PathLike | pretty_midi.PrettyMIDI) -> Notes:
+    """Notes of a MIDI file or a PrettyMIDI object, drums dropped, sustain pedal applied."""
+    if isinstance(midi, pretty_midi.PrettyMIDI):
+        return _finish(_parts_from_pretty_midi(midi), PM_SOURCE)
+    path = Path(midi)
+    data = _read_checked(path)
+    return _finish(_parts_from_smf(data, path), str(path))
+
+
+def load_midi(path: str | os.PathLike) -> pretty_midi.PrettyMIDI:
+    """`pretty_midi.PrettyMIDI(path)` with a one-line MidiReadError for unreadable files."""
+    path = Path(path)
+    _read_checked(path)
+    return _pretty_midi_from_file(path)
+
+
+def write_midi(pm: pretty_midi.PrettyMIDI, path: str | os.PathLike) -> None:
+    """Write `pm` to `path` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pm.write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def apply_sustain(end: np.ndarray, cc_time: np.ndarray, cc_value: np.ndarray,
+                  piece_end: float) -> np.ndarray:
+    """Ends of notes released while the pedal (CC64 >= 64) is down, moved to the pedal lift.
+
+    A pedal never lifted lifts at `piece_end`. Cutting a held note when its key is struck
+    again is left to the codec, which does it for every note.
+    """
+    if len(cc_time) == 0:
+        return end
+    order = np.argsort(cc_time, kind="stable")
+    t, down = cc_time[order], cc_value[order] >= 64
+    # Time of the first lift at or after each pedal event: a reverse running minimum.
+    lift = np.where(down, np.inf, t)
+    next_lift = np.minimum.accumulate(lift[::-1])[::-1]
+    next_lift[np.isinf(next_lift)] = piece_end
+    k = np.searchsorted(t, end, side="right") - 1  # last pedal event at or before each release
+    held = (k >= 0) & down[np.maximum(k, 0)]
+    return np.where(held, np.maximum(end, next_lift[np.maximum(k, 0)]), end)
+
+
+# A "part" is one instrument: (pitch, start, end, velocity, cc64 times, cc64 values).
+Part = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _finish(parts: list[Part], source: str) -> Notes:
+    """Apply each part's pedal, merge the parts and check the result is a usable piece."""
+    merged = []
+    for pitch, start, end, vel, cc_t, cc_v in parts:
+        ok = (pitch >= 0) & (pitch < 128)  # only hand-built PrettyMIDI objects break this
+        pitch, start, end, vel = pitch[ok], start[ok], end[ok], vel[ok]
+        if len(pitch) == 0:
+            continue
+        piece_end = max(end.max(), cc_t.max() if len(cc_t) else 0.0)
+        if not (np.isfinite(piece_end) and np.isfinite(start).all() and start.min() >= 0):
+            raise MidiReadError(f"{source}: corrupt timing (negative or missing note times)")
+        if piece_end > MAX_SECONDS:
+            raise MidiReadError(
+                f"{source}: lasts {piece_end:.0f} s, over the {MAX_SECONDS // 3600} hour limit "
+                "(absurd tempo or corrupt delta times?)"
+            )
+        end = apply_sustain(np.maximum(end, start), cc_t, cc_v, piece_end)
+        merged.append((pitch, start, end, vel))
+    if not merged:
+        raise MidiReadError(f"{source}: no notes")
+    return Notes(*(np.concatenate(column) for column in zip(*merged)))
+
+
+def _parts_from_pretty_midi(pm: pretty_midi.PrettyMIDI) -> list[Part]:
+    parts = []
+    for inst in pm.instruments:
+        if inst.is_drum:
+            continue  # drums are not piano music; the codec has no drum events
+        n = np.array([(x.pitch, x.velocity) for x in inst.notes], dtype=np.int64).reshape(-1, 2)
+        t = np.array([(x.start, x.end) for x in inst.notes], dtype=np.float64).reshape(-1, 2)
+        cc = [(c.time, c.value) for c in inst.control_changes if c.number == SUSTAIN_CC]
+        cc = np.array(cc, dtype=np.float64).reshape(-1, 2)
+        parts.append((n[:, 0], t[:, 0], t[:, 1], n[:, 1], cc[:, 0], cc[:, 1]))
+    return parts
+
+
+def _parts_from_smf(data: bytes, path: Path) -> list[Part]:
+    """Parts of a Standard MIDI File, one per (track, channel) that is not drums (channel 10)."""
+    try:
+        tpq, tempos, notes, pedal = _scan(data)
+        notes = np.array(notes, dtype=np.int64).reshape(-1, 5)  # track, key, on, off, velocity
+        pedal = np.array(pedal, dtype=np.int64).reshape(-1, 4)  # track, channel, tick, value
+        tempos = np.array(tempos, dtype=np.int64).reshape(-1, 2)  # tick, microseconds/quarter
+    except (IndexError, ValueError, OverflowError) as e:
+        raise _corrupt(path, e) from None
+    to_seconds = _tick_to_seconds_fn(tempos[:, 0], tempos[:, 1], tpq, path)
+    note_group = notes[:, 0] * 16 + (notes[:, 1] >> 7)
+    pedal_group = pedal[:, 0] * 16 + pedal[:, 1]
+    parts = []
+    for g in np.unique(note_group[note_group % 16 != 9]):
+        n, cc = notes[note_group == g], pedal[pedal_group == g]
+        parts.append((n[:, 1] & 127, to_seconds(n[:, 2]), to_seconds(n[:, 3]), n[:, 4],
+                      to_seconds(cc[:, 2]), cc[:, 3].astype(np.float64)))
+    return parts
+
+
+# Data bytes after each status byte (by high nibble for channel messages), as in the MIDI spec.
+_CHANNEL_DATA = {0x80: 2, 0x90: 2, 0xA0: 2, 0xB0: 2, 0xC0: 1, 0xD0: 1, 0xE0: 2}
+_SYSTEM_DATA = {0xF1: 1, 0xF2: 2, 0xF3: 1, 0xF6: 0, 0xF8: 0, 0xFA: 0, 0xFB: 0, 0xFC: 0, 0xFE: 0}
+
+
+def _scan(data: bytes) -> tuple[int, list, list, list]:
+    """(ticks per quarter, tempos of the first track, notes, CC64 events) of a checked file.
+
+    A small parser of our own rather than symusic: symusic pairs overlapping notes of a key
+    first-in first-out and hides the order of events on one tick, so it cannot reproduce
+    pretty_midi's notes; this one follows mido/pretty_midi rule for rule and is ~20x faster.
+    """
+    header_len = struct.unpack(">I", data[4:8])[0]
+    tpq = struct.unpack(">H", data[12:14])[0]
+    tempos, notes, pedal = [], [], []
+    pos, track = 8 + header_len, 0
+    while pos + 8 <= len(data):
+        length = struct.unpack(">I", data[pos + 4:pos + 8])[0]
+        if data[pos:pos + 4] == b"MTrk":
+            _scan_track(data, pos + 8, pos + 8 + length, track, tempos if track == 0 else None,
+                        notes, pedal)
+            track += 1
+        pos += 8 + length
+    return tpq, tempos, notes, pedal
+
+
+def _scan_track(data: bytes, i: int, end: int, track: int, tempos: list | None,
+                notes: list, pedal: list) -> None:
+    """Append one track's notes (paired as pretty_midi pairs them), CC64 and tempo events."""
+    tick, status, sounding = 0, None, {}
+    while i < end:
+        byte = data[i]
+        i += 1
+        delta = byte & 0x7F
+        while byte & 0x80:
+            byte = data[i]
+            i += 1
+            delta = (delta << 7) | (byte & 0x7F)
+        tick += delta
+        kind = data[i]
+        if kind & 0x80:
+            i += 1
+            if kind == 0xFF:  # meta event; does not set the running status
+                meta, (length, i) = data[i], _varint(data, i + 1)
+                if meta == 0x51 and tempos is not None:
+                    tempos.append((tick, (data[i] << 16) | (data[i + 1] << 8) | data[i + 2]))
+                i += length
+                continue
+            status = kind
+        elif status is None:
+            raise ValueError("running status without a status byte")
+        else:
+            kind = status
+            i += kind in (0xF0, 0xF7)  # mido reads and drops this byte before a sysex length
+        if kind in (0xF0, 0xF7):  # sysex: skipped
+            length, i = _varint(data, i)
+            i += length
+            continue
+        size = _SYSTEM_DATA[kind] if kind >= 0xF0 else _CHANNEL_DATA[kind & 0xF0]
+        d = data[i:i + size]
+        i += size
+        if len(d) < size or (size and max(d) > 127):
+            raise ValueError("bad data byte")
+        high = kind & 0xF0
+        if high == 0x90 and d[1] > 0:
+            sounding.setdefault(((kind & 15) << 7) | d[0], []).append((tick, d[1]))
+        elif high == 0x80 or high == 0x90:
+            _note_off(sounding, ((kind & 15) << 7) | d[0], tick, track, notes)
+        elif high == 0xB0 and d[0] == SUSTAIN_CC:
+            pedal.append((track, kind & 15, tick, d[1]))
+    if i != end:
+        raise ValueError("track runs past its chunk")
+
+
+def _note_off(sounding: dict, key: int, tick: int, track: int, notes: list) -> None:
+    """pretty_midi's rule: end every sounding note of the key that began before this tick;
+    if none did, the ones that began on this tick are dropped."""
+    started = sounding.get(key)
+    if started is None:
+        return
+    ended = [(on, v) for on, v in started if on != tick]
+    for on, velocity in ended:
+        notes.append((track, key, on, tick, velocity))
+    if ended and len(ended) < len(started):
+        sounding[key] = [(on, v) for on, v in started if on == tick]
+    else:
+        del sounding[key]
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    """(value, next index) of a MIDI variable-length quantity at data[i]."""
+    value = 0
+    while True:
+        byte = data[i]
+        i += 1
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, i
+
+
+def _tick_to_seconds_fn(tick: np.ndarray, mspq: np.ndarray, res: int, path: Path):
+    """Ticks -> seconds with pretty_midi's float arithmetic, so both readers agree bit for bit."""
+    mspq = mspq.astype(np.float64)
+    if (mspq <= 0).any():
+        raise MidiReadError(f"{path}: corrupt tempo (0 microseconds per quarter note)")
+    scale = 60.0 / ((6e7 / mspq) * res)
+    # pretty_midi: the last tempo at tick 0 replaces the 120 bpm default, and a later tempo
+    # equal to the one before it starts no new segment (which would change the rounding).
+    at0 = tick == 0
+    first = scale[at0][-1] if at0.any() else 60.0 / (120.0 * res)
+    seg_tick = np.concatenate([[0], tick[~at0]])
+    seg_scale = np.concatenate([[first], scale[~at0]])
+    new = np.concatenate([[True], seg_scale[1:] != seg_scale[:-1]])
+    seg_tick, seg_scale = seg_tick[new], seg_scale[new]
+    seg_time = np.concatenate([[0.0], np.cumsum(seg_scale[:-1] * np.diff(seg_tick))])
+
+    def to_seconds(ticks: np.ndarray) -> np.ndarray:
+        ticks = ticks.astype(np.int64)
+        k = np.searchsorted(seg_tick, ticks, side="right") - 1
+        return seg_time[k] + seg_scale[k] * (ticks - seg_tick[k])
+
+    return to_seconds
+
+
+def _read_checked(path: Path) -> bytes:
+    """The bytes of a file that at least looks like complete MIDI, else a MidiReadError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MidiReadError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise MidiReadError(f"{path}: is a folder, not a MIDI file") from None
+    except OSError as e:
+        raise MidiReadError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    if not data:
+        raise MidiReadError(f"{path}: empty file (0 bytes)")
+    if not data.startswith(b"MThd"):
+        raise MidiReadError(f"{path}: not a MIDI file (bad header)")
+    problem = _structure_problem(data)
+    if problem:
+        raise MidiReadError(f"{path}: {problem}")
+    return data
+
+
+def _structure_problem(data: bytes) -> str | None:
+    """Walk the chunk headers: catches truncation before any parser sees the file."""
+    if len(data) < 14:
+        return "truncated MIDI (header cut short)"
+    header_len, _, ntracks, division = struct.unpack(">IHHH", data[4:14])
+    if header_len < 6:
+        return "not a MIDI file (bad header)"
+    if division & 0x8000:
+        return "SMPTE time division is not supported"
+    if division == 0:
+        return "corrupt MIDI header (0 ticks per quarter note)"
+    pos, found = 8 + header_len, 0
+    while found < ntracks:
+        if pos + 8 > len(data):
+            return f"truncated MIDI ({found} of {ntracks} tracks present)"
+        kind, length = data[pos:pos + 4], struct.unpack(">I", data[pos + 4:pos + 8])[0]
+        if pos + 8 + length > len(data):
+            return f"truncated MIDI (track {found + 1} of {ntracks} is cut short)"
+        found += kind == b"MTrk"  # other chunk types are allowed and skipped
+        pos += 8 + length
+    return None
+
+
+def _pretty_midi_from_file(path: Path) -> pretty_midi.PrettyMIDI:
+    with warnings.catch_warnings():  # the CLI promises one line on failure, not warnings
+        warnings.simplefilter("ignore")
+        try:
+            return pretty_midi.PrettyMIDI(str(path))
+        except Exception as e:
+            raise _corrupt(path, e) from None
+
+
+def _corrupt(path: Path, e: BaseException) -> MidiReadError:
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    detail = detail.replace("MiniMidi: ", "").replace(": iostream error", "")[:120]
+    return MidiReadError(f"{path}: corrupt MIDI ({detail})")

@@ -1,0 +1,72 @@
+"""Shared test fixtures: small MIDI files built with pretty_midi, an isolated token cache, a tiny run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pretty_midi
+import pytest
+import torch
+
+torch.set_num_threads(1)  # the suite runs beside other work on small machines; keep it polite
+
+
+def make_piece(path: Path, seed: int = 0, seconds: float = 12.0, pedal: bool = True) -> Path:
+    """Write a short piano piece: a melody over broken chords with varied velocity and some pedal."""
+    rng = np.random.default_rng(seed)
+    pm = pretty_midi.PrettyMIDI()
+    piano = pretty_midi.Instrument(program=0, name="Piano")
+    root = 48 + int(rng.integers(0, 12))
+    t = 0.0
+    while t < seconds:
+        chord = [root + i for i in (0, 4, 7)] if rng.random() < 0.5 else [root + i for i in (0, 3, 7)]
+        for k, p in enumerate(chord):  # broken chord in the left hand
+            piano.notes.append(pretty_midi.Note(int(rng.integers(40, 90)), p, t + 0.12 * k, t + 0.9))
+        for k in range(4):  # melody in the right hand
+            p = root + 12 + int(rng.choice([0, 2, 4, 5, 7, 9, 11, 12]))
+            s = t + 0.25 * k
+            piano.notes.append(pretty_midi.Note(int(rng.integers(60, 120)), p, s, s + 0.2))
+        if pedal:
+            piano.control_changes.append(pretty_midi.ControlChange(64, 100, t + 0.05))
+            piano.control_changes.append(pretty_midi.ControlChange(64, 0, t + 0.95))
+        root = 48 + (root - 48 + int(rng.choice([5, 7, 9]))) % 12
+        t += 1.0
+    pm.instruments.append(piano)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pm.write(str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token caches go to a temporary folder, never the user's home."""
+    monkeypatch.setenv("MUSICGPT_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+
+
+@pytest.fixture
+def midi_folder(tmp_path) -> Path:
+    """A folder of six small generated pieces, one in a sub-folder."""
+    folder = tmp_path / "midi"
+    for i in range(5):
+        make_piece(folder / f"piece{i}.mid", seed=i)
+    make_piece(folder / "more" / "piece5.MIDI", seed=5)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder holding a `tiny` model trained for a few steps (for sampler, plot and eval tests)."""
+    import os
+
+    from musicgpt.train import TrainConfig, train
+
+    base = tmp_path_factory.mktemp("tiny-run")
+    os.environ["MUSICGPT_CACHE"] = str(base / "cache")
+    for i in range(4):
+        make_piece(base / "data" / f"p{i}.mid", seed=100 + i)
+    cfg = TrainConfig(
+        data_dir=str(base / "data"), out=str(base / "run"), preset="tiny", max_steps=6,
+        batch_size=4, seq_len=64, lr=3e-3, warmup=2, eval_interval=3, device="cpu",
+    )
+    return train(cfg, progress=False)

@@ -1,0 +1,107 @@
+"""Dataset pipeline: scanning, caching keyed by content and codec, deterministic split, windows."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_piece
+from musicgpt import data
+from musicgpt.errors import MusicGPTError
+from musicgpt.vocab import CodecConfig
+
+
+def test_finds_midi_recursively_in_stable_order(midi_folder):
+    (midi_folder / "notes.txt").write_text("not music")
+    files = data.find_midi_files(midi_folder)
+    assert [f.name for f in files] == sorted(f.name for f in files) or len(files) == 6
+    assert len(files) == 6 and all(f.suffix.lower() in (".mid", ".midi") for f in files)
+
+
+def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(MusicGPTError, match="not a folder"):
+        data.find_midi_files(tmp_path / "nope")
+    with pytest.raises(MusicGPTError, match="no .mid"):
+        data.find_midi_files(tmp_path)
+
+
+def test_bad_files_are_skipped_with_one_warning(midi_folder, capsys):
+    (midi_folder / "empty.mid").write_bytes(b"")
+    (midi_folder / "text.mid").write_text("hello, not a MIDI file")
+    good = (midi_folder / "piece0.mid").read_bytes()
+    (midi_folder / "truncated.mid").write_bytes(good[: len(good) // 2])
+    corpus = data.encode_folder(midi_folder, workers=1, progress=False)
+    skipped = {p.name for p, _ in corpus.skipped}
+    assert {"empty.mid", "text.mid"} <= skipped
+    assert len(corpus.pieces) >= 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "empty.mid" in err[0] and "text.mid" in err[0]
+
+
+def test_cache_hits_and_changed_file_is_reencoded(midi_folder, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = data.encode_folder(midi_folder, cache_dir=cache, workers=1, progress=False)
+    assert len(list(cache.glob("*.npy"))) == 6
+    calls = []
+    real = data.codec.encode
+    monkeypatch.setattr(data.codec, "encode", lambda *a, **k: calls.append(a) or real(*a, **k))
+    again = data.encode_folder(midi_folder, cache_dir=cache, workers=1, progress=False)
+    assert calls == []  # every file came from the cache
+    for a, b in zip(first.pieces, again.pieces):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    make_piece(midi_folder / "piece0.mid", seed=99)  # change one file
+    data.encode_folder(midi_folder, cache_dir=cache, workers=1, progress=False)
+    assert len(calls) == 1
+    # A different codec configuration is a different cache entry.
+    data.encode_folder(midi_folder, CodecConfig(velocity_bins=16), cache_dir=cache, workers=1, progress=False)
+    assert len(calls) == 7
+
+
+def test_parallel_encoding_matches_serial(midi_folder, tmp_path):
+    for i in range(6, 10):
+        make_piece(midi_folder / f"extra{i}.mid", seed=i)
+    serial = data.encode_folder(midi_folder, use_cache=False, workers=1, progress=False)
+    parallel = data.encode_folder(midi_folder, use_cache=False, workers=2, progress=False)
+    assert [p.path for p in serial.pieces] == [p.path for p in parallel.pieces]
+    for a, b in zip(serial.pieces, parallel.pieces):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_split_is_by_file_deterministic_and_stable(midi_folder):
+    corpus = data.encode_folder(midi_folder, workers=1, progress=False)
+    train, val = data.split_files(corpus.pieces, 0.3)
+    assert len(val) == 2 and len(train) == 4
+    assert not {p.path for p in train} & {p.path for p in val}
+    train2, val2 = data.split_files(list(reversed(corpus.pieces)), 0.3)
+    assert {p.path for p in val2} == {p.path for p in val}
+
+
+def test_windows_are_deterministic_and_augment_only_when_asked(midi_folder):
+    cfg = CodecConfig()
+    corpus = data.encode_folder(midi_folder, workers=1, progress=False)
+    plain = data.TokenWindowDataset(corpus.pieces, 64, cfg, seed=1)
+    x, y = plain[5]
+    assert x.shape == y.shape == (64,)
+    np.testing.assert_array_equal(x[1:].numpy(), y[:-1].numpy())  # targets are inputs shifted by one
+    x2, _ = plain[5]
+    assert (x == x2).all()
+    aug = data.TokenWindowDataset(corpus.pieces, 64, cfg, seed=1, augment=data.Augment())
+    differs = sum(not (aug[i][0] == plain[i][0]).all() for i in range(20))
+    assert differs > 10
+
+
+def test_short_piece_is_padded_with_ignored_targets(tmp_path):
+    cfg = CodecConfig()
+    piece = data.Piece(tmp_path / "x.mid", np.array([60, 260, 188], dtype=np.int16))
+    x, y = data.TokenWindowDataset([piece], 16, cfg)[0]
+    assert x[0] == cfg.eos_id and y[3] == cfg.eos_id
+    assert (y[4:] == data.IGNORE_INDEX).all()
+
+
+def test_eval_windows_cover_every_token_once(midi_folder):
+    cfg = CodecConfig()
+    corpus = data.encode_folder(midi_folder, workers=1, progress=False)
+    windows = data.eval_windows(corpus.pieces, 50, cfg)
+    counted = sum(int((y != data.IGNORE_INDEX).sum()) for _, y in windows)
+    assert counted == sum(len(p.tokens) + 1 for p in corpus.pieces)  # each piece's tokens + closing EOS

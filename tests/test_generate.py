@@ -1,0 +1,262 @@
+"""The sampler: logit filters by hand, cached decoding against full recompute, beams, seeds, stopping."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from musicgpt import codec
+from musicgpt.errors import MusicGPTError
+from musicgpt.generate import SamplingConfig, beam_search, filter_logits, generate, penalize_repeats
+from musicgpt.model import MusicGPT, preset
+from musicgpt.vocab import TIME_SHIFT, CodecConfig
+
+EOS, PAD = CodecConfig().eos_id, CodecConfig().pad_id
+OFF = dict(top_p=1.0)  # SamplingConfig's defaults include top-p 0.95; filter tests switch it off
+
+
+def _model(attention="relative", window=32, n_layer=2, seed=0):
+    """A tiny float64 model with large random weights, so its predictions depend on the context."""
+    torch.manual_seed(seed)
+    model = MusicGPT(preset("tiny", n_layer=n_layer, n_embd=32, n_head=2, mlp_dim=64, context_len=window,
+                            max_rel_dist=window, dropout=0.0, attention=attention)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def _kept(logits):
+    return set(torch.isfinite(logits[0]).nonzero()[:, 0].tolist())
+
+
+def _from_probs(probs):
+    return torch.tensor([probs], dtype=torch.float64).log()
+
+
+# ----------------------------------------------------------------------------- filters
+
+def test_top_k_keeps_the_k_best_and_every_tie_at_the_kth_value():
+    logits = torch.randn(3, 50)
+    out = filter_logits(logits, SamplingConfig(top_k=5, **OFF))
+    for row, kept in zip(logits, torch.isfinite(out)):
+        assert set(kept.nonzero()[:, 0].tolist()) == set(row.topk(5).indices.tolist())
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])  # survivors unchanged
+    tied = torch.tensor([[5.0, 3.0, 1.0, 3.0, 0.0]])
+    assert _kept(filter_logits(tied, SamplingConfig(top_k=2, **OFF))) == {0, 1, 3}
+    assert _kept(filter_logits(tied, SamplingConfig(top_k=99, **OFF))) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("p, expected", [(0.45, {2}), (0.7, {2, 0}), (0.81, {2, 0, 3}), (0.99, {0, 1, 2, 3}),
+                                         (1e-9, {2})])
+def test_top_p_keeps_the_smallest_set_reaching_the_mass(p, expected):
+    logits = _from_probs([0.3, 0.05, 0.5, 0.15])
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=p))) == expected
+
+
+def test_min_p_keeps_tokens_above_a_fraction_of_the_best():
+    logits = _from_probs([0.05, 0.5, 0.15, 0.3])
+    assert _kept(filter_logits(logits, SamplingConfig(min_p=0.25, **OFF))) == {1, 2, 3}  # p >= 0.125
+    assert _kept(filter_logits(logits, SamplingConfig(min_p=0.5, **OFF))) == {1, 3}  # p >= 0.25
+    assert _kept(filter_logits(logits, SamplingConfig(min_p=0.99, **OFF))) == {1}
+
+
+@pytest.mark.parametrize("mass", [0.2, 0.45, 0.55, 0.65, 0.95])
+def test_typical_p_follows_meister_et_al(mass):
+    probs = [0.4, 0.3, 0.2, 0.1]
+    # By hand: order tokens by |surprise - entropy| and keep the shortest prefix holding `mass`.
+    entropy = -sum(p * math.log(p) for p in probs)
+    order = sorted(range(4), key=lambda i: abs(-math.log(probs[i]) - entropy))
+    expected, total = set(), 0.0
+    for i in order:
+        expected.add(i)
+        total += probs[i]
+        if total >= mass:
+            break
+    assert order == [1, 2, 0, 3]  # the likeliest token is not the most typical one
+    assert _kept(filter_logits(_from_probs(probs), SamplingConfig(typical_p=mass, **OFF))) == expected
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = penalize_repeats(logits, torch.tensor([[0, 1, 0]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0]]  # the input is left alone
+    cfg = SamplingConfig(repetition_penalty=2.0, **OFF)
+    assert filter_logits(logits, cfg, torch.tensor([[0, 1]])).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+    assert filter_logits(logits, cfg).tolist() == logits.tolist()  # nothing generated: no penalty
+
+
+def test_temperature_divides_and_filters_apply_in_order():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    assert torch.equal(filter_logits(logits, SamplingConfig(temperature=0.5, **OFF)), logits * 2)
+    # The penalty comes first: token 0 falls to 1.5, so top-1 then keeps token 1.
+    cfg = SamplingConfig(repetition_penalty=2.0, top_k=1, **OFF)
+    assert _kept(filter_logits(logits, cfg, torch.tensor([[0]]))) == {1}
+    # Temperature before top-p: flattening the distribution makes the nucleus larger.
+    sharp = filter_logits(_from_probs([0.7, 0.2, 0.1]), SamplingConfig(top_p=0.75, temperature=0.5))
+    flat = filter_logits(_from_probs([0.7, 0.2, 0.1]), SamplingConfig(top_p=0.75, temperature=3.0))
+    assert _kept(sharp) == {0} and _kept(flat) == {0, 1}
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("temperature", 0.0, "--temperature"), ("temperature", -1.0, "--temperature"),
+    ("temperature", float("nan"), "--temperature"), ("top_k", -1, "--top-k"), ("top_k", 2.5, "--top-k"),
+    ("top_p", 0.0, "--top-p"), ("top_p", 1.5, "--top-p"), ("typical_p", 0.0, "--typical-p"),
+    ("typical_p", 1.01, "--typical-p"), ("min_p", -0.1, "--min-p"), ("min_p", 1.0, "--min-p"),
+    ("repetition_penalty", 0.0, "--repetition-penalty"), ("num_beams", 0, "--beams"),
+    ("length_penalty", float("inf"), "--length-penalty"),
+])
+def test_invalid_options_raise_one_line_naming_the_option(field, value, flag):
+    with pytest.raises(MusicGPTError) as e:
+        SamplingConfig(**{field: value}).validate()
+    assert flag in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(MusicGPTError):
+        generate(_model(), [EOS], max_new_tokens=2, sampling=SamplingConfig(**{field: value}))
+
+
+def test_greedy_and_beams_together_are_refused():
+    with pytest.raises(MusicGPTError, match="--greedy or --beams"):
+        SamplingConfig(greedy=True, num_beams=3).validate()
+
+
+# ----------------------------------------------------------------------------- cached decoding
+
+def _reference_greedy(model, prompt, steps, window, penalty):
+    """Greedy decoding that recomputes the whole sequence with forward(attn_window) every step."""
+    seq = list(prompt)
+    for _ in range(steps):
+        logits = model(torch.tensor([seq]), attn_window=window)[0][0, -1].clone()
+        logits[PAD] = -math.inf
+        for tok in set(seq[-window:]):  # CTRL penalty over what the model sees
+            logits[tok] = logits[tok] / penalty if logits[tok] > 0 else logits[tok] * penalty
+        seq.append(int(logits.argmax()))
+    return seq[len(prompt):]
+
+
+def test_cached_greedy_equals_full_recompute_far_past_the_window():
+    model, window = _model(window=32), 32
+    cfg = SamplingConfig(greedy=True, repetition_penalty=3.0)  # the penalty keeps greedy from looping on one token
+    got = generate(model, [EOS], max_new_tokens=100, sampling=cfg, stop_at_eos=False)[0]
+    with torch.no_grad():
+        want = _reference_greedy(model, [EOS], 100, window, 3.0)
+    assert got.tolist() == want
+    assert len(set(want)) > 20
+
+
+def test_cached_sampling_equals_recompute_token_for_token():
+    model = _model(window=32)
+    cfg = SamplingConfig(temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.2)
+    args = dict(max_new_tokens=100, sampling=cfg, num_samples=3, seed=11, stop_at_eos=False)
+    cached = generate(model, [EOS, 60, 300], **args)
+    recomputed = generate(model, [EOS, 60, 300], use_cache=False, **args)
+    assert [t.tolist() for t in cached] == [t.tolist() for t in recomputed]
+    assert len({tuple(t.tolist()) for t in cached}) == 3  # a batch of three gives three sequences
+
+
+def test_a_long_prompt_is_trimmed_to_the_receptive_field_exactly():
+    """A 300-token prompt through a 2-layer, window-16 model: only its last 31 tokens matter."""
+    model, window = _model(window=16), 16
+    prompt = torch.randint(0, 388, (300,)).tolist()
+    got = generate(model, prompt, max_new_tokens=20, sampling=SamplingConfig(greedy=True), stop_at_eos=False)[0]
+    with torch.no_grad():
+        want = _reference_greedy(model, prompt, 20, window, 1.0)
+    assert got.tolist() == want
+
+
+def test_absolute_model_reencodes_its_recent_context_when_the_cache_is_full():
+    model = _model(attention="absolute", window=32)
+    got = generate(model, [EOS], max_new_tokens=80, sampling=SamplingConfig(greedy=True, repetition_penalty=3.0),
+                   stop_at_eos=False)[0]
+    assert len(got) == 80
+    with torch.no_grad():  # until the cache is full it is exact greedy decoding
+        assert got[:31].tolist() == _reference_greedy(model, [EOS], 31, 32, 3.0)
+
+
+def test_generation_leaves_the_model_in_its_training_mode():
+    model = _model().train()
+    generate(model, [EOS], max_new_tokens=3)
+    assert model.training
+
+
+# ----------------------------------------------------------------------------- beams
+
+def _log_prob(model, prompt, tokens):
+    seq = torch.tensor([list(prompt) + tokens.tolist()])
+    with torch.no_grad():
+        logits = model(seq)[0][0].clone()
+    logits[:, PAD] = -math.inf  # the sampler never emits padding
+    logp = logits.log_softmax(-1)[len(prompt) - 1:-1]
+    return logp.gather(1, seq[0, len(prompt):, None]).sum().item()
+
+
+def test_beam_search_with_one_beam_is_greedy():
+    for seed in range(3):
+        model = _model(seed=seed)
+        greedy = generate(model, [EOS, 64], max_new_tokens=40, sampling=SamplingConfig(greedy=True), max_seconds=3.0)[0]
+        beam = beam_search(model, [EOS, 64], max_new_tokens=40, sampling=SamplingConfig(num_beams=1), max_seconds=3.0)
+        assert beam.tolist() == greedy.tolist()
+
+
+def test_more_beams_find_a_likelier_sequence_than_greedy():
+    model = _model(seed=1)
+    greedy = generate(model, [EOS], max_new_tokens=30, sampling=SamplingConfig(greedy=True), stop_at_eos=False)[0]
+    beams = generate(model, [EOS], max_new_tokens=30, sampling=SamplingConfig(num_beams=5), stop_at_eos=False)[0]
+    assert len(beams) == len(greedy) == 30
+    assert _log_prob(model, [EOS], beams) > _log_prob(model, [EOS], greedy) + 1e-6
+
+
+def test_beam_search_refuses_several_samples():
+    with pytest.raises(MusicGPTError, match="--num-samples 1"):
+        generate(_model(), [EOS], max_new_tokens=3, sampling=SamplingConfig(num_beams=2), num_samples=2)
+
+
+# ----------------------------------------------------------------------------- seeds and stopping
+
+def test_same_seed_same_tokens_and_new_seed_new_tokens():
+    model = _model()
+    run = lambda seed: [t.tolist() for t in generate(model, [EOS], max_new_tokens=50, num_samples=2, seed=seed)]
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+class _EOSHappy(MusicGPT):
+    """A model that likes ending pieces: EOS gets a fixed boost at every step."""
+
+    def decode_step(self, idx, cache, return_attention=False):
+        logits = super().decode_step(idx, cache)
+        logits[..., EOS] += 2.0
+        return logits
+
+
+def test_eos_ends_its_row_while_the_others_go_on():
+    model = _model()
+    eos_happy = _EOSHappy(model.config).double().eval()
+    eos_happy.load_state_dict(model.state_dict())
+    args = dict(max_new_tokens=60, sampling=SamplingConfig(top_p=1.0), num_samples=8, seed=0)
+    rows = [r.tolist() for r in generate(eos_happy, [EOS], **args)]
+    full = [r.tolist() for r in generate(eos_happy, [EOS], stop_at_eos=False, **args)]
+    lengths = [len(r) for r in rows]
+    assert min(lengths) < 30 and max(lengths) == 60  # some rows ended early, one ran to the limit
+    for row, unstopped in zip(rows, full):  # each row is cut at its own first EOS, the rest untouched
+        assert row == (unstopped[:unstopped.index(EOS)] if EOS in unstopped else unstopped)
+
+
+def test_max_seconds_stops_at_the_first_token_reaching_it():
+    model = _model()
+    cfg = CodecConfig()
+    rows = generate(model, [EOS], max_new_tokens=400, num_samples=4, seed=2, max_seconds=2.0, stop_at_eos=False)
+    for row in rows:
+        t = row.numpy()
+        assert codec.duration_seconds(t, cfg) >= 2.0 - 1e-9
+        assert codec.duration_seconds(t[:-1], cfg) < 2.0
+        assert TIME_SHIFT <= t[-1] < cfg.velocity_offset
+    assert len({len(r) for r in rows}) > 1
+
+
+def test_no_padding_is_ever_generated():
+    rows = generate(_model(), [EOS], max_new_tokens=200, num_samples=4, seed=5,
+                    sampling=SamplingConfig(temperature=5.0, top_p=1.0), stop_at_eos=False)
+    assert all(PAD not in r.tolist() for r in rows)
+    assert np.unique(np.concatenate([r.numpy() for r in rows])).size > 150  # it was sampling widely
