@@ -1,4 +1,4 @@
-"""Attention arcs over a piano roll (after the Music Transformer's figures): which earlier notes a note attends to.
+"""Attention arcs over a piano roll, after the Music Transformer's figures: what a note attends to.
 
 The model reads the piece's first `max_tokens` tokens (EOS first, as in training) once; its
 token-to-token softmax weights are then gathered onto notes with one rule:
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musicgpt.codec import DecodedNotes
 from musicgpt.errors import MusicGPTError
 from musicgpt.vocab import NOTE_OFF
 
@@ -55,7 +56,7 @@ class Excerpt:
 
     name: str
     tokens: np.ndarray
-    notes: object  # codec.DecodedNotes
+    notes: DecodedNotes
     attentions: np.ndarray
     checkpoint: str = ""
 
@@ -225,15 +226,16 @@ def _arc_path(x0: float, y0: float, x1: float, y1: float, lift: float):
 def _arc_style(weight: float) -> tuple[float, float]:
     """Line width and opacity grow with sqrt(weight), so weak arcs stay visible but quiet."""
     s = float(np.sqrt(max(weight, 0.0)))
-    return 0.5 + 5.0 * s, min(1.0, 0.3 + 0.7 * s)
+    return 0.8 + 5.2 * s, min(1.0, 0.6 + 0.4 * s)
 
 
-def draw_arcs(excerpt: Excerpt, query: int, layer: int, heads: list[int] | None, arcs: list[Arc]):
+def draw_arcs(excerpt: Excerpt, query: int, layer: int, heads: list[int] | None, arcs: list[Arc],
+              top_k: int = 5, threshold: float = 0.02):
     """A figure (12 x 5 in, 150 dpi): piano roll, highlighted query note, one arc per (head, key)."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.lines import Line2D
-    from matplotlib.patches import FancyBboxPatch, PathPatch
+    from matplotlib.patches import PathPatch, Rectangle
 
     from musicgpt.plot import draw_piano_roll, label_pitch_axis
 
@@ -252,27 +254,26 @@ def draw_arcs(excerpt: Excerpt, query: int, layer: int, heads: list[int] | None,
     y0, y1 = float(pitch.min()) - 2, float(pitch.max()) + 2
     span_x, span_y = max(x1 - x0, 1e-3), max(y1 - y0, 12.0)
     head_list = heads if heads is not None else list(range(excerpt.n_head))
-    rank = {h: i for i, h in enumerate(head_list)}
+    rank = {h: i / max(1, len(head_list) - 1) for i, h in enumerate(head_list)}
+
+    def note_box(i: int, **style) -> Rectangle:  # the outline of note i, as draw_piano_roll draws it
+        return Rectangle((start[i], pitch[i] - 0.4), max(end[i] - start[i], 1e-3), 0.8, **style)
+
     top = y1
     for a in sorted(arcs, key=lambda a: a.weight):  # strongest drawn last, on top
-        xk, xq = start[a.key], start[a.query]
+        xk, xq, colour = start[a.key], start[a.query], head_colour(a.head)
         # Taller arcs for longer spans; heads nudged apart so arcs to one key do not coincide.
-        lift = span_y * (0.12 + 0.6 * (xq - xk) / span_x) * (1 + 0.1 * rank[a.head])
+        lift = span_y * (0.12 + 0.5 * (xq - xk) / span_x) * (1 + 0.25 * rank[a.head])
         lw, alpha = _arc_style(a.weight)
         path = _arc_path(xk, pitch[a.key], xq, pitch[a.query], lift)
-        ax.add_patch(PathPatch(path, fill=False, lw=lw, alpha=alpha, ec=head_colour(a.head),
-                               capstyle="round", zorder=3))
-        ax.scatter([xk], [pitch[a.key]], s=12 + 60 * a.weight, color=head_colour(a.head), zorder=4,
-                   edgecolors="none", alpha=alpha)
+        ax.add_patch(PathPatch(path, fill=False, lw=lw, alpha=alpha, ec=colour, capstyle="round", zorder=3))
+        ax.add_patch(note_box(a.key, fill=False, ec=colour, lw=1.1, zorder=4))
+        ax.scatter([xk], [pitch[a.key]], s=10 + 40 * np.sqrt(a.weight), color=colour, zorder=4, edgecolors="none")
         top = max(top, max(pitch[a.key], pitch[a.query]) + 0.75 * lift)
-    # The query note: a soft glow under a crisp outline.
-    w = max(end[query] - start[query], 0.02)
-    for pad, alpha in ((0.9, 0.15), (0.45, 0.3)):
-        ax.add_patch(FancyBboxPatch((start[query], pitch[query] - 0.4), w, 0.8, zorder=5,
-                                    boxstyle=f"round,pad={pad * 0.3}", fc=t["query"], ec="none", alpha=alpha,
-                                    mutation_aspect=span_y / span_x / 4))
-    ax.add_patch(FancyBboxPatch((start[query], pitch[query] - 0.4), w, 0.8, boxstyle="square,pad=0",
-                                fc=t["query"], ec=t["query"], lw=1.2, zorder=6))
+    # The query note: a halo of widening translucent outlines under a crisp white note.
+    for lw, alpha in ((9, 0.06), (5, 0.12), (2.5, 0.25)):
+        ax.add_patch(note_box(query, fill=False, ec=t["query"], lw=lw, alpha=alpha, joinstyle="round", zorder=5))
+    ax.add_patch(note_box(query, fc=t["query"], ec=t["query"], lw=0.8, zorder=6))
     ax.axvline(start[query], color=t["query"], lw=0.6, alpha=0.25, ls=(0, (2, 3)), zorder=2)
     ax.set_xlim(x0 - 0.01 * span_x, x1 + 0.01 * span_x)
     ax.set_ylim(y0, top + 1)
@@ -281,19 +282,35 @@ def draw_arcs(excerpt: Excerpt, query: int, layer: int, heads: list[int] | None,
     ax.set_ylabel("")
     # Head colours, then a key to line width.
     handles = [Line2D([], [], color=head_colour(h), lw=3, label=f"head {h}") for h in head_list]
-    handles += [Line2D([], [], color=t["muted"], lw=_arc_style(w)[0], alpha=_arc_style(w)[1],
+    handles.append(Line2D([], [], lw=0, label=" "))  # a gap before the width key
+    handles += [Line2D([], [], color=t["text"], lw=_arc_style(w)[0], alpha=_arc_style(w)[1],
                        label=f"weight {w:g}") for w in (0.05, 0.25, 1.0)]
     leg = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
                     fontsize=8, labelcolor=t["text"], handlelength=2.2, borderaxespad=0)
     leg.set_zorder(7)
     heads_txt = "all heads" if heads is None else "heads " + ", ".join(map(str, heads))
     fig.text(0.06, 0.945, excerpt.name, color=t["text"], fontsize=14, fontweight="bold", va="center")
-    fig.text(0.06, 0.9, f"layer {layer} of 0..{excerpt.n_layer - 1}  ·  {heads_txt}  ·  "
-             f"query {note_label(excerpt, query)}", color=t["muted"], fontsize=9.5, va="center")
+    fig.text(0.06, 0.9, f"layer {layer} (of 0–{excerpt.n_layer - 1})  ·  {heads_txt}  ·  up to {top_k} notes per "
+             f"head with weight ≥ {threshold:g}  ·  query {note_label(excerpt, query)}", color=t["muted"],
+             fontsize=9.5, va="center")
+    if not arcs:
+        ax.text(0.5, 0.97, f"no earlier note gets weight ≥ {threshold:g} here: try a lower --threshold",
+                transform=ax.transAxes, ha="center", va="top", color=t["muted"], fontsize=9, style="italic")
     if excerpt.checkpoint:
-        fig.text(0.86, 0.9, Path(excerpt.checkpoint).name, color=t["muted"], fontsize=8, ha="right",
+        fig.text(0.86, 0.945, Path(excerpt.checkpoint).name, color=t["muted"], fontsize=8, ha="right",
                  va="center", alpha=0.8)
     return fig
+
+
+def _max_pool(a: np.ndarray, f: int) -> np.ndarray:
+    """Max over f x f blocks of the last two axes (zero-padded to a multiple of f)."""
+    if f <= 1:
+        return a
+    T = a.shape[-1]
+    pad = -T % f
+    a = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, pad)])
+    n = (T + pad) // f
+    return a.reshape(*a.shape[:-2], n, f, n, f).max(axis=(-3, -1))
 
 
 def draw_grid(excerpt: Excerpt):
@@ -305,13 +322,21 @@ def draw_grid(excerpt: Excerpt):
     size = 1.55
     fig, axes = plt.subplots(L, H, figsize=(0.6 + size * H, 0.9 + size * L), dpi=150, facecolor=t["bg"],
                              squeeze=False)
-    fig.subplots_adjust(left=0.6 / (0.6 + size * H), right=0.99, bottom=0.02, top=1 - 0.7 / (0.9 + size * L),
-                        wspace=0.08, hspace=0.08)
-    norm = PowerNorm(0.4, vmin=0.0, vmax=1.0)  # attention is heavy-tailed: a gamma shows the faint structure
+    top = 1 - 0.75 / (0.9 + size * L)  # room for two lines of title
+    fig.subplots_adjust(left=0.6 / (0.6 + size * H), right=0.99, bottom=0.02, top=top, wspace=0.08, hspace=0.08)
+    # Panels are ~230 px wide: max-pool long excerpts so sharp, sparse attention does not average
+    # away. Attention is heavy-tailed: a gamma and a shared top (99th percentile) show the faint
+    # structure while keeping panels comparable.
+    f = -(-excerpt.attentions.shape[-1] // 256)
+    pooled = _max_pool(excerpt.attentions, f)
+    future = np.triu(np.ones(pooled.shape[-2:], dtype=bool), 1)  # causal: never attended
+    vmax = float(np.quantile(pooled[..., ~future], 0.99))
+    norm = PowerNorm(0.5, vmin=0.0, vmax=max(vmax, 1e-6))
+    cmap = plt.get_cmap("magma").with_extremes(bad=t["panel"])
     for l in range(L):
         for h in range(H):
             ax = axes[l, h]
-            ax.imshow(excerpt.attentions[l, h], cmap="magma", norm=norm, interpolation="antialiased")
+            ax.imshow(np.ma.masked_array(pooled[l, h], future), cmap=cmap, norm=norm, interpolation="antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             for s in ax.spines.values():
@@ -321,8 +346,9 @@ def draw_grid(excerpt: Excerpt):
                 ax.set_title(f"head {h}", color=head_colour(h), fontsize=9, pad=4)
             if h == 0:
                 ax.set_ylabel(f"layer {l}", color=t["text"], fontsize=9)
-    fig.suptitle(f"{excerpt.name}  ·  attention of every layer and head over {len(excerpt.tokens)} tokens "
-                 f"(query down, key across)", color=t["text"], fontsize=10, x=0.5)
+    fig.text(0.5, top + 0.65 * (1 - top), excerpt.name, color=t["text"], fontsize=11, fontweight="bold", ha="center")
+    fig.text(0.5, top + 0.35 * (1 - top), f"every layer and head over {len(excerpt.tokens)} tokens  ·  query down, "
+             f"key across  ·  brightness grows with weight", color=t["muted"], fontsize=8, ha="center")
     return fig
 
 
@@ -330,15 +356,18 @@ def draw_grid(excerpt: Excerpt):
 
 def html_data(excerpt: Excerpt, *, layer: int, heads: list[int] | None, query: int, top_k: int,
               threshold: float) -> dict:
-    """The page's data: notes, and per layer, head and query note its top-k keys as flat [key, w, ...]."""
-    n = excerpt.notes
+    """The page's data: notes, and per layer, head and query note its heaviest keys as flat [key, w, ...].
+
+    At least 8 keys are kept (the page's top-k slider starts at `top_k`), and none under 0.001.
+    """
+    n, keep = excerpt.notes, max(top_k, 8)
     r3 = lambda a: [round(float(x), 3) for x in a]  # noqa: E731 - ms precision is plenty for pixels
     arcs = []
     for l in range(excerpt.n_layer):
         per_head = []
         for h in range(excerpt.n_head):
             w = note_weights(excerpt.attentions[l, h], n, excerpt.tokens)
-            per_head.append([[v for a in top_arcs(w[q], q, h, top_k, 0.001) for v in (a.key, round(a.weight, 3))]
+            per_head.append([[v for a in top_arcs(w[q], q, h, keep, 0.001) for v in (a.key, round(a.weight, 3))]
                              for q in range(len(w))])
         arcs.append(per_head)
     return {
@@ -371,6 +400,19 @@ def _html_escape(s: str) -> str:
 
 # ----------------------------------------------------------------------------- one call for the CLI
 
+def _peek_model_config(path: Path):
+    """The model's configuration from the checkpoint's header alone, or None if it cannot be read."""
+    from safetensors import safe_open
+
+    from musicgpt.model import ModelConfig
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return ModelConfig.from_dict(json.loads(f.metadata()["musicgpt"])["model_config"])
+    except Exception:  # noqa: BLE001 - load_model then says exactly what is wrong with the file
+        return None
+
+
 @dataclass
 class Rendered:
     """What `render_attention` wrote and drew."""
@@ -386,17 +428,21 @@ class Rendered:
 def render_attention(midi, out, *, checkpoint=None, layer: int = -1, heads: list[int] | None = None,
                      query_note: int | None = None, query_time: float | None = None, top_k: int = 5,
                      threshold: float = 0.02, max_tokens: int | None = None, grid: bool = False,
-                     device: str | None = None) -> Rendered:
+                     device: str = "auto") -> Rendered:
     """Run the model once over a MIDI file and write the arcs (PNG/SVG/HTML) or the --grid overview."""
     from musicgpt.checkpoint import choose_checkpoint, load_model
     from musicgpt.codec import load_midi
+    from musicgpt.generate import pick_device
     from musicgpt.plot import _save
 
     out = Path(out)
     check_options(out, grid=grid, top_k=top_k, threshold=threshold, max_tokens=max_tokens)
     load_midi(midi)  # a bad input fails here, before any weights are read
     path, why = choose_checkpoint(checkpoint)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
+    header = _peek_model_config(path)
+    if header is not None:  # bad --layer/--heads fail before the weights load
+        check_model_options(header, layer, heads, max_tokens)
     model, ckpt = load_model(path, device)
     layer = check_model_options(ckpt.model_config, layer, heads, max_tokens)
     excerpt = load_excerpt(midi, model, ckpt.codec_config, max_tokens, checkpoint=str(path))
@@ -408,5 +454,5 @@ def render_attention(midi, out, *, checkpoint=None, layer: int = -1, heads: list
         write_html(html_data(excerpt, layer=layer, heads=heads, query=query, top_k=top_k,
                              threshold=threshold), out)
     else:
-        _save(draw_arcs(excerpt, query, layer, heads, arcs), out, tight=False)
+        _save(draw_arcs(excerpt, query, layer, heads, arcs, top_k, threshold), out, tight=False)
     return Rendered(out, layer, query, arcs, excerpt, why)

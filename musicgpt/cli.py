@@ -49,7 +49,7 @@ def _run_decode(args: argparse.Namespace) -> int:
     from musicgpt import codec
 
     try:
-        lines = args.tokens.read_text().split()
+        lines = args.tokens.read_text().splitlines()  # keeps line numbers for errors
     except (OSError, UnicodeDecodeError) as e:
         raise MusicGPTError(f"{args.tokens}: cannot read token file ({e.__class__.__name__})") from None
     tokens = codec.parse_token_names(lines, source=str(args.tokens))
@@ -108,26 +108,26 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
         "Without --checkpoint the newest run under runs/ is used, else the shipped default model. "
         "Sampling defaults: temperature 1.0, top-p 0.95, other filters off.",
     )
-    p.add_argument("--checkpoint", help="run folder, .safetensors file, or 'default' (the shipped model)")
-    p.add_argument("--primer", type=Path, help="MIDI file to continue (default: start from silence)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="run folder, .safetensors file, or 'default' (the shipped model)")
+    p.add_argument("--primer", type=Path, metavar="MIDI", help="MIDI file to continue (default: start from silence)")
     p.add_argument("--primer-seconds", type=float, metavar="S", help="use only the primer's first S seconds")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--tokens", type=int, metavar="N", help="generate N tokens (or until the model ends the piece)")
     length.add_argument("--seconds", type=float, metavar="S", help="generate S seconds of music (default 30; at most 100 tokens per second)")
     p.add_argument("--num-samples", type=int, default=1, metavar="K", help="pieces to write, generated as one batch (default 1)")
-    p.add_argument("--seed", type=int, help="random seed (default: a new one, printed so the run can be repeated)")
+    p.add_argument("--seed", type=int, metavar="N", help="random seed (default: a new one, printed so the run can be repeated)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic)")
-    p.add_argument("--temperature", type=float, help="divide logits by this; < 1 is safer, > 1 wilder (default 1.0)")
-    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (default 0: off)")
-    p.add_argument("--top-p", type=float, help="nucleus: the smallest set holding this probability (default 0.95; 1: off)")
-    p.add_argument("--typical-p", type=float, help="locally typical sampling mass (default 1: off)")
-    p.add_argument("--min-p", type=float, help="drop tokens below this fraction of the top token's probability (default 0: off)")
-    p.add_argument("--repetition-penalty", type=float, help="CTRL penalty on tokens in the model's view (default 1: off)")
-    p.add_argument("--beams", type=int, dest="num_beams", help="beam search with this many beams (deterministic)")
-    p.add_argument("--length-penalty", type=float, help="beam score = log-prob / length ** this (default 1.0)")
-    p.add_argument("--out", default="samples", help="folder for the MIDI files (default samples/)")
+    p.add_argument("--temperature", type=float, metavar="T", help="divide logits by this; < 1 is safer, > 1 wilder (default 1.0)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus: the smallest set holding this probability (default 0.95; 1: off)")
+    p.add_argument("--typical-p", type=float, metavar="P", help="locally typical sampling mass (default 1: off)")
+    p.add_argument("--min-p", type=float, metavar="M", help="drop tokens below this fraction of the top token's probability (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, metavar="R", help="CTRL penalty on tokens in the model's view (default 1: off)")
+    p.add_argument("--beams", type=int, dest="num_beams", metavar="B", help="beam search with this many beams (deterministic)")
+    p.add_argument("--length-penalty", type=float, metavar="L", help="beam score = log-prob / length ** this (default 1.0)")
+    p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default samples/)")
     p.add_argument("--include-primer", action="store_true", help="write the primer before the continuation")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, mps or auto")
     p.set_defaults(func=_run_sample)
 
 
@@ -153,21 +153,24 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
         help="draw which earlier notes a note attends to, as arcs over a piano roll",
         description="Run a trained model once over the start of a MIDI file and draw its self-attention as "
         "arcs from a query note back to the notes it attends to, one colour per head. The output's "
-        "extension picks the format: .png or .svg (a picture) or .html (an interactive, offline page).",
+        "extension picks the format: .png or .svg (a picture) or .html (an interactive, offline page). "
+        "Layers, heads and notes are counted from 0.",
     )
     p.add_argument("midi", type=Path, help="input .mid/.midi file (a generated sample works too)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="picture to write: .png, .svg or .html")
+    p.add_argument("-o", "--output", type=Path, required=True, help="file to write: .png, .svg or .html")
     p.add_argument("--checkpoint", help="run folder or .safetensors (default: the newest run, else the shipped model)")
-    p.add_argument("--layer", type=int, default=-1, help="layer, counted from 0; negative counts from the end (default -1: the last)")
-    p.add_argument("--heads", help="comma-separated heads, counted from 0, e.g. 0,3 (default: all)")
+    p.add_argument("--layer", type=int, default=-1, help="layer from 0; negative counts from the end (default -1: last)")
+    p.add_argument("--heads", help="comma-separated heads from 0, e.g. 0,3 (default: all)")
     q = p.add_mutually_exclusive_group()
-    q.add_argument("--query-note", type=int, metavar="INDEX", help="query note by index in onset order, from 0 (default: one late in the excerpt)")
+    q.add_argument("--query-note", type=int, metavar="INDEX", help="query note, by index in onset order from 0 "
+                   "(default: one late in the excerpt)")
     q.add_argument("--query-time", type=float, metavar="SECONDS", help="query the note starting nearest this time")
-    p.add_argument("--top-k", type=int, default=5, help="arcs per head: the K most attended notes (default 5)")
+    p.add_argument("--top-k", type=int, default=5, help="arcs per head: its K most attended notes (default 5)")
     p.add_argument("--threshold", type=float, default=0.02, help="hide arcs lighter than this weight (default 0.02)")
-    p.add_argument("--max-tokens", type=int, help="tokens of the piece fed to the model (default: its context or 512, whichever is smaller)")
-    p.add_argument("--grid", action="store_true", help="instead: every layer's and head's attention matrix as small heat maps")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--max-tokens", type=int, help="tokens of the piece the model reads (default: its context "
+                   "or 512, whichever is smaller)")
+    p.add_argument("--grid", action="store_true", help="draw every layer's and head's attention matrix instead")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or mps")
     p.set_defaults(func=_run_attention)
 
 
@@ -181,8 +184,67 @@ def _run_attention(args: argparse.Namespace) -> int:
     )
     if r.note:
         print(r.note, file=sys.stderr)
-    what = "every layer and head" if args.grid else f"layer {r.layer}, query {note_label(r.excerpt, r.query)}, {len(r.arcs)} arcs"
+    what = ("every layer and head" if args.grid else
+            f"layer {r.layer}, query {note_label(r.excerpt, r.query)}, {len(r.arcs)} arcs")
     print(f"{r.path}: {what} ({len(r.excerpt.tokens)} tokens)", file=sys.stderr)
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss of a trained model on a folder of MIDI files",
+        description="Score a checkpoint on the validation files of DATA_DIR (the same files training holds "
+        "out) cut into non-overlapping windows of the model's context: cross-entropy in nats/token and "
+        "bits/token, and perplexity. --all scores every file, e.g. a folder the model never saw.",
+    )
+    p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="run folder, .safetensors file or 'default' "
+                   "(default: the newest run, else the shipped model)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out, as in training (default 0.1)")
+    p.add_argument("--all", dest="all_files", action="store_true", help="evaluate every file, not the validation split")
+    p.add_argument("--seq-len", type=int, metavar="N", help="window length in tokens (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from musicgpt.evaluate import evaluate_folder, format_result
+
+    r = evaluate_folder(args.data_dir, args.checkpoint, val_fraction=args.val_fraction, all_files=args.all_files,
+                        seq_len=args.seq_len, batch_size=args.batch_size, device=args.device)
+    print(json.dumps(r.to_dict(), indent=2) if args.json else format_result(r))
+    return 0
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="compare musical statistics of MIDI files (e.g. samples) with a reference set",
+        description="Pitch range, pitch-class histogram and entropy, polyphony, notes per second, inter-onset "
+        "intervals, note durations and velocities of SAMPLES against REFERENCE, with the overlapping area "
+        "(OA, 0..1) of each pair of histograms (Yang and Lerch 2020).",
+    )
+    p.add_argument("samples", type=Path, help="MIDI file or folder of MIDI files to describe (e.g. samples/)")
+    p.add_argument("--reference", type=Path, required=True, metavar="DATA_DIR", help="MIDI file or folder to compare with")
+    p.add_argument("-o", "--output", type=Path, help="also draw the histograms side by side into this .png or .svg")
+    p.add_argument("--json", action="store_true", help="print every figure (histograms included) as JSON on stdout")
+    p.set_defaults(func=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from musicgpt.stats import compare_sets, format_table, plot_report, report_json
+
+    if args.output is not None and args.output.suffix.lower() not in (".png", ".svg"):
+        raise MusicGPTError(f"{args.output}: output must end in .png or .svg")
+    report = compare_sets(args.samples, args.reference)
+    print(report_json(report) if args.json else format_table(report))
+    if args.output is not None:
+        print(f"{plot_report(report, args.output)}: histograms written", file=sys.stderr)
     return 0
 
 
@@ -194,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"musicgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_encode, _add_decode, _add_attention):
+    for add in (_add_train, _add_sample, _add_eval, _add_stats, _add_encode, _add_decode, _add_attention):
         add(sub)
     return parser
 

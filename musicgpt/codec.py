@@ -2,7 +2,7 @@
 
 Encoding (see musicgpt/vocab.py for the id table): all non-drum instruments are merged into one
 piano part (drum tracks are dropped), the sustain pedal is applied per instrument, and times
-are rounded to the nearest step, counted from time 0 of the file. Per key a note ends where
+are rounded to the nearest step (halves to even), counted from time 0 of the file. Per key a note ends where
 the key is struck again (NOTE_OFF then NOTE_ON at that step); two notes of one key starting on
 the same step become one (the longer, then the louder); a note shorter than a step lasts one.
 At each step the events come in this order: every NOTE_OFF by ascending pitch, then the
@@ -14,6 +14,9 @@ Decoding accepts any sequence: PAD, EOS and unknown ids are skipped, a NOTE_OFF 
 is ignored, a NOTE_ON of a sounding key ends the old note first, notes that end on the step
 they start are dropped, and notes still sounding at the end close at the final time (one step
 after their start if no time passed). NOTE_ONs before any VELOCITY play at velocity 64's bin.
+
+`transpose` and `time_stretch` work on token windows as the trainer cuts them (EOS, PAD and
+events whose partner lies outside the window are kept in place).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class DecodedNotes:
 
 @dataclass
 class _StepNotes:
-    """Notes on the step grid; the common form of encode, decode and the augmentations."""
+    """Notes on the step grid, the form encode builds tokens from and decode recovers."""
 
     pitch: np.ndarray
     on: np.ndarray  # steps
@@ -70,9 +73,6 @@ class _StepNotes:
     on_index: np.ndarray | None = None
     off_index: np.ndarray | None = None
     velocity_index: np.ndarray | None = None
-
-    def take(self, keep: np.ndarray) -> _StepNotes:
-        return _StepNotes(self.pitch[keep], self.on[keep], self.off[keep], self.vbin[keep])
 
 
 # ---------------------------------------------------------------- encode
@@ -104,18 +104,19 @@ def _tokens(notes: _StepNotes, cfg: CodecConfig) -> np.ndarray:
 
     new_bin = np.zeros(len(order), dtype=bool)
     new_bin[ev_is_on] = ~_same_as_previous(ev_vbin[ev_is_on])
-    gap = np.diff(ev_time, prepend=0)
+    events = np.where(ev_is_on, ev_pitch, NOTE_OFF + ev_pitch)
+    return _lay_out(np.diff(ev_time, prepend=0), cfg, [cfg.velocity_offset + ev_vbin, events],
+                    [new_bin, np.ones(len(order), dtype=bool)])
+
+
+def _lay_out(gap: np.ndarray, cfg: CodecConfig, columns: list, counts: list) -> np.ndarray:
+    """Tokens event by event: the TIME_SHIFTs for the event's `gap` steps (full ones first),
+    then its own slots (columns[k] emitted counts[k] times). One np.repeat does it all."""
     full, rest = np.divmod(gap, cfg.max_shift_steps)
-    # Each event is the block [full shifts, remainder shift, VELOCITY, event]; np.repeat with
-    # per-slot counts lays all blocks out at once.
-    codes = np.stack([
-        np.full(len(order), TIME_SHIFT + cfg.max_shift_steps - 1),
-        TIME_SHIFT + rest - 1,
-        cfg.velocity_offset + ev_vbin,
-        np.where(ev_is_on, ev_pitch, NOTE_OFF + ev_pitch),
-    ], axis=1)
-    counts = np.stack([full, rest > 0, new_bin, np.ones(len(order), dtype=bool)], axis=1)
-    return np.repeat(codes.ravel(), counts.ravel().astype(np.int64)).astype(np.int16)
+    codes = np.stack([np.full(len(gap), TIME_SHIFT + cfg.max_shift_steps - 1),
+                      TIME_SHIFT + rest - 1, *columns], axis=1)
+    repeat = np.stack([full, rest > 0, *counts], axis=1).astype(np.int64)
+    return np.repeat(codes.ravel(), repeat.ravel()).astype(np.int16)
 
 
 def _canonical(n: _StepNotes) -> _StepNotes:
@@ -269,30 +270,67 @@ def truncate_seconds(tokens: Sequence[int] | np.ndarray, seconds: float,
 
 def transpose(tokens: Sequence[int] | np.ndarray, semitones: int,
               config: CodecConfig | None = None) -> np.ndarray:
-    """The piece moved by `semitones`; notes pushed outside 0..127 are dropped (on and off).
+    """Every NOTE_ON/NOTE_OFF moved by `semitones`; keys pushed outside 0..127 are dropped.
 
-    Works on one piece: the result is the canonical encoding of the moved notes, so special
-    tokens are dropped and TIME_SHIFTs re-split around the removed notes.
+    Works on any window (EOS, PAD and notes cut by the window edges stay as they are). A dropped
+    note loses its NOTE_ON and NOTE_OFF, a VELOCITY left governing no note goes too, and the
+    TIME_SHIFTs around removed tokens are re-split as `encode` splits them.
     """
     cfg = config or _DEFAULT
-    n = _step_notes(tokens, cfg)
-    n.pitch = n.pitch + int(semitones)
-    return _tokens(n.take((n.pitch >= 0) & (n.pitch < NUM_PITCHES)), cfg)
+    t = np.asarray(tokens, dtype=np.int64).ravel()
+    is_note = (t >= 0) & (t < TIME_SHIFT)
+    pitch = t % NUM_PITCHES + int(semitones)
+    keep = ~is_note | ((pitch >= 0) & (pitch < NUM_PITCHES))
+    moved = np.where(is_note, t + int(semitones), t)
+    return _retime(moved[_drop_stale_velocities(t, keep, cfg)], cfg, 1.0)
 
 
 def time_stretch(tokens: Sequence[int] | np.ndarray, factor: float,
                  config: CodecConfig | None = None) -> np.ndarray:
-    """The piece played `factor` times as long (0.95..1.05), re-quantised to the step grid.
+    """The window played `factor` times as long (0.95..1.05), TIME_SHIFTs re-quantised.
 
-    Onsets and offsets are scaled from time 0 and rounded separately, so no error builds up
-    along the piece and each duration stays within one step of factor * the original.
+    Every event keeps its place in the sequence; its time from the window start is scaled and
+    rounded, so no error builds up and each duration stays within about a step of factor times
+    the original. Events at different steps stay at different steps, so no note vanishes.
     """
     if not 1 - MAX_STRETCH <= factor <= 1 + MAX_STRETCH:
         raise MusicGPTError(
             f"time_stretch factor must be in [{1 - MAX_STRETCH}, {1 + MAX_STRETCH}], got {factor}"
         )
     cfg = config or _DEFAULT
-    n = _step_notes(tokens, cfg)
-    n.on = np.rint(n.on * factor).astype(np.int64)
-    n.off = np.rint(n.off * factor).astype(np.int64)
-    return _tokens(n, cfg)
+    return _retime(np.asarray(tokens, dtype=np.int64).ravel(), cfg, float(factor))
+
+
+def _retime(t: np.ndarray, cfg: CodecConfig, factor: float) -> np.ndarray:
+    """t with its TIME_SHIFTs rebuilt: other tokens in order at round(time * factor) steps, and
+    the window's total time (trailing shifts included) scaled the same way."""
+    is_shift = (t >= TIME_SHIFT) & (t < cfg.velocity_offset)
+    time = np.cumsum(np.where(is_shift, t - TIME_SHIFT + 1, 0))
+    events = t[~is_shift]
+    times = np.append(time[~is_shift], time[-1] if len(t) else 0)  # last: the end of the window
+    distinct, group = np.unique(times, return_inverse=True)
+    scaled = np.rint(distinct * factor).astype(np.int64)
+    # Two 1-step gaps shrunk by 0.95 may round onto one step; push such a time one step on
+    # (a running max of scaled - rank) so every note keeps at least one step.
+    rank = np.arange(len(distinct))
+    scaled = np.maximum.accumulate(scaled - rank) + rank
+    gap = np.diff(scaled[group], prepend=0)
+    has_token = np.ones(len(times), dtype=bool)
+    has_token[-1] = False  # the end of the window only brings its trailing shifts
+    return _lay_out(gap, cfg, [np.append(events, 0)], [has_token])
+
+
+def _drop_stale_velocities(t: np.ndarray, keep: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    """`keep` less the VELOCITY tokens that governed NOTE_ONs which are all dropped, and those
+    that now repeat the bin already in force."""
+    idx = np.arange(len(t))
+    is_vel = (t >= cfg.velocity_offset) & (t < cfg.pad_id)
+    is_on = (t >= 0) & (t < NOTE_OFF)
+    governor = np.maximum.accumulate(np.where(is_vel, idx, -1)) if len(t) else idx
+    governed = is_on & (governor >= 0)
+    before = np.bincount(governor[governed], minlength=len(t))
+    after = np.bincount(governor[governed & keep], minlength=len(t))
+    keep = keep & ~(is_vel & (before > 0) & (after == 0))
+    kept_vel = np.flatnonzero(keep & is_vel)
+    keep[kept_vel[_same_as_previous(t[kept_vel])]] = False
+    return keep

@@ -29,7 +29,7 @@ from musicgpt.model import MusicGPT
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
 
 DEFAULT_SECONDS = 30.0  # music written when neither --tokens nor --seconds is given
-TOKENS_PER_SECOND_CAP = 100  # --seconds S also stops after S * 100 tokens (piano runs ~20-60/s)
+TOKENS_PER_SECOND_CAP = 100  # --seconds S also stops after S * 100 tokens (midi_data/ averages 19/s)
 _FLAGS = {"num_beams": "--beams"}  # options whose CLI flag is not the field name with dashes
 
 
@@ -197,19 +197,19 @@ class _RecomputeStepper:
 
 @dataclass
 class _Stop:
-    """When a row ends: EOS, or the music it generated reaching max_seconds."""
+    """When a row ends: EOS, or the music it generated reaching max_steps time steps."""
 
     max_new_tokens: int
     eos_id: int | None
-    max_seconds: float | None
-    shift_seconds: Tensor  # [V] seconds each token moves time on (TIME_SHIFTs only)
+    max_steps: int | None  # max_seconds in codec steps: integers add up exactly, seconds would not
+    shift_steps: Tensor  # [V] steps each token moves time on (TIME_SHIFTs only)
     ban: Tensor  # [V] 0, or -inf for tokens never to emit (PAD)
 
     def ends(self, tokens: Tensor, elapsed: Tensor) -> Tensor:
-        """Whether each token ends its row, given the row's elapsed seconds including it."""
+        """Whether each token ends its row, given the row's elapsed steps including it."""
         ended = tokens == self.eos_id if self.eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        if self.max_seconds is not None:
-            ended |= elapsed >= self.max_seconds
+        if self.max_steps is not None:
+            ended |= elapsed >= self.max_steps
         return ended
 
 
@@ -226,9 +226,10 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: in
     seq = prompt.new_empty(batch, P + N)  # one buffer for the whole run: no per-step concat
     seq[:, :P] = prompt
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    race = torch.empty(batch, stop.ban.numel(), device=prompt.device)  # reused noise buffer
     lengths = torch.zeros(batch, dtype=torch.long, device=prompt.device)
     alive = torch.ones(batch, dtype=torch.bool, device=prompt.device)
-    elapsed = torch.zeros(batch, device=prompt.device)
+    elapsed = torch.zeros(batch, dtype=torch.long, device=prompt.device)
     penalize = cfg.repetition_penalty != 1.0
     logits = stepper.start(prompt, batch)
     with _progress_bar(progress, N) as bar:
@@ -240,12 +241,12 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: in
                 if penalize:
                     logits = penalize_repeats(logits, seen, cfg.repetition_penalty)
                 token = logits.argmax(-1)
-            else:
+            else:  # exponential race: argmax p / E with E ~ Exp(1) draws p, faster than multinomial
                 probs = filter_logits(logits, cfg, seen).softmax(-1)
-                token = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                token = probs.div_(race.exponential_(generator=gen)).argmax(-1)
             seq[:, pos] = token
             lengths += alive  # a row's final token (EOS or the last shift) still counts here
-            elapsed += stop.shift_seconds[token]
+            elapsed += stop.shift_steps[token]
             alive &= ~stop.ends(token, elapsed)
             bar.update()
             if t + 1 == N or not alive.any().item():  # the one host sync per step
@@ -273,7 +274,7 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
     seq[:, :P] = prompt
     scores = torch.full((B,), -math.inf, device=dev)
     scores[0] = 0.0  # all beams start identical: expand from the first only
-    elapsed = torch.zeros(B, device=dev)
+    elapsed = torch.zeros(B, dtype=torch.long, device=dev)
     finished: list[tuple[float, Tensor]] = []
     logits = stepper.start(prompt, B)
     done = False
@@ -287,7 +288,7 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
             ranked, order = cand.sort(descending=True, stable=True)  # stable: ties as argmax
             V = logits.size(-1)
             beam, token = order // V, order % V
-            ends = stop.ends(token, elapsed[beam] + stop.shift_seconds[token])
+            ends = stop.ends(token, elapsed[beam] + stop.shift_steps[token])
             keep = (~ends).nonzero()[:B, 0]
             for r in ends[:B].nonzero()[:, 0].tolist():
                 hyp = torch.cat([seq[beam[r], P:pos], token[r:r + 1]])
@@ -296,7 +297,7 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
             rows = beam[keep]
             seq = seq.index_select(0, rows)
             seq[:, pos] = token[keep]
-            scores, elapsed = ranked[keep], elapsed[rows] + stop.shift_seconds[token[keep]]
+            scores, elapsed = ranked[keep], elapsed[rows] + stop.shift_steps[token[keep]]
             stepper.reorder(rows)
             bar.update()
             done = len(finished) >= B and scores[0].item() / norm <= finished[-1][0]
@@ -309,11 +310,10 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
     return max(finished, key=lambda h: h[0])[1]
 
 
-def _shift_seconds(config: CodecConfig, device) -> Tensor:
-    """[vocab_size] seconds by which each token moves time on (0 except TIME_SHIFTs)."""
-    table = torch.zeros(config.vocab_size, device=device)
-    steps = torch.arange(1, config.max_shift_steps + 1, device=device, dtype=table.dtype)
-    table[TIME_SHIFT:TIME_SHIFT + config.max_shift_steps] = steps * config.step_seconds
+def _shift_steps(config: CodecConfig, device) -> Tensor:
+    """[vocab_size] time steps by which each token moves time on (0 except TIME_SHIFTs)."""
+    table = torch.zeros(config.vocab_size, dtype=torch.long, device=device)
+    table[TIME_SHIFT:TIME_SHIFT + config.max_shift_steps] = torch.arange(1, config.max_shift_steps + 1)
     return table
 
 
@@ -367,8 +367,9 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
         raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
     ban = torch.zeros(codec_config.vocab_size, device=device)
     ban[codec_config.pad_id] = -math.inf  # padding is never music
-    stop = _Stop(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_seconds,
-                 _shift_seconds(codec_config, device), ban)
+    max_steps = None if max_seconds is None else math.ceil(max_seconds * 1000 / codec_config.step_ms - 1e-9)
+    stop = _Stop(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps,
+                 _shift_steps(codec_config, device), ban)
     window = window or model.config.context_len
     stepper = (_CachedStepper if use_cache else _RecomputeStepper)(model, window)
     was_training = model.training
@@ -437,7 +438,7 @@ def _continuation(primer: np.ndarray, new: np.ndarray, config: CodecConfig, incl
 
 def _fit_seconds(tokens: np.ndarray, seconds: float | None, config: CodecConfig) -> np.ndarray:
     """Shorten the final TIME_SHIFT that carried a piece past `seconds` so it ends right there."""
-    if True or seconds is None or not len(tokens) or not TIME_SHIFT <= tokens[-1] < config.velocity_offset:
+    if seconds is None or not len(tokens) or not TIME_SHIFT <= tokens[-1] < config.velocity_offset:
         return tokens
     head = tokens[:-1]
     room = round((seconds - codec.duration_seconds(head, config)) / config.step_seconds)

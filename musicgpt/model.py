@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from musicgpt import fast_attention
 from musicgpt.errors import MusicGPTError
 
 ATTENTION_KINDS = ("relative", "absolute")
@@ -164,6 +165,7 @@ class _Plan(NamedTuple):
     rel_index: Tensor | None  # clipped distances [Tq, Tk] for the gather path (decode)
     need_weights: bool
     cache_slots: tuple[int, int, int] | None  # (write_at, first_key, end) in the KV cache
+    block_mask: object | None = None  # a FlexAttention BlockMask: take the fused relative path
 
 
 class CausalSelfAttention(nn.Module):
@@ -192,6 +194,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache._write(layer, k, v, plan.cache_slots)
+        if plan.block_mask is not None:  # fused: the relative term is added inside the kernel
+            y = fast_attention.relative_flex_attention(q, k, v, self.rel_emb, plan.block_mask)
+            w = None
+        else:
+            y, w = self._attend(q, k, v, plan)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), w
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, plan: _Plan
+                ) -> tuple[Tensor, Tensor | None]:
+        """The eager path: relative logits by the skew (or a gather when decoding), then SDPA."""
+        B = q.size(0)
         bias = None
         if self.rel_emb is not None:
             # Scale q once here so the bias is already in SDPA's 1/sqrt(D) units.
@@ -202,8 +215,7 @@ class CausalSelfAttention(nn.Module):
                 qe = qs @ self.rel_emb.transpose(-1, -2)  # [B, H, Tq, R]
                 bias = qe.gather(-1, plan.rel_index.expand(B, self.n_head, -1, -1))
         dropout_p = self.dropout if self.training else 0.0
-        y, w = attend(q, k, v, plan.mask, bias, plan.is_causal, dropout_p, plan.need_weights)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), w
+        return attend(q, k, v, plan.mask, bias, plan.is_causal, dropout_p, plan.need_weights)
 
 
 class MLP(nn.Module):
@@ -320,7 +332,13 @@ def _band(dist: Tensor, window: int | None) -> Tensor:
 
 
 class MusicGPT(nn.Module):
-    """Decoder-only transformer over codec tokens, with tied input/output embeddings."""
+    """Decoder-only transformer over codec tokens, with tied input/output embeddings.
+
+    `attn_impl` picks how `forward` computes relative attention: "auto" (the default) uses
+    FlexAttention on CUDA unless attention-weight dropout is active, "eager" the skew + SDPA
+    reference, "flex" forces FlexAttention (see musicgpt.fast_attention). A plain attribute, not
+    saved with the weights; decode_step and return_attention always take the eager path.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -331,6 +349,7 @@ class MusicGPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn_impl = "auto"
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -382,7 +401,12 @@ class MusicGPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         if attn_window is not None and attn_window >= T:
             attn_window = None  # a window covering everything is plain causal attention
-        if relative or attn_window is not None:
+        attn_dropout = self.training and self.config.dropout > 0
+        if (relative and not return_attention
+                and fast_attention.use_flex(self.attn_impl, idx.device, attn_dropout)):
+            plan = _Plan(None, False, None, False, None,
+                         fast_attention.causal_block_mask(T, attn_window, idx.device))
+        elif relative or attn_window is not None:
             plan = _Plan(_band(_distances(0, T, T, idx.device), attn_window), False, None,
                          return_attention, None)
         else:

@@ -171,6 +171,21 @@ def _to_piano(score) -> None:
         (list(score.parts) or [score])[0].insert(0, tempo.MetronomeMark(number=120))
 
 
+def _unshare(score) -> None:
+    """Give each repeated object its own copy: music21's ABC reader puts one TimeSignature in
+    several measures, which its MIDI writer then refuses."""
+    import copy
+
+    from music21 import stream
+
+    seen = set()
+    for s in [score, *score.recurse().getElementsByClass(stream.Stream)]:
+        for element in list(s.elements):
+            if id(element) in seen and not isinstance(element, stream.Stream):
+                s.replace(element, copy.deepcopy(element))
+            seen.add(id(element))
+
+
 def _strip_repeats(score) -> None:
     """Remove repeat signs, for scores whose repeats music21 cannot expand."""
     from music21 import bar, repeat, spanner, stream
@@ -223,6 +238,7 @@ def convert(job: tuple[Piece, str, str, int]) -> tuple[Piece, str | None]:
         score = converter.parse(
             os.path.join(corpus_dir, piece.path), number=piece.number, forceSource=True
         )
+        _unshare(score)
         _to_piano(score)
         dest = Path(out_dir) / piece.collection / piece.name
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -277,9 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0,
                         help="convert only this many pieces, spread over the selection")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    # Whole Beethoven quartets (op. 132, op. 133) take over a minute on a busy 2-core machine.
-    parser.add_argument("--time-limit", type=int, default=180,
-                        help="seconds allowed per piece before it is skipped (default: 180)")
+    # Whole Beethoven quartets (op. 132, op. 18 no. 4, ...) take one to several minutes on a busy
+    # 2-core machine; the limit only guards against a score that never finishes.
+    parser.add_argument("--time-limit", type=int, default=300,
+                        help="seconds allowed per piece before it is skipped (default: 300)")
     args = parser.parse_args(argv)
 
     pieces = select_pieces(corpus_root())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -108,26 +109,34 @@ def test_png_svg_and_html_are_written(tiny_run, piece, tmp_path):
     assert "<svg" in svg.path.read_text()[:2000]
     assert abs(float(svg.excerpt.notes.start[svg.query]) - 3.0) < 0.5
 
-    html = ap.render_attention(piece, tmp_path / "a.html", checkpoint=tiny_run, top_k=3, device="cpu")
+    # A sampler's output is a MIDI file written from tokens: the same path serves it.
+    sampled = tmp_path / "sampled.mid"
+    codec.write_midi(codec.decode(codec.transpose(codec.encode(piece), 2)), sampled)
+    html = ap.render_attention(sampled, tmp_path / "a.html", checkpoint=tiny_run, top_k=3, device="cpu")
     page = html.path.read_text()
     assert "http://" not in page and "https://" not in page and "src=" not in page
     blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
     data = json.loads(blob)
     assert {"notes", "arcs", "layers", "heads", "colours", "initial"} <= set(data)
+    assert data["initial"]["top_k"] == 3 and data["piece"] == "sampled.mid"
     n = len(data["notes"]["pitch"])
     assert len(data["arcs"]) == data["layers"] and len(data["arcs"][0]) == data["heads"]
-    assert len(data["arcs"][-1][0]) == n and all(len(flat) <= 6 for flat in data["arcs"][-1][0])
+    assert len(data["arcs"][-1][0]) == n and all(len(flat) <= 16 for flat in data["arcs"][-1][0])
     layer = data["layers"] - 1  # the page's arcs are the library's, rounded
     for key, w in zip(data["arcs"][layer][1][n - 1][::2], data["arcs"][layer][1][n - 1][1::2]):
         row = ap.note_weights(html.excerpt.attentions[layer, 1], html.excerpt.notes, html.excerpt.tokens)[n - 1]
         assert w == pytest.approx(row[key], abs=1e-3) and key < n - 1
 
 
-def test_grid_has_a_panel_per_layer_and_head(excerpt, tiny_run, piece, tmp_path):
+def test_grid_has_a_panel_per_layer_and_head(excerpt, tiny_run, piece, tmp_path, monkeypatch, capsys):
     fig = ap.draw_grid(excerpt)
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == excerpt.n_layer * excerpt.n_head
-    assert main(["attention", str(piece), "--checkpoint", str(tiny_run), "--grid", "-o", str(tmp_path / "g.png")]) == 0
+    # Without --checkpoint the newest run under ./runs is used.
+    shutil.copytree(tiny_run, tmp_path / "runs" / "mine")
+    monkeypatch.chdir(tmp_path)
+    assert main(["attention", str(piece), "--grid", "-o", "g.png"]) == 0
+    assert "newest run" in capsys.readouterr().err
     assert (tmp_path / "g.png").stat().st_size > 10_000
 
 
@@ -138,15 +147,17 @@ def _error(capsys, argv) -> str:
     return err
 
 
-def test_cli_errors_are_one_line(tiny_run, piece, tmp_path, capsys):
+def test_cli_errors_are_one_line(tiny_run, piece, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "x.png")
     assert "checkpoint not found" in _error(capsys, ["attention", str(piece), "--checkpoint", str(tmp_path / "nope"), "-o", out])
     fake = tmp_path / "song.mid"
     fake.write_text("this is not a MIDI file")
     assert "song.mid" in _error(capsys, ["attention", str(fake), "--checkpoint", str(tiny_run), "-o", out])
     run = ["attention", str(piece), "--checkpoint", str(tiny_run), "-o"]
-    assert "layers 0..2" in _error(capsys, run + [out, "--layer", "3"])
-    assert "heads 0..3" in _error(capsys, run + [out, "--heads", "0,9"])
+    with monkeypatch.context() as m:  # the model's shape is read from the header: no weights load
+        m.setattr("musicgpt.checkpoint.load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+        assert "layers 0..2" in _error(capsys, run + [out, "--layer", "3"])
+        assert "heads 0..3" in _error(capsys, run + [out, "--heads", "0,9"])
     assert "--heads" in _error(capsys, run + [out, "--heads", "a,b"])
     assert ".png, .svg or .html" in _error(capsys, run + [str(tmp_path / "x.jpg")])
     assert "--grid" in _error(capsys, run + [str(tmp_path / "x.html"), "--grid"])

@@ -1,0 +1,131 @@
+"""Held-out loss of a trained model: `musicgpt eval DATA_DIR` in nats/token, bits/token and perplexity.
+
+The validation files are chosen exactly as training chooses them (`data.split_files` on the
+file names), cut into non-overlapping windows of the model's context, and every real target is
+scored once with `train.evaluate`, the same loss loop training reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from musicgpt import data
+from musicgpt.errors import MusicGPTError
+
+
+@dataclass
+class EvalResult:
+    """The held-out loss of one checkpoint on one set of files."""
+
+    checkpoint: str
+    step: int | None  # the training step the checkpoint was saved at, when it says
+    split: str  # "validation" or "all"
+    files: int  # files evaluated
+    corpus_files: int  # readable files in the folder
+    windows: int
+    seq_len: int
+    tokens: int  # targets scored
+    nats: float  # mean cross-entropy per token
+    skipped: list[str] = field(default_factory=list)  # "path: why" for unreadable files
+
+    @property
+    def bits(self) -> float:
+        return self.nats / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats) if self.nats < 700 else math.inf
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bits": self.bits, "perplexity": self.perplexity}
+
+
+def check_options(*, val_fraction: float = 0.1, seq_len: int | None = None, batch_size: int = 8) -> None:
+    """Reject option values that are wrong whatever the model and data, before anything is read."""
+    if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
+        raise MusicGPTError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if seq_len is not None and seq_len < 2:
+        raise MusicGPTError(f"--seq-len must be at least 2, got {seq_len}")
+    if batch_size < 1:
+        raise MusicGPTError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def choose_pieces(pieces: list[data.Piece], val_fraction: float, all_files: bool) -> tuple[list[data.Piece], str]:
+    """The pieces to score and the split's name: training's validation split, or all with --all.
+
+    Like training, a split that holds nothing out (one file, or val_fraction 0) is evaluated whole.
+    """
+    if all_files:
+        return pieces, "all"
+    _, val = data.split_files(pieces, val_fraction)
+    return (val, "validation") if val else (pieces, "all")
+
+
+def loss_on_pieces(model, pieces: list[data.Piece], codec_config, *, seq_len: int, batch_size: int = 8,
+                   device: str = "cpu", progress: bool = True) -> tuple[float, int, int]:
+    """(nats/token, targets scored, windows) over non-overlapping seq_len windows of `pieces`."""
+    from musicgpt.train import evaluate
+
+    windows = data.eval_windows(pieces, seq_len, codec_config)
+    batches = [data.collate(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    tokens = sum(int((y != data.IGNORE_INDEX).sum()) for _, y in batches)
+    bar = tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False)
+    # fp32 everywhere: a reported figure should not depend on the device's autocast.
+    nats = evaluate(model, bar, device, nullcontext())
+    return nats, tokens, len(windows)
+
+
+def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,
+                    val_fraction: float = 0.1, all_files: bool = False, seq_len: int | None = None,
+                    batch_size: int = 8, device: str = "cpu", progress: bool = True,
+                    runs_dir: str | os.PathLike = "runs") -> EvalResult:
+    """Score a checkpoint on the validation split of `data_dir` (every file with `all_files`).
+
+    Windows are the model's context long unless `seq_len` says otherwise; without `checkpoint`
+    the newest run is used, else the shipped default model (`choose_checkpoint`).
+    """
+    from musicgpt.checkpoint import choose_checkpoint, load_model
+    from musicgpt.generate import pick_device
+
+    check_options(val_fraction=val_fraction, seq_len=seq_len, batch_size=batch_size)
+    files = data.find_midi_files(data_dir)  # a bad folder fails before any weights are read
+    device = pick_device(device)
+    path, note = choose_checkpoint(checkpoint, runs_dir)
+    if note:
+        print(f"musicgpt: {note}", file=sys.stderr)
+    model, ckpt = load_model(path, device)
+    mcfg = ckpt.model_config
+    seq_len = seq_len or mcfg.context_len
+    if mcfg.attention == "absolute" and seq_len > mcfg.context_len:
+        raise MusicGPTError(f"--seq-len {seq_len} exceeds this absolute-attention model's context of {mcfg.context_len}")
+    corpus = data.encode_files(files, ckpt.codec_config, progress=progress)
+    if not corpus.pieces:
+        raise MusicGPTError(f"{data_dir}: none of the MIDI files could be read")
+    pieces, split = choose_pieces(corpus.pieces, val_fraction, all_files)
+    nats, tokens, windows = loss_on_pieces(model, pieces, ckpt.codec_config, seq_len=seq_len,
+                                           batch_size=batch_size, device=device, progress=progress)
+    return EvalResult(
+        checkpoint=str(path), step=ckpt.state.get("step"), split=split, files=len(pieces),
+        corpus_files=len(corpus.pieces), windows=windows, seq_len=seq_len, tokens=tokens, nats=nats,
+        skipped=[f"{p}: {why}" for p, why in corpus.skipped],
+    )
+
+
+def format_result(r: EvalResult) -> str:
+    """The few lines `musicgpt eval` prints."""
+    step = f" (step {r.step})" if r.step is not None else ""
+    which = "validation split" if r.split == "validation" else "every file"
+    return "\n".join([
+        f"checkpoint  {Path(r.checkpoint)}{step}",
+        f"files       {r.files} of {r.corpus_files} ({which})",
+        f"windows     {r.windows} x {r.seq_len} tokens, {r.tokens:,} targets",
+        f"loss        {r.nats:.4f} nats/token  {r.bits:.4f} bits/token",
+        f"perplexity  {r.perplexity:.3f}",
+    ])

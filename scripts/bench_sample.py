@@ -1,0 +1,187 @@
+"""Sampling speed: the KV-cached sampler against full recompute, per-token cost along a piece, end to end.
+
+    python scripts/bench_sample.py --threads 1                          # CPU: `small`-sized, context 2049
+    python scripts/bench_sample.py --preset base --device cuda --batch 1 8
+    python scripts/bench_sample.py --e2e-checkpoint runs/mine           # + `musicgpt sample --seconds 60`
+
+Both sides run `musicgpt.generate.generate` (top-p 0.95 sampling, EOS ignored) on a randomly
+initialised model whose context covers every length, so no sliding window is involved: speed
+does not depend on the weights. Full recompute is too slow to run to 2048 tokens on a CPU, so it
+is timed on `--recompute-steps` consecutive steps at a grid of lengths, and the time of a whole
+run is the integral of that per-step cost over lengths 1..N (piecewise linear between grid points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from musicgpt.generate import generate
+from musicgpt.model import MusicGPT, preset
+from musicgpt.vocab import CodecConfig
+
+EOS = CodecConfig().eos_id
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def cached_run(model, n: int, batch: int, device: str, repeats: int = 1) -> float:
+    """Seconds to generate n tokens per row with the KV cache (the product path), best of `repeats`."""
+    return min(_timed(lambda: generate(model, [EOS], max_new_tokens=n, num_samples=batch, seed=0,
+                                       stop_at_eos=False), device) for _ in range(repeats))
+
+
+def recompute_step(model, length: int, batch: int, steps: int, device: str) -> float:
+    """Seconds per recompute step at about `length` tokens: `steps` steps from a prompt of that length."""
+    prompt = torch.randint(0, EOS, (length,))
+    prompt[0] = EOS
+    t = _timed(lambda: generate(model, prompt, max_new_tokens=steps, num_samples=batch, seed=0,
+                                stop_at_eos=False, use_cache=False), device)
+    return t / steps
+
+
+def integrate(grid: list[int], per_step: list[float], n: int) -> float:
+    """Sum over lengths 1..n of the per-step cost, linear between measured lengths."""
+    total = 0.0
+    for length in range(1, n + 1):
+        i = max(k for k in range(len(grid)) if grid[k] <= length) if length >= grid[0] else 0
+        j = min(i + 1, len(grid) - 1)
+        w = 0.0 if j == i else (length - grid[i]) / (grid[j] - grid[i])
+        total += per_step[i] * (1 - w) + per_step[j] * w
+    return total
+
+
+def per_token(model, starts: list[int], batch: int, device: str, steps: int = 64, repeats: int = 3) -> list[float]:
+    """Seconds of one cached decode step (plus a sampling draw) over `steps` steps from each start.
+
+    Starts are measured in turn, `repeats` rounds, best round kept: on a shared machine a slow
+    patch then hits every start alike instead of biasing the late ones.
+    """
+    best = [math.inf] * len(starts)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for i, start in enumerate(starts):
+                cache = model.new_cache(batch)
+                if start > 1:  # untimed: fill the cache to `start` tokens
+                    model.decode_step(torch.randint(0, EOS, (batch, start - 1), device=device), cache)
+                tok = torch.full((batch, 1), EOS, device=device)
+                _sync(device)
+                t = time.perf_counter()
+                for _ in range(steps):
+                    logits = model.decode_step(tok, cache)[:, -1]
+                    tok = torch.multinomial(logits.float().softmax(-1), 1)
+                _sync(device)
+                best[i] = min(best[i], (time.perf_counter() - t) / steps)
+    return best
+
+
+def speed_table(args) -> str:
+    top = max(args.lengths)
+    base = preset(args.preset)
+    ctx = max(base.context_len, top + 1)  # the whole run fits the window: no sliding involved
+    torch.manual_seed(0)
+    model = MusicGPT(preset(args.preset, context_len=ctx, max_rel_dist=ctx, dropout=0.0)).to(args.device).eval()
+    grid = sorted({1, *[g for g in (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096) if g < top], top})
+    lines = [f"model: `{args.preset}` sizes ({model.num_params() / 1e6:.1f} M parameters, {base.n_layer} layers, "
+             f"width {base.n_embd}), context {ctx}, relative attention, random weights; device {args.device}, "
+             f"torch threads {torch.get_num_threads()}, torch {torch.__version__}", ""]
+    lines += ["| batch | tokens | cached s | cached tok/s | recompute s (est.) | recompute tok/s | speed-up "
+              "| per-token ms, first 64 | last 64 | recompute ms/step at N |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for batch in args.batch:
+        cached_run(model, 32, batch, args.device)  # warm up
+        per_step = []
+        for g in grid:
+            per_step.append(recompute_step(model, g, batch, args.recompute_steps, args.device))
+            print(f"  batch {batch}: recompute at {g} tokens: {per_step[-1] * 1e3:.1f} ms/step", file=sys.stderr)
+        start, end = per_token(model, [1, max(1, top - 64)], batch, args.device)
+        for n in args.lengths:
+            cached = cached_run(model, n, batch, args.device, args.repeats)
+            recompute = integrate(grid, per_step, n)
+            at_n = per_step[grid.index(n)] if n in grid else float("nan")
+            lines.append(f"| {batch} | {n} | {cached:.2f} | {batch * n / cached:,.0f} | {recompute:.1f} | "
+                         f"{batch * n / recompute:,.0f} | {recompute / cached:.1f}x | "
+                         f"{start * 1e3:.2f} | {end * 1e3:.2f} | {at_n * 1e3:.1f} |")
+            print(lines[-1], file=sys.stderr)
+    lines.append("")
+    lines.append(f"per-token columns: one cached decode step (+ a sampling draw), mean over steps 1-64 and "
+                 f"{max(1, top - 63)}-{max(64, top)}, best of 3 interleaved rounds.")
+    return "\n".join(lines)
+
+
+def end_to_end(args) -> str:
+    """Wall time of `musicgpt sample --seconds S` in a fresh process, and music seconds per wall second."""
+    import pretty_midi
+
+    from musicgpt import codec
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "musicgpt", "sample", "--checkpoint", str(args.e2e_checkpoint),
+               "--seconds", str(args.e2e_seconds), "--seed", "0", "--out", out, "--device", args.device]
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        t = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t
+        if done.returncode:
+            sys.exit(f"bench_sample: {' '.join(cmd)} failed:\n{done.stderr}")
+        path = Path(done.stdout.split()[-1])
+        music = pretty_midi.PrettyMIDI(str(path)).get_end_time()
+        tokens = len(codec.encode(path))  # about the number generated (the re-encoding is canonical)
+        # Start-up alone: a run that fails option validation after the imports it needs.
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "musicgpt", "sample", "--top-p", "2"], capture_output=True, env=env)
+        startup = time.perf_counter() - t
+    return "\n".join([
+        f"`musicgpt sample --checkpoint CKPT --seconds {args.e2e_seconds:g} --seed 0 --device {args.device}`",
+        "",
+        "| checkpoint | music s | tokens | wall s | music s / wall s | start-up s |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| {args.e2e_checkpoint} | {music:.1f} | {tokens} | {wall:.1f} | {music / wall:.1f} | {startup:.1f} |",
+    ])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", help="model sizes (default small; context raised to fit)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--recompute-steps", type=int, default=20, help="recompute steps timed per grid length")
+    p.add_argument("--repeats", type=int, default=3, help="cached runs timed per length (best kept)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--e2e-checkpoint", type=Path, help="also time `musicgpt sample` end to end with this")
+    p.add_argument("--e2e-seconds", type=float, default=60.0)
+    p.add_argument("--skip-speed", action="store_true", help="only the end-to-end run")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
+    if not args.skip_speed:
+        print(speed_table(args))
+    if args.e2e_checkpoint:
+        print()
+        print(end_to_end(args))
+
+
+if __name__ == "__main__":
+    main()
