@@ -9,8 +9,10 @@ leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,49 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """SHA-256 of the metadata and every tensor's name, dtype, shape and bytes.
+
+    safetensors checks a file's structure but not its contents, so a flipped bit in the weights
+    or an edited configuration would otherwise load silently.
+    """
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# Temporary files of our atomic writers: `.NAME.PID.tmp` here, `.STEM.PID.tmp.png` in plot._save.
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp(\.\w+)?$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or a name we cannot judge: leave its file alone
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder`; return them.
+
+    They are never mistaken for checkpoints (only `*.safetensors` names are loaded), but a killed
+    run would otherwise leave a checkpoint-sized file behind at every kill.
+    """
+    removed = []
+    for p in Path(folder).glob(".*.tmp*"):
+        m = _TEMP_NAME.match(p.name)
+        if m and p.is_file() and not _process_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -111,6 +156,7 @@ def save_checkpoint(
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta["sha256"] = _digest(tensors, json.loads(json.dumps(meta)))  # as a reader will parse it
     _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"musicgpt": json.dumps(meta)}))
     info = {k: meta[k] for k in ("format", "model_config", "codec_config", "state")}
     info["weights"] = path.name
@@ -133,8 +179,10 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = json.loads(raw) if raw else None
     except json.JSONDecodeError:
         meta = None
-    if not meta or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a musicgpt checkpoint (missing or unknown metadata)")
+    if "sha256" in meta and meta["sha256"] != _digest(tensors, meta):  # older files have no digest
+        raise CheckpointError(f"{path}: checkpoint is damaged (its contents do not match the checksum saved with it)")
     return tensors, meta
 
 
@@ -225,9 +273,13 @@ def restore_training(
     meta = ckpt.state.pop("_meta")
     if "optimizer" not in meta:
         raise CheckpointError(f"{ckpt.path}: holds no optimizer state, so training cannot resume from it")
-    model.load_state_dict(model_state(tensors, meta), strict=True)
-    _restore_optimizer(optimizer, tensors, meta["optimizer"])
-    torch.set_rng_state(tensors["rng.torch"])
+    try:
+        model.load_state_dict(model_state(tensors, meta), strict=True)
+        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{ckpt.path}: training state does not match the configuration ({first})") from None
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
@@ -257,3 +309,10 @@ def choose_checkpoint(spec: str | os.PathLike | None, runs_dir: str | os.PathLik
         f"no trained model found (no run under {runs_dir}/ and no default model): "
         "train one first with `musicgpt train midi_data/`"
     )
+
+
+def export_model(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True, note: dict | None = None) -> Path:
+    """Write a checkpoint's model (no optimizer state) to `dst` (.safetensors + .json), fp16 by default."""
+    model, ckpt = load_model(src)
+    state = {k: v for k, v in ckpt.state.items() if k in ("step", "tokens_seen", "best_val", "elapsed_s", "train_config")}
+    return save_checkpoint(dst, model, ckpt.codec_config, state={**state, **(note or {})}, half=half)

@@ -88,6 +88,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no transposition or time stretch")
     p.add_argument("--eval-interval", type=int, help="steps between validation runs")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out for validation")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
     p.set_defaults(func=_run_train)
 
 
@@ -127,6 +128,7 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-penalty", type=float, metavar="L", help="beam score = log-prob / length ** this (default 1.0)")
     p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default samples/)")
     p.add_argument("--include-primer", action="store_true", help="write the primer before the continuation")
+    p.add_argument("--wav", action="store_true", help="also render each sample to WAV beside it (needs musicgpt[audio])")
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, mps or auto")
     p.set_defaults(func=_run_sample)
 
@@ -137,6 +139,11 @@ def _run_sample(args: argparse.Namespace) -> int:
     names = ("greedy", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
              "num_beams", "length_penalty")
     sampling = SamplingConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+    if args.wav:
+        from musicgpt.render import INSTALL_HINT, fluidsynth_available
+
+        if not fluidsynth_available():
+            raise MusicGPTError(f"--wav: {INSTALL_HINT}")
     paths = sample_files(
         checkpoint=args.checkpoint, primer=args.primer, primer_seconds=args.primer_seconds, tokens=args.tokens,
         seconds=args.seconds, num_samples=args.num_samples, seed=args.seed, sampling=sampling, out_dir=args.out,
@@ -144,6 +151,28 @@ def _run_sample(args: argparse.Namespace) -> int:
     )
     for path in paths:
         print(path)
+        if args.wav:
+            from musicgpt.render import render_wav
+
+            print(render_wav(path, path.with_suffix(".wav")))
+    return 0
+
+
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="render MIDI to a WAV file through FluidSynth (pip install 'musicgpt[audio]')")
+    p.add_argument("midi", type=Path, help="input .mid/.midi file")
+    p.add_argument("-o", "--output", type=Path, help="WAV file to write (default: beside the MIDI file)")
+    p.add_argument("--soundfont", type=Path, help="a .sf2 soundfont (default: pretty_midi's bundled General MIDI one)")
+    p.add_argument("--sample-rate", type=int, default=44100, help="samples per second (default 44100)")
+    p.set_defaults(func=_run_render)
+
+
+def _run_render(args: argparse.Namespace) -> int:
+    from musicgpt.render import render_wav
+
+    out = render_wav(args.midi, args.output or args.midi.with_suffix(".wav"), soundfont=args.soundfont,
+                     sample_rate=args.sample_rate)
+    print(out)
     return 0
 
 
@@ -256,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"musicgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_eval, _add_stats, _add_encode, _add_decode, _add_attention):
+    for add in (_add_train, _add_sample, _add_eval, _add_stats, _add_attention, _add_render, _add_encode, _add_decode):
         add(sub)
     return parser
 

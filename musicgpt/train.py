@@ -58,6 +58,7 @@ class TrainConfig:
     eval_batches: int = 16
     log_interval: int = 10
     workers: int | None = None  # data loader workers (default: 0 on CPU, 4 on CUDA)
+    threads: int | None = None  # CPU threads for torch (default: torch's choice)
 
 
 # Defaults per device: the CPU ones train `tiny` on midi_data/ in about ten minutes on 2 cores.
@@ -66,7 +67,7 @@ CUDA_DEFAULTS = dict(preset="small", max_steps=5000, batch_size=32, seq_len=1024
 
 
 # What a resumed run may change: more steps, a new pause point, another device or data path.
-RESUME_OVERRIDES = ("max_steps", "stop_at", "device", "compile", "workers", "data_dir")
+RESUME_OVERRIDES = ("max_steps", "stop_at", "device", "compile", "workers", "threads", "data_dir")
 
 
 def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
@@ -77,11 +78,15 @@ def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
         if values[k] is None:
             values[k] = v
     out = TrainConfig(**values)
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
-        if getattr(out, name) < 1:
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval", "threads"):
+        if getattr(out, name) is not None and getattr(out, name) < 1:
             raise MusicGPTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(out, name)}")
-    if not out.lr > 0:
-        raise MusicGPTError(f"--lr must be positive, got {out.lr}")
+    if not (out.lr > 0 and math.isfinite(out.lr)):
+        raise MusicGPTError(f"--lr must be a positive number, got {out.lr}")
+    if out.stop_at is not None and out.stop_at < 1:
+        raise MusicGPTError(f"--stop-at must be at least 1, got {out.stop_at}")
+    if out.dropout is not None and not 0.0 <= out.dropout < 1.0:
+        raise MusicGPTError(f"--dropout must be in [0, 1), got {out.dropout}")
     if out.warmup < 0:
         raise MusicGPTError(f"--warmup must not be negative, got {out.warmup}")
     if out.preset not in PRESETS:
@@ -219,6 +224,11 @@ class RunLog:
     def __init__(self, run_dir: Path, enabled: bool):
         self.run_dir, self.enabled = run_dir, enabled
         self.path = run_dir / "metrics.jsonl"
+        if enabled and self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a killed run's half-written line must not swallow the next record
+                    f.write(b"\n")
 
     def write(self, **record) -> None:
         if self.enabled:
@@ -251,9 +261,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         cfg = TrainConfig(**{**merged, "resume": cfg.resume, "out": str(run_dir)})
     cfg = resolve(cfg, device)
     run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + d.rank)
     codec_config = resume_ckpt.codec_config if resume_ckpt else None
     if codec_config is None and cfg.init:
@@ -265,6 +275,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         val_pieces = train_pieces  # a one-file corpus: validate on it rather than not at all
 
     model, mcfg = _build_model(cfg, codec_config, resume_ckpt)
+    if d.main:  # only now: a bad data folder or option leaves no empty run folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temp_files(run_dir)  # what a killed run was writing
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     state = {"step": 0, "tokens_seen": 0, "best_val": None, "elapsed_s": 0.0}
