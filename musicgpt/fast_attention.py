@@ -1,9 +1,10 @@
-"""GPU fast paths for the model: fused relative attention (FlexAttention) and graph-replayed decoding.
+"""GPU fast paths: fused relative attention (FlexAttention) and graph-replayed one-token decoding.
 
 Training: `relative_flex_attention` adds the Music-Transformer term inside a FlexAttention kernel.
 The relative logits are precomputed per query and distance, R = (q / sqrt(D)) E_r^T of shape
-[B, H, T, min(T, max_rel_dist)], and a `score_mod` gathers R[b, h, i, min(i - j, R - 1)], so no
-T x T bias, skew copy or mask is built and SDPA's fallback to its non-flash kernels is avoided.
+[B, H, T, min(T, max_rel_dist)], and a `score_mod` gathers R[b, h, i, min(i - j, R - 1)]: no
+bias indexed by key position, skew copy or mask is built, the BlockMask skips the tiles above the
+diagonal, and SDPA's fallback to its non-flash kernels for a float mask is avoided.
 Sampling: `GraphDecoder` runs the one-token decode step on fixed-shape buffers (a ring KV cache)
 and replays it as one CUDA graph, since batch-1 sampling on a GPU is bound by kernel launches.
 `musicgpt.model` keeps the eager skew as the reference and the CPU path.
@@ -97,7 +98,7 @@ def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, bl
 # ----------------------------------------------------------------------------- graph decoding
 
 class RingKVCache:
-    """Keys and values of the last `window` positions in fixed buffers: position p in slot p % window.
+    """Keys and values of the last `window` positions in fixed buffers, position p in slot p % W.
 
     Same role as `model.KVCache`, but every step touches the same shapes and addresses (the
     write slot and the token count live on the device), which is what a CUDA graph needs.
@@ -114,8 +115,8 @@ class RingKVCache:
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens seen so far
 
     def _write(self, layer: int, k: Tensor, v: Tensor, slot: Tensor) -> tuple[Tensor, Tensor]:
-        """Store one layer's new key/value at `slot` ([1] long); return all slots (the
-        attention mask hides the empty ones). Called by `CausalSelfAttention` like KVCache._write."""
+        """Store one layer's new key/value at `slot` ([1] long) and return all slots (the mask
+        hides empty ones); `CausalSelfAttention` calls it as it calls KVCache._write."""
         self.k[layer].index_copy_(2, slot, k)
         self.v[layer].index_copy_(2, slot, v)
         return self.k[layer], self.v[layer]
@@ -182,6 +183,9 @@ class GraphDecoder:
         """Encode `prompt` [B, P] with the model's ordinary KV-cached decode and load the keys
         the next token can see into the ring; logits [B, V] for the token after the prompt."""
         B, P = prompt.shape
+        if P == 0 or B != self.cache.k.size(1):
+            raise ValueError(f"prompt of shape {tuple(prompt.shape)} does not fit a decoder "
+                             f"for batch {self.cache.k.size(1)} (at least one token per row)")
         cache = self.model.new_cache(B, window=self.window)
         for chunk in prompt.split(self.window, dim=1):
             logits = self.model.decode_step(chunk, cache)
@@ -195,7 +199,7 @@ class GraphDecoder:
         return logits[:, -1]
 
     def step(self, token: Tensor) -> Tensor:
-        """Logits [B, V] for the token after `token` [B] (a fresh tensor, not the graph's buffer)."""
+        """Logits [B, V] for the token after `token` [B] (a copy, not the graph's buffer)."""
         self.token.copy_(token.view(-1, 1))
         if self.graph is not None:
             self.graph.replay()

@@ -1,8 +1,9 @@
 """Train the default model that ships with musicgpt, and export it as package data.
 
-Anyone can rerun this: it trains the `tiny` preset on all of midi_data/ (music21 pieces and
-the GiantMIDI-Piano performances; whole files held out for validation by the usual hash
-split), then writes the best checkpoint in fp16 to musicgpt/default_model/ with the run's
+Anyone can rerun this: it trains the `tiny` preset on the 56 expressive GiantMIDI-Piano
+performances in midi_data/giantmidi-piano/ (whole files held out for validation by the usual
+hash split; the music21 scores, with their flat velocities and exact grid, are left out so
+the model learns expressive playing), then writes the best checkpoint in fp16 to musicgpt/default_model/ with the run's
 metrics.jsonl and loss.png beside it.
 
     python scripts/train_default_model.py                 # the shipped run
@@ -25,10 +26,10 @@ DEST = ROOT / "musicgpt" / "default_model"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT / "midi_data"))
+    ap.add_argument("--data", default=str(ROOT / "midi_data" / "giantmidi-piano"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "default-model"))
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--max-steps", type=int, default=2200)
+    ap.add_argument("--max-steps", type=int, default=1800)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-3)
