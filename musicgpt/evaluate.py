@@ -51,8 +51,8 @@ def check_options(*, val_fraction: float = 0.1, seq_len: int | None = None, batc
     """Reject option values that are wrong whatever the model and data, before anything is read."""
     if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
         raise MusicGPTError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if seq_len is not None and seq_len < 2:
-        raise MusicGPTError(f"--seq-len must be at least 2, got {seq_len}")
+    if seq_len is not None and seq_len < 1:
+        raise MusicGPTError(f"--seq-len must be at least 1, got {seq_len}")
     if batch_size < 1:
         raise MusicGPTError(f"--batch-size must be at least 1, got {batch_size}")
 

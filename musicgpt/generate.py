@@ -464,12 +464,15 @@ def sample_files(checkpoint: str | Path | None = None, primer: str | Path | None
                  seconds: float | None = None, num_samples: int = 1, seed: int | None = None,
                  sampling: SamplingConfig | None = None, out_dir: str | Path = "samples",
                  include_primer: bool = False, device: str = "cpu", progress: bool = True,
-                 runs_dir: str | Path = "runs") -> list[Path]:
+                 runs_dir: str | Path = "runs", threads: int | None = None) -> list[Path]:
     """Generate `num_samples` pieces (one batch) and write them as MIDI files; return their paths.
 
     Everything the user passed is checked before the model is loaded; the checkpoint is chosen
     by `choose_checkpoint` (explicit, newest run, shipped default). Files are named
     `<primer stem or silence>-<YYYYmmdd-HHMMSS>-seed<seed>-<k>.mid` and never overwrite.
+    On CPU, one or two samples run on one thread unless `threads` says otherwise: a one-token
+    step of a small model is latency-bound, and extra threads only add synchronisation (and
+    collapse when other programs share the cores).
     """
     sampling = (sampling or SamplingConfig()).validate()
     max_new, max_seconds = budget(tokens, seconds)
@@ -481,6 +484,11 @@ def sample_files(checkpoint: str | Path | None = None, primer: str | Path | None
     path, note = choose_checkpoint(checkpoint, runs_dir)
     if note:
         print(f"musicgpt: {note}", file=sys.stderr)
+    if threads is not None and (not _integer(threads) or threads < 1):
+        raise MusicGPTError(f"--threads must be an integer >= 1, got {threads}")
+    if device == "cpu" and (threads or num_samples <= 2):
+        torch.set_num_threads(threads or 1)
+    model, ckpt = load_model(path, device)
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -491,7 +499,6 @@ def sample_files(checkpoint: str | Path | None = None, primer: str | Path | None
         if not sampling.deterministic:
             print(f"musicgpt: seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
 
-    model, ckpt = load_model(path, device)
     config = ckpt.codec_config
     if primer is not None and config != CodecConfig():
         primer_tokens = _encode_primer(primer, config, primer_seconds)

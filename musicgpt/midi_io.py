@@ -24,6 +24,9 @@ import pretty_midi
 from musicgpt.errors import MidiReadError
 
 MAX_SECONDS = 2 * 3600  # longer "pieces" come from absurd tempos or corrupt delta times
+# Tempos real music uses lie far inside these (30..250 bpm in midi_data/); outside them a piece
+# is smeared over hours or crushed into one chord, so the file is refused, not encoded.
+MIN_BPM, MAX_BPM = 5, 2000
 SUSTAIN_CC = 64
 PM_SOURCE = "<PrettyMIDI>"  # how errors name a PrettyMIDI object passed instead of a path
 
@@ -124,6 +127,8 @@ def _finish(parts: list[Part], source: str) -> Notes:
 
 
 def _parts_from_pretty_midi(pm: pretty_midi.PrettyMIDI) -> list[Part]:
+    if not any(i.notes for i in pm.instruments if not i.is_drum) and any(i.notes for i in pm.instruments):
+        raise MidiReadError(f"{PM_SOURCE}: no notes (only drums, which are ignored)")
     parts = []
     for inst in pm.instruments:
         if inst.is_drum:
@@ -143,10 +148,15 @@ def _parts_from_smf(data: bytes, path: Path) -> list[Part]:
         notes = np.array(notes, dtype=np.int64).reshape(-1, 5)  # track, key, on, off, velocity
         pedal = np.array(pedal, dtype=np.int64).reshape(-1, 4)  # track, channel, tick, value
         tempos = np.array(tempos, dtype=np.int64).reshape(-1, 2)  # tick, microseconds/quarter
-    except (IndexError, KeyError, ValueError, OverflowError) as e:
+    except OverflowError:  # a variable-length value longer than MIDI's four bytes
+        raise MidiReadError(f"{path}: corrupt MIDI (a delta time or length is too large)") from None
+    except (IndexError, KeyError, ValueError) as e:
         raise _corrupt(path, e) from None
     to_seconds = _tick_to_seconds_fn(tempos[:, 0], tempos[:, 1], tpq, path)
+    _check_tempos(tempos, int(notes[:, 3].max(initial=0)), path)
     note_group = notes[:, 0] * 16 + (notes[:, 1] >> 7)
+    if len(notes) and (note_group % 16 == 9).all():
+        raise MidiReadError(f"{path}: no notes (only drums on channel 10, which are ignored)")
     pedal_group = pedal[:, 0] * 16 + pedal[:, 1]
     parts = []
     for g in np.unique(note_group[note_group % 16 != 9]):
@@ -154,6 +164,16 @@ def _parts_from_smf(data: bytes, path: Path) -> list[Part]:
         parts.append((n[:, 1] & 127, to_seconds(n[:, 2]), to_seconds(n[:, 3]), n[:, 4],
                       to_seconds(cc[:, 2]), cc[:, 3].astype(np.float64)))
     return parts
+
+
+def _check_tempos(tempos: np.ndarray, last_tick: int, path: Path) -> None:
+    """Refuse a tempo outside MIN_BPM..MAX_BPM in force while notes sound (one after them is harmless)."""
+    tick, mspq = tempos[:, 0], tempos[:, 1]
+    in_force = np.append(tick[1:] != tick[:-1], True) & (tick < last_tick)  # last of a tick wins
+    bad = mspq[in_force & ((mspq < 6e7 / MAX_BPM) | (mspq > 6e7 / MIN_BPM))]
+    if len(bad):
+        raise MidiReadError(f"{path}: absurd tempo ({bad[0]} microseconds per quarter note, {6e7 / bad[0]:.4g} bpm; "
+                            f"music lies within {MIN_BPM}..{MAX_BPM} bpm)")
 
 
 # Data bytes after each status byte (by high nibble for channel messages), as in the MIDI spec.
@@ -313,9 +333,13 @@ def _structure_problem(data: bytes) -> str | None:
     """Walk the chunk headers: catches truncation before any parser sees the file."""
     if len(data) < 14:
         return "truncated MIDI (header cut short)"
-    header_len, _, ntracks, division = struct.unpack(">IHHH", data[4:14])
+    header_len, fmt, ntracks, division = struct.unpack(">IHHH", data[4:14])
     if header_len < 6:
         return "not a MIDI file (bad header)"
+    if fmt == 2:
+        return "MIDI format 2 (independent sequences) is not supported; save it as format 0 or 1"
+    if fmt > 2:
+        return f"not a MIDI file (unknown format {fmt})"
     if division & 0x8000:
         return "SMPTE time division is not supported"
     if division == 0:

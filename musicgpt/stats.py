@@ -149,9 +149,9 @@ def compare(samples: SetStats, reference: SetStats) -> dict:
 
 
 def _summary(values: np.ndarray, hist: np.ndarray) -> dict:
-    finite = len(values) > 0
-    return {"n": int(len(values)), "mean": float(values.mean()) if finite else None,
-            "std": float(values.std()) if finite else None, "hist": hist.tolist()}
+    some = len(values) > 0  # e.g. no inter-onset intervals in a set of one-chord files
+    return {"n": int(len(values)), "mean": float(values.mean()) if some else None,
+            "std": float(values.std()) if some else None, "hist": hist.tolist()}
 
 
 def compare_sets(samples_dir: str | os.PathLike, reference_dir: str | os.PathLike, *,
@@ -195,11 +195,12 @@ def plot_report(report: dict, out: str | os.PathLike) -> Path:
     from musicgpt.plot import _save, plt
 
     feats = list(report["features"].items())
-    cols = 4
-    fig, axes = plt.subplots((len(feats) + cols - 1) // cols, cols, figsize=(4 * cols, 3 * ((len(feats) + 3) // 4)), dpi=100)
+    cols, rows = 4, (len(feats) + 3) // 4
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), dpi=100, squeeze=False)
+    log_scale = {f.name: f.log_x for f in FEATURES}
     for ax, (name, f) in zip(axes.ravel(), feats):
         edges = np.asarray(f["bins"])
-        log_x = next(x.log_x for x in FEATURES if x.name == name)
+        log_x = log_scale[name]
         left = np.log10(edges[:-1]) if log_x else edges[:-1]
         width = np.diff(np.log10(edges) if log_x else edges)
         for k, (who, colour) in enumerate((("samples", "#d1495b"), ("reference", "#2e86ab"))):

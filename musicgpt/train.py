@@ -178,7 +178,16 @@ def _build_model(cfg: TrainConfig, codec_config, resume_ckpt) -> tuple[MusicGPT,
         model, ckpt = checkpoint.load_model(cfg.init)
         if ckpt.codec_config != codec_config:
             raise MusicGPTError(f"{cfg.init}: its codec configuration differs from this run's")
-        return model.train(), ckpt.model_config
+        mcfg = ckpt.model_config
+        if cfg.seq_len > mcfg.context_len:
+            if mcfg.attention != "relative":
+                raise MusicGPTError(f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({mcfg.context_len}); "
+                                    "only a relative-attention model can be extended")
+            # Relative attention has no per-position weights, so a longer context is just a
+            # longer window: the same weights, fine-tuned on longer sequences.
+            mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})
+            model.config = mcfg
+        return model.train(), mcfg
     overrides = {"vocab_size": codec_config.vocab_size}
     if cfg.attention:
         overrides["attention"] = cfg.attention

@@ -5,16 +5,18 @@ Two sources, both redistributable:
 
 * ``music21/<collection>/<name>.mid``: scores from music21's bundled corpus converted to MIDI,
   every part played by Acoustic Grand Piano (program 0), percussion dropped, the score's tempo
-  markings kept (120 bpm where a score has none), repeats written out.
+  markings kept (120 bpm where a score has none), repeats written out (played once where
+  music21 cannot expand them sensibly).
 * ``giantmidi-piano/``: 56 transcribed piano performances from GiantMIDI-Piano (CC BY 4.0),
   copied from ``--giantmidi`` together with an attribution README.
 
-The music21 selection (see ``COLLECTIONS``): every Bach chorale harmonisation and the C major
-prelude BWV 846; all string-quartet movements by Haydn, Mozart and Beethoven; Schumann (Robert
-and Clara), Chopin, Schubert, Joplin, Corelli, Handel, C.P.E. Bach, Weber, Verdi, Schoenberg
-op. 19 and the other single pieces; Monteverdi madrigals books III and IV; and a seeded sample
-of folk tunes (Essen, Ryan's Mammoth, O'Neill's, Aird's Airs, misc.), capped at 120 because they
-are monophonic and would otherwise outnumber the polyphonic music. Left out on purpose:
+The music21 selection (see ``COLLECTIONS``): all 409 Bach chorale settings and the C major
+prelude BWV 846; the string quartets of Haydn, Mozart, Beethoven and Robert Schumann; piano
+music by Chopin, Joplin, Clara Schumann, Schoenberg (op. 19) and Mozart (K. 545); songs, arias
+and chamber music by Schubert, Schumann, Handel, Verdi, Weber, Corelli, C.P.E. Bach and others;
+Monteverdi's madrigal books III and IV; and a seeded sample of folk tunes (Essen, Ryan's
+Mammoth, O'Neill's, Aird's Airs, misc.), capped at 120 because they are monophonic and would
+otherwise outnumber the polyphonic music. Left out on purpose:
 encodings whose embedded notice reserves derived formats or imposes copyleft (Palestrina and
 other Humdrum files, Josquin (GPL), Ciconia, Luca, Beach, Webern (CC BY-SA)), the modern
 critical editions of the Trecento set, Monteverdi book V (a 2003 edition notice), lead sheets,
@@ -52,6 +54,9 @@ COLLECTIONS: dict[str, int | None] = {
     # Monophonic folk tunes: capped so that they stay a small share of the corpus.
     "essenFolksong": 40, "ryansMammoth": 40, "oneills1850": 25, "airdsAirs": 10, "miscFolk": 5,
 }
+# Not taken: palestrina (Humdrum files "must be accompanied by the licensing agreement", derived
+# formats reserved), josquin (GPL), ciconia, luca, beach, webern (CC BY-SA engravings), trecento
+# (modern critical editions), leadSheet, demos, theoryExercises, nottingham-dataset (fragments).
 # Files inside included collections that are left out, by path prefix.
 EXCLUDED_PREFIXES = (
     "bach/choraleAnalyses/",  # Roman-numeral analyses, not music
@@ -199,18 +204,28 @@ def _strip_repeats(score) -> None:
         s.removeByClass((repeat.RepeatExpression, spanner.RepeatBracket))
 
 
+def _write_out_repeats(score):
+    """The score with its repeats written out, or played once where music21 cannot expand them
+    or expands them into nonsense (Beethoven op. 18 no. 4 grows fourfold)."""
+    from music21 import repeat
+
+    try:
+        expanded = score.expandRepeats()
+        if expanded.highestTime <= 3 * score.highestTime:
+            return expanded
+    except repeat.ExpanderException:  # badly formed repeats
+        pass
+    _strip_repeats(score)
+    return score
+
+
 def _write_checked(score, dest: Path) -> None:
     """Write ``score`` as MIDI (atomically) after checking pretty_midi reads notes back."""
     import pretty_midi
-    from music21 import repeat
 
     tmp = dest.with_name(dest.name + ".part")
     try:
-        try:
-            score.write("midi", fp=str(tmp))
-        except repeat.ExpanderException:
-            _strip_repeats(score)  # badly formed repeats: keep the music, play it once
-            score.write("midi", fp=str(tmp))
+        score.write("midi", fp=str(tmp))
         if not sum(len(inst.notes) for inst in pretty_midi.PrettyMIDI(str(tmp)).instruments):
             raise ValueError("written MIDI has no notes")
         os.replace(tmp, dest)
@@ -240,6 +255,7 @@ def convert(job: tuple[Piece, str, str, int]) -> tuple[Piece, str | None]:
         )
         _unshare(score)
         _to_piano(score)
+        score = _write_out_repeats(score)
         dest = Path(out_dir) / piece.collection / piece.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         _write_checked(score, dest)
@@ -253,7 +269,10 @@ def convert(job: tuple[Piece, str, str, int]) -> tuple[Piece, str | None]:
 
 def convert_all(pieces: list[Piece], out: Path, workers: int, time_limit: int) -> list[str]:
     """Convert ``pieces`` in parallel into ``out``; returns one line per skipped piece."""
-    jobs = [(p, str(corpus_root()), str(out), time_limit) for p in pieces]
+    root = corpus_root()
+    # Biggest scores first, so the slow whole quartets do not start last and run alone.
+    order = sorted(pieces, key=lambda p: (-(root / p.path).stat().st_size, p))
+    jobs = [(p, str(root), str(out), time_limit) for p in order]
     skipped = []
     # A fresh worker every few dozen scores keeps music21's caches from growing without bound.
     with Pool(workers, initializer=_init_worker, maxtasksperchild=40) as pool:
@@ -293,10 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0,
                         help="convert only this many pieces, spread over the selection")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    # Whole Beethoven quartets (op. 132, op. 18 no. 4, ...) take one to several minutes on a busy
-    # 2-core machine; the limit only guards against a score that never finishes.
-    parser.add_argument("--time-limit", type=int, default=300,
-                        help="seconds allowed per piece before it is skipped (default: 300)")
+    # music21 writes out the repeats of a whole Beethoven quartet (op. 74, op. 132, ...) by deep-
+    # copying the score once per repeat: two minutes alone, several on a busy 2-core machine.
+    # The limit only guards against a score that never finishes.
+    parser.add_argument("--time-limit", type=int, default=600,
+                        help="seconds allowed per piece before it is skipped (default: 600)")
     args = parser.parse_args(argv)
 
     pieces = select_pieces(corpus_root())
