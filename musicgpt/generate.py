@@ -26,7 +26,7 @@ from musicgpt import codec
 from musicgpt.checkpoint import choose_checkpoint, load_model
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.model import MusicGPT
-from musicgpt.vocab import TIME_SHIFT, CodecConfig
+from musicgpt.vocab import NUM_PITCHES, TIME_SHIFT, CodecConfig
 
 DEFAULT_SECONDS = 30.0  # music written when neither --tokens nor --seconds is given
 TOKENS_PER_SECOND_CAP = 100  # --seconds S also stops after S * 100 tokens (midi_data/ averages 19/s)
@@ -204,6 +204,8 @@ class _Stop:
     max_steps: int | None  # max_seconds in codec steps: integers add up exactly, seconds would not
     shift_steps: Tensor  # [V] steps each token moves time on (TIME_SHIFTs only)
     ban: Tensor  # [V] 0, or -inf for tokens never to emit (PAD)
+    wait: Tensor | None = None  # [V] -inf on TIME_SHIFTs while a row has played no note yet
+    note_on: Tensor | None = None  # [V] True for NOTE_ON ids
 
     def ends(self, tokens: Tensor, elapsed: Tensor) -> Tensor:
         """Whether each token ends its row, given the row's elapsed steps including it."""
@@ -231,11 +233,14 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: in
     alive = torch.ones(batch, dtype=torch.bool, device=prompt.device)
     elapsed = torch.zeros(batch, dtype=torch.long, device=prompt.device)
     penalize = cfg.repetition_penalty != 1.0
+    started = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     logits = stepper.start(prompt, batch)
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos = P + t
             logits = logits.float() + stop.ban
+            if stop.wait is not None:  # from silence: the piece begins with a note, not a pause
+                logits = torch.where(started[:, None], logits, logits + stop.wait)
             seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
             if cfg.greedy:
                 if penalize:
@@ -245,6 +250,8 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: in
                 probs = filter_logits(logits, cfg, seen).softmax(-1)
                 token = probs.div_(race.exponential_(generator=gen)).argmax(-1)
             seq[:, pos] = token
+            if stop.wait is not None:
+                started |= stop.note_on[token]
             lengths += alive  # a row's final token (EOS or the last shift) still counts here
             elapsed += stop.shift_steps[token]
             alive &= ~stop.ends(token, elapsed)
@@ -282,6 +289,8 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
         for t in range(N):
             pos, norm = P + t, (t + 1) ** cfg.length_penalty
             logits = logits.float() + stop.ban
+            if stop.wait is not None:  # from silence: the piece begins with a note, not a pause
+                logits = torch.where(started[:, None], logits, logits + stop.wait)
             if cfg.repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, seq[:, max(0, pos - stepper.window):pos], cfg.repetition_penalty)
             cand = (scores[:, None] + logits.log_softmax(-1)).view(-1)
@@ -324,7 +333,8 @@ def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampling
     Each row stops at EOS (not included), at `max_seconds` of generated TIME_SHIFTs, or after
     `max_new_tokens`. Sampling draws from a torch.Generator seeded with `seed`, so a seed fixes
     the output on a given device; `sampling.num_beams > 1` runs `beam_search` (one sequence).
-    Options: codec_config (default CodecConfig()), max_seconds, stop_at_eos=True, window (default
+    Options: codec_config (default CodecConfig()), max_seconds, stop_at_eos=True, ban_eos=False (True: never emit EOS),
+    start_with_note=False (True: no TIME_SHIFT before a row's first NOTE_ON), window (default
     the context length), progress=False, use_cache=True (False recomputes the whole visible
     context every step: the slow reference for tests and benchmarks).
     """
@@ -353,7 +363,8 @@ def beam_search(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampl
 @contextmanager
 def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: CodecConfig | None = None,
              max_seconds: float | None = None, stop_at_eos: bool = True, use_cache: bool = True,
-             window: int | None = None, progress: bool = False):
+             window: int | None = None, progress: bool = False, ban_eos: bool = False,
+             start_with_note: bool = False):
     """Check the request, build the stepper and stop rule, and run in eval + inference mode."""
     codec_config = codec_config or CodecConfig()
     if model.config.vocab_size != codec_config.vocab_size:
@@ -367,9 +378,16 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
         raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
     ban = torch.zeros(codec_config.vocab_size, device=device)
     ban[codec_config.pad_id] = -math.inf  # padding is never music
+    if ban_eos:
+        ban[codec_config.eos_id] = -math.inf  # a length was asked for: the piece goes on to it
     max_steps = None if max_seconds is None else math.ceil(max_seconds * 1000 / codec_config.step_ms - 1e-9)
     stop = _Stop(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps,
                  _shift_steps(codec_config, device), ban)
+    if start_with_note:
+        shifts = _shift_steps(codec_config, device) > 0
+        stop.wait = torch.zeros(codec_config.vocab_size, device=device).masked_fill(shifts, -math.inf)
+        stop.note_on = torch.zeros(codec_config.vocab_size, dtype=torch.bool, device=device)
+        stop.note_on[:NUM_PITCHES] = True
     window = window or model.config.context_len
     stepper = (_CachedStepper if use_cache else _RecomputeStepper)(model, window)
     was_training = model.training
@@ -504,7 +522,8 @@ def sample_files(checkpoint: str | Path | None = None, primer: str | Path | None
         primer_tokens = _encode_primer(primer, config, primer_seconds)
     prompt = np.concatenate([[config.eos_id], primer_tokens]).astype(np.int64)
     pieces = generate(model, prompt, max_new_tokens=max_new, sampling=sampling, num_samples=num_samples,
-                      seed=seed, codec_config=config, max_seconds=max_seconds, progress=progress)
+                      seed=seed, codec_config=config, max_seconds=max_seconds, progress=progress,
+                      ban_eos=True, start_with_note=primer is None)
 
     stem = f"{Path(primer).stem if primer else 'silence'}-{datetime.now():%Y%m%d-%H%M%S}-seed{seed}"
     paths = []

@@ -138,6 +138,8 @@ def end_to_end(args) -> str:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "musicgpt", "sample", "--checkpoint", str(args.e2e_checkpoint),
                "--seconds", str(args.e2e_seconds), "--seed", "0", "--out", out, "--device", args.device]
+        if args.e2e_primer:
+            cmd += ["--primer", str(args.e2e_primer)]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -151,8 +153,9 @@ def end_to_end(args) -> str:
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "musicgpt", "sample", "--top-p", "2"], capture_output=True, env=env)
         startup = time.perf_counter() - t
+    primer = f" --primer {args.e2e_primer}" if args.e2e_primer else ""
     return "\n".join([
-        f"`musicgpt sample --checkpoint CKPT --seconds {args.e2e_seconds:g} --seed 0 --device {args.device}`",
+        f"`musicgpt sample --checkpoint CKPT{primer} --seconds {args.e2e_seconds:g} --seed 0 --device {args.device}`",
         "",
         "| checkpoint | music s | tokens | wall s | music s / wall s | start-up s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -171,6 +174,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--e2e-checkpoint", type=Path, help="also time `musicgpt sample` end to end with this")
     p.add_argument("--e2e-seconds", type=float, default=60.0)
+    p.add_argument("--e2e-primer", type=Path, help="primer MIDI for the end-to-end run")
     p.add_argument("--skip-speed", action="store_true", help="only the end-to-end run")
     args = p.parse_args()
     if args.threads:

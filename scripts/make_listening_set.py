@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shlex
 import time
 from pathlib import Path
@@ -45,13 +46,14 @@ def held_out_primers() -> list[str]:
 
 
 def main() -> None:
+    os.chdir(ROOT)  # commands in the table are relative to the repository root
     held_out = iter(held_out_primers())
     rows = []
     for k, (name, primer, extra) in enumerate(PIECES):
         if primer is None:
             primer = next(held_out)
         seed = 1000 + k
-        args = ["sample", "--checkpoint", "default", "--seconds", "30", "--seed", str(seed), "--out", str(OUT)]
+        args = ["sample", "--checkpoint", "default", "--seconds", "30", "--seed", str(seed), "--out", "samples"]
         if primer:
             args += ["--primer", primer, "--primer-seconds", "10", "--include-primer"]
         args += extra
@@ -60,7 +62,7 @@ def main() -> None:
         with contextlib.redirect_stdout(buf):
             assert cli(args) == 0, args
         wall = time.time() - t0
-        made = Path(buf.getvalue().split()[0])
+        made = ROOT / buf.getvalue().split()[0]
         final = OUT / f"{name}.mid"
         made.replace(final)
         plot_piano_roll(final, OUT / f"{name}.png", title=f"{name}  (primer: {Path(primer).stem if primer else 'silence'})")

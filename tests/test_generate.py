@@ -247,6 +247,9 @@ def test_eos_ends_its_row_while_the_others_go_on():
     assert min(lengths) < 30 and max(lengths) == 60  # some rows ended early, one ran to the limit
     for row, unstopped in zip(rows, full):  # each row is cut at its own first EOS, the rest untouched
         assert row == (unstopped[:unstopped.index(EOS)] if EOS in unstopped else unstopped)
+    # With EOS banned (what `musicgpt sample` does, since a length was asked for) every row runs on.
+    banned = [r.tolist() for r in generate(eos_happy, [EOS], ban_eos=True, **args)]
+    assert all(len(r) == 60 and EOS not in r for r in banned)
 
 
 def test_max_seconds_stops_at_the_first_token_reaching_it():
@@ -266,3 +269,18 @@ def test_no_padding_is_ever_generated():
                     sampling=SamplingConfig(temperature=5.0, top_p=1.0), stop_at_eos=False)
     assert all(PAD not in r.tolist() for r in rows)
     assert np.unique(np.concatenate([r.numpy() for r in rows])).size > 150  # it was sampling widely
+
+
+def test_start_with_note_plays_before_any_pause():
+    """From silence `sample` asks for a note first: no TIME_SHIFT precedes a row's first NOTE_ON."""
+    model = _model()
+    args = dict(max_new_tokens=40, sampling=SamplingConfig(top_p=1.0), num_samples=6, seed=3)
+    free = [r.tolist() for r in generate(model, [EOS], **args)]
+    waited = [r.tolist() for r in generate(model, [EOS], start_with_note=True, **args)]
+
+    def pause_before_note(row):
+        first_note = next((i for i, t in enumerate(row) if t < 128), len(row))
+        return any(256 <= t < 356 for t in row[:first_note])
+
+    assert any(pause_before_note(r) for r in free)  # the untrained model does pause first
+    assert not any(pause_before_note(r) for r in waited)

@@ -112,3 +112,4 @@ def test_newest_run_is_used_without_checkpoint_and_files_are_listed(tiny_run, tm
     rc, paths, err = _sample(capsys, "--tokens", 40)
     assert rc == 0 and len(paths) == 1 and paths[0].parent == Path("samples") and paths[0].is_file()
     assert "newest run" in err and "--seed" in err  # which model, and how to repeat the run
+
