@@ -207,6 +207,17 @@ class _Stop:
     wait: Tensor | None = None  # [V] -inf on TIME_SHIFTs while a row has played no note yet
     note_on: Tensor | None = None  # [V] True for NOTE_ON ids
 
+    def allowed(self, logits: Tensor, started: Tensor) -> Tensor:
+        """Logits with banned tokens removed; rows that have played no note yet may not pause."""
+        logits = logits.float() + self.ban
+        if self.wait is not None:  # from silence: the piece begins with a note, not a pause
+            logits = torch.where(started[:, None], logits, logits + self.wait)
+        return logits
+
+    def note_played(self, started: Tensor, tokens: Tensor) -> Tensor:
+        """Which rows have played a note once `tokens` are appended."""
+        return started | self.note_on[tokens] if self.note_on is not None else started
+
     def ends(self, tokens: Tensor, elapsed: Tensor) -> Tensor:
         """Whether each token ends its row, given the row's elapsed steps including it."""
         ended = tokens == self.eos_id if self.eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
@@ -238,9 +249,7 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: in
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos = P + t
-            logits = logits.float() + stop.ban
-            if stop.wait is not None:  # from silence: the piece begins with a note, not a pause
-                logits = torch.where(started[:, None], logits, logits + stop.wait)
+            logits = stop.allowed(logits, started)
             seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
             if cfg.greedy:
                 if penalize:
@@ -250,8 +259,7 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: in
                 probs = filter_logits(logits, cfg, seen).softmax(-1)
                 token = probs.div_(race.exponential_(generator=gen)).argmax(-1)
             seq[:, pos] = token
-            if stop.wait is not None:
-                started |= stop.note_on[token]
+            started = stop.note_played(started, token)
             lengths += alive  # a row's final token (EOS or the last shift) still counts here
             elapsed += stop.shift_steps[token]
             alive &= ~stop.ends(token, elapsed)
@@ -282,15 +290,14 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
     scores = torch.full((B,), -math.inf, device=dev)
     scores[0] = 0.0  # all beams start identical: expand from the first only
     elapsed = torch.zeros(B, dtype=torch.long, device=dev)
+    started = torch.zeros(B, dtype=torch.bool, device=dev)
     finished: list[tuple[float, Tensor]] = []
     logits = stepper.start(prompt, B)
     done = False
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos, norm = P + t, (t + 1) ** cfg.length_penalty
-            logits = logits.float() + stop.ban
-            if stop.wait is not None:  # from silence: the piece begins with a note, not a pause
-                logits = torch.where(started[:, None], logits, logits + stop.wait)
+            logits = stop.allowed(logits, started)
             if cfg.repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, seq[:, max(0, pos - stepper.window):pos], cfg.repetition_penalty)
             cand = (scores[:, None] + logits.log_softmax(-1)).view(-1)
@@ -307,6 +314,7 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
             seq = seq.index_select(0, rows)
             seq[:, pos] = token[keep]
             scores, elapsed = ranked[keep], elapsed[rows] + stop.shift_steps[token[keep]]
+            started = stop.note_played(started[rows], token[keep])
             stepper.reorder(rows)
             bar.update()
             done = len(finished) >= B and scores[0].item() / norm <= finished[-1][0]

@@ -284,3 +284,5 @@ def test_start_with_note_plays_before_any_pause():
 
     assert any(pause_before_note(r) for r in free)  # the untrained model does pause first
     assert not any(pause_before_note(r) for r in waited)
+    beams = beam_search(model, [EOS], max_new_tokens=20, sampling=SamplingConfig(num_beams=3), start_with_note=True)
+    assert not pause_before_note(beams.tolist())
