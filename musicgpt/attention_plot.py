@@ -400,19 +400,6 @@ def _html_escape(s: str) -> str:
 
 # ----------------------------------------------------------------------------- one call for the CLI
 
-def _peek_model_config(path: Path):
-    """The model's configuration from the checkpoint's header alone, or None if it cannot be read."""
-    from safetensors import safe_open
-
-    from musicgpt.model import ModelConfig
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return ModelConfig.from_dict(json.loads(f.metadata()["musicgpt"])["model_config"])
-    except Exception:  # noqa: BLE001 - load_model then says exactly what is wrong with the file
-        return None
-
-
 @dataclass
 class Rendered:
     """What `render_attention` wrote and drew."""
@@ -430,7 +417,7 @@ def render_attention(midi, out, *, checkpoint=None, layer: int = -1, heads: list
                      threshold: float = 0.02, max_tokens: int | None = None, grid: bool = False,
                      device: str = "auto") -> Rendered:
     """Run the model once over a MIDI file and write the arcs (PNG/SVG/HTML) or the --grid overview."""
-    from musicgpt.checkpoint import choose_checkpoint, load_model
+    from musicgpt.checkpoint import choose_checkpoint, load_model, peek_model_config
     from musicgpt.codec import load_midi
     from musicgpt.generate import pick_device
     from musicgpt.plot import _save
@@ -440,7 +427,7 @@ def render_attention(midi, out, *, checkpoint=None, layer: int = -1, heads: list
     load_midi(midi)  # a bad input fails here, before any weights are read
     path, why = choose_checkpoint(checkpoint)
     device = pick_device(device)
-    header = _peek_model_config(path)
+    header = peek_model_config(path)
     if header is not None:  # bad --layer/--heads fail before the weights load
         check_model_options(header, layer, heads, max_tokens)
     model, ckpt = load_model(path, device)

@@ -37,6 +37,7 @@ class Checkpoint:
     codec_config: CodecConfig
     state: dict[str, Any] = field(default_factory=dict)  # step, tokens seen, metrics, train config
     path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)  # raw metadata: aliases, optimizer groups
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -231,6 +232,7 @@ def load_checkpoint(spec: str | os.PathLike, map_location: str | torch.device = 
             CodecConfig.from_dict(meta["codec_config"]),
             dict(meta.get("state") or {}),
             path,
+            meta,
         )
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: checkpoint configuration is incomplete ({e})") from None
@@ -241,7 +243,6 @@ def load_checkpoint(spec: str | os.PathLike, map_location: str | torch.device = 
             f"{path}: model vocabulary ({ckpt.model_config.vocab_size}) does not match the codec's "
             f"({ckpt.codec_config.vocab_size})"
         )
-    ckpt.state["_meta"] = meta
     return {k: v.to(map_location) for k, v in tensors.items()}, ckpt
 
 
@@ -253,32 +254,35 @@ def model_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch
     return state
 
 
-def load_model(
-    spec: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[MusicGPT, Checkpoint]:
-    """Build the model a checkpoint describes and load its weights (float32, eval mode)."""
-    tensors, ckpt = load_checkpoint(spec)
-    meta = ckpt.state.pop("_meta")
+def build_model(tensors: dict[str, torch.Tensor], ckpt: Checkpoint, device: str | torch.device = "cpu") -> MusicGPT:
+    """The model a checkpoint read by `load_checkpoint` describes, with its weights (float32, eval mode)."""
     model = MusicGPT(ckpt.model_config)
     try:
-        model.load_state_dict({k: v.float() for k, v in model_state(tensors, meta).items()}, strict=True)
+        model.load_state_dict({k: v.float() for k, v in model_state(tensors, ckpt.meta).items()}, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"{ckpt.path}: weights do not match the configuration ({first})") from None
-    return model.to(device).eval(), ckpt
+    return model.to(device).eval()
+
+
+def load_model(
+    spec: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[MusicGPT, Checkpoint]:
+    """Read a checkpoint and build its model (float32, eval mode)."""
+    tensors, ckpt = load_checkpoint(spec)
+    return build_model(tensors, ckpt, device), ckpt
 
 
 def restore_training(
-    spec: str | os.PathLike, model: MusicGPT, optimizer: torch.optim.Optimizer
-) -> Checkpoint:
-    """Load weights, optimizer and random state from a `last` checkpoint into live objects."""
-    tensors, ckpt = load_checkpoint(spec)
-    meta = ckpt.state.pop("_meta")
-    if "optimizer" not in meta:
+    tensors: dict[str, torch.Tensor], ckpt: Checkpoint, model: MusicGPT, optimizer: torch.optim.Optimizer
+) -> None:
+    """Put the weights, optimizer and random state of a `last` checkpoint (as read by
+    `load_checkpoint`) into live objects."""
+    if "optimizer" not in ckpt.meta:
         raise CheckpointError(f"{ckpt.path}: holds no optimizer state, so training cannot resume from it")
     try:
-        model.load_state_dict(model_state(tensors, meta), strict=True)
-        _restore_optimizer(optimizer, tensors, meta["optimizer"])
+        model.load_state_dict(model_state(tensors, ckpt.meta), strict=True)
+        _restore_optimizer(optimizer, tensors, ckpt.meta["optimizer"])
         torch.set_rng_state(tensors["rng.torch"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -286,7 +290,17 @@ def restore_training(
     cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    return ckpt
+
+
+def peek_model_config(path: str | os.PathLike) -> ModelConfig | None:
+    """The model configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return ModelConfig.from_dict(json.loads(f.metadata()["musicgpt"])["model_config"])
+    except Exception:  # noqa: BLE001 - load_checkpoint then says exactly what is wrong with the file
+        return None
 
 
 def default_model_available() -> bool:

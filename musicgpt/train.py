@@ -170,15 +170,14 @@ def _pick_device(name: str, d: _Dist) -> str:
     return name
 
 
-def _build_model(cfg: TrainConfig, codec_config, resume_ckpt) -> tuple[MusicGPT, ModelConfig]:
+def _build_model(cfg: TrainConfig, codec_config, resume_ckpt, init) -> tuple[MusicGPT, ModelConfig]:
+    """A fresh model for a resumed run (its weights are restored later), the `init` checkpoint's
+    model (the corpus was encoded with its codec), or a new model from the preset."""
     if resume_ckpt is not None:
         mcfg = resume_ckpt.model_config
         return MusicGPT(mcfg), mcfg
-    if cfg.init:
-        model, ckpt = checkpoint.load_model(cfg.init)
-        if ckpt.codec_config != codec_config:
-            raise MusicGPTError(f"{cfg.init}: its codec configuration differs from this run's")
-        mcfg = ckpt.model_config
+    if init is not None:
+        model, mcfg = checkpoint.build_model(*init), init[1].model_config
         if cfg.seq_len > mcfg.context_len:
             if mcfg.attention != "relative":
                 raise MusicGPTError(f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({mcfg.context_len}); "
@@ -258,10 +257,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
 
-    resume_ckpt = None
+    resume_tensors, resume_ckpt = None, None
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        _, resume_ckpt = checkpoint.load_checkpoint(run_dir / "last.safetensors")
+        resume_tensors, resume_ckpt = checkpoint.load_checkpoint(run_dir / "last.safetensors")
         stored = resume_ckpt.state.get("train_config", {})
         # The stored run's options win, except those that may change between sessions.
         names = {f.name for f in fields(cfg)}
@@ -274,16 +273,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + d.rank)
-    codec_config = resume_ckpt.codec_config if resume_ckpt else None
-    if codec_config is None and cfg.init:
-        codec_config = checkpoint.load_checkpoint(cfg.init)[1].codec_config
+    init = checkpoint.load_checkpoint(cfg.init) if cfg.init and resume_ckpt is None else None
+    codec_config = resume_ckpt.codec_config if resume_ckpt else init[1].codec_config if init else None
     corpus = data.encode_folder(cfg.data_dir, codec_config, progress=progress and d.main)
     codec_config = corpus.config
     train_pieces, val_pieces = data.split_files(corpus.pieces, cfg.val_fraction)
     if not val_pieces:
         val_pieces = train_pieces  # a one-file corpus: validate on it rather than not at all
 
-    model, mcfg = _build_model(cfg, codec_config, resume_ckpt)
+    model, mcfg = _build_model(cfg, codec_config, resume_ckpt, init)
     if d.main:  # only now: a bad data folder or option leaves no empty run folder behind
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temp_files(run_dir)  # what a killed run was writing
@@ -291,9 +289,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     optimizer = make_optimizer(model, cfg, device)
     state = {"step": 0, "tokens_seen": 0, "best_val": None, "elapsed_s": 0.0}
     if resume_ckpt is not None:
-        restored = checkpoint.restore_training(run_dir / "last.safetensors", model, optimizer)
-        state.update({k: restored.state[k] for k in state if k in restored.state})
-    if cfg.init and resume_ckpt is None and d.main:
+        checkpoint.restore_training(resume_tensors, resume_ckpt, model, optimizer)
+        state.update({k: resume_ckpt.state[k] for k in state if k in resume_ckpt.state})
+    if init is not None and d.main:
         print(f"musicgpt: fine-tuning from {cfg.init}", file=sys.stderr)
 
     train_model = model
