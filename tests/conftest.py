@@ -70,3 +70,20 @@ def tiny_run(tmp_path_factory) -> Path:
         batch_size=4, seq_len=64, lr=3e-3, warmup=2, eval_interval=3, device="cpu",
     )
     return train(cfg, progress=False)
+
+
+def make_model(attention="relative", std=0.1, **overrides):
+    """For the model and fast-attention tests: a tiny eval-mode model whose weights are large enough that attention is far from uniform,
+    so a wrong relative bias or a wrong key would show up in the logits."""
+    cfg = dict(n_layer=2, n_head=4, n_embd=64, mlp_dim=128, context_len=512, max_rel_dist=48,
+               dropout=0.0, attention=attention)
+    cfg.update(overrides)
+    from musicgpt.model import ModelConfig, MusicGPT
+
+    torch.manual_seed(0)
+    model = MusicGPT(ModelConfig(**cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.5 if name.endswith("rel_emb") else std)
+    return model

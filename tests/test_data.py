@@ -1,7 +1,5 @@
 """Dataset pipeline: scanning, caching keyed by content and codec, deterministic split, windows."""
 
-import os
-import time
 
 import numpy as np
 import pytest

@@ -7,10 +7,11 @@ the CUDA tests at the end check the compiled kernels and CUDA-graph replay on a 
 import pytest
 import torch
 
+from conftest import make_model as _make_model
 from musicgpt import fast_attention
 from musicgpt.errors import MusicGPTError
 from musicgpt.fast_attention import GraphDecoder, causal_block_mask, relative_flex_attention
-from musicgpt.model import ModelConfig, MusicGPT, attend, relative_logits
+from musicgpt.model import attend, relative_logits
 
 # On CPU the unfused FlexAttention is what these tests want; its performance warning is noise.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -34,18 +35,9 @@ def cpu_flex_backward(monkeypatch):
     monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
 
 
-def make_model(std=0.1, **overrides) -> MusicGPT:
-    """A small eval-mode model with weights large enough that a wrong relative term shows."""
-    cfg = dict(n_layer=2, n_head=4, n_embd=64, mlp_dim=128, context_len=512, max_rel_dist=R,
-               dropout=0.0)
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    model = MusicGPT(ModelConfig(**cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.5 if name.endswith("rel_emb") else std)
-    return model
+def make_model(**overrides):
+    """The shared test model (conftest) with max_rel_dist = R."""
+    return _make_model(**{"max_rel_dist": R, **overrides})
 
 
 def tokens(batch=2, length=150, seed=1) -> torch.Tensor:

@@ -3,25 +3,11 @@
 import pytest
 import torch
 
+from conftest import make_model
 from musicgpt.errors import MusicGPTError
 from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset, relative_logits
 
 N_TOKENS = 300
-
-
-def make_model(attention="relative", std=0.1, **overrides) -> MusicGPT:
-    """A tiny eval-mode model whose weights are large enough that attention is far from uniform,
-    so a wrong relative bias or a wrong key would show up in the logits."""
-    cfg = dict(n_layer=2, n_head=4, n_embd=64, mlp_dim=128, context_len=512, max_rel_dist=48,
-               dropout=0.0, attention=attention)
-    cfg.update(overrides)
-    torch.manual_seed(0)
-    model = MusicGPT(ModelConfig(**cfg)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.5 if name.endswith("rel_emb") else std)
-    return model
 
 
 def tokens(batch=2, length=N_TOKENS, seed=1) -> torch.Tensor:
