@@ -32,7 +32,8 @@ class ModelConfig:
     n_embd: int = 128
     mlp_dim: int = 512
     context_len: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings, residual branches and the MLP
+    attn_dropout: float | None = None  # on attention weights; None: the same as `dropout`
     max_rel_dist: int = 256
     attention: str = "relative"
     bias: bool = True
@@ -43,6 +44,11 @@ class ModelConfig:
     @property
     def d_head(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def attention_dropout(self) -> float:
+        """Dropout on the attention weights (`attn_dropout`, or `dropout` when unset)."""
+        return self.dropout if self.attn_dropout is None else self.attn_dropout
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,21 +80,29 @@ class ModelConfig:
             kinds = ", ".join(ATTENTION_KINDS)
             raise MusicGPTError(f"model config: attention must be one of {kinds}, "
                                 f"got {self.attention!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise MusicGPTError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if name == "attn_dropout" and value is None:
+                continue
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not 0.0 <= value < 1.0):
+                raise MusicGPTError(f"model config: {name} must be in [0, 1), got {value!r}")
         if not isinstance(self.bias, bool):
             raise MusicGPTError(f"model config: bias must be true or false, got {self.bias!r}")
 
 
+# The GPU presets drop only the attention-weight dropout: FlexAttention, the fused relative
+# kernel that CUDA training uses (musicgpt.fast_attention), has none, and the eager fallback it
+# would force costs L x L tensors per layer. Residual, MLP and embedding dropout stay at 0.1.
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a 2-core CPU in minutes.
     "tiny": ModelConfig(n_layer=3, n_head=4, n_embd=128, mlp_dim=512, context_len=256,
                         max_rel_dist=256),
     "small": ModelConfig(n_layer=4, n_head=8, n_embd=256, mlp_dim=1024, context_len=1024,
-                         max_rel_dist=1024),
+                         max_rel_dist=1024, attn_dropout=0.0),
     # The Music Transformer piano model (Huang et al. 2018): 6 layers, 8 heads, width 512.
     "base": ModelConfig(n_layer=6, n_head=8, n_embd=512, mlp_dim=2048, context_len=2048,
-                        max_rel_dist=2048),
+                        max_rel_dist=2048, attn_dropout=0.0),
 }
 
 
@@ -184,7 +198,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.dropout = cfg.dropout
+        self.attn_dropout = cfg.attention_dropout
         self.rel_emb = (nn.Parameter(torch.zeros(cfg.n_head, cfg.max_rel_dist, cfg.d_head))
                         if cfg.attention == "relative" else None)
 
@@ -214,7 +228,7 @@ class CausalSelfAttention(nn.Module):
             else:  # decode: queries against cached keys, pick E_r rows by distance directly
                 qe = qs @ self.rel_emb.transpose(-1, -2)  # [B, H, Tq, R]
                 bias = qe.gather(-1, plan.rel_index.expand(B, self.n_head, -1, -1))
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = self.attn_dropout if self.training else 0.0
         return attend(q, k, v, plan.mask, bias, plan.is_causal, dropout_p, plan.need_weights)
 
 
@@ -401,7 +415,7 @@ class MusicGPT(nn.Module):
             x = x + self.wpe(torch.arange(T, device=idx.device))
         if attn_window is not None and attn_window >= T:
             attn_window = None  # a window covering everything is plain causal attention
-        attn_dropout = self.training and self.config.dropout > 0
+        attn_dropout = self.training and self.config.attention_dropout > 0
         if (relative and not return_attention
                 and fast_attention.use_flex(self.attn_impl, idx.device, attn_dropout)):
             plan = _Plan(None, False, None, False, None,

@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     dropout: float | None = None
+    attn_dropout: float | None = None  # attention-weight dropout (default: the preset's)
     device: str = "auto"
     precision: str = "auto"  # "auto" | "fp32" | "bf16"
     compile: bool = False
@@ -85,8 +86,10 @@ def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
         raise MusicGPTError(f"--lr must be a positive number, got {out.lr}")
     if out.stop_at is not None and out.stop_at < 1:
         raise MusicGPTError(f"--stop-at must be at least 1, got {out.stop_at}")
-    if out.dropout is not None and not 0.0 <= out.dropout < 1.0:
-        raise MusicGPTError(f"--dropout must be in [0, 1), got {out.dropout}")
+    for name in ("dropout", "attn_dropout"):
+        value = getattr(out, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise MusicGPTError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
     if out.warmup < 0:
         raise MusicGPTError(f"--warmup must not be negative, got {out.warmup}")
     if out.preset not in PRESETS:
@@ -190,8 +193,9 @@ def _build_model(cfg: TrainConfig, codec_config, resume_ckpt, init) -> tuple[Mus
     overrides = {"vocab_size": codec_config.vocab_size}
     if cfg.attention:
         overrides["attention"] = cfg.attention
-    if cfg.dropout is not None:
-        overrides["dropout"] = cfg.dropout
+    for name in ("dropout", "attn_dropout"):
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
     mcfg = preset(cfg.preset, **overrides)
     if cfg.seq_len > mcfg.context_len:
         mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})

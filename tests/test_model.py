@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_model
 from musicgpt.errors import MusicGPTError
-from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset, relative_logits
+from musicgpt.model import PRESETS, ModelConfig, MusicGPT, _Plan, preset, relative_logits
 
 N_TOKENS = 300
 
@@ -214,6 +214,7 @@ def test_config_round_trip_and_d_head():
     (dict(n_layer=0), "n_layer must be a positive integer"),
     (dict(context_len=-1), "context_len"),
     (dict(dropout=1.5), "dropout"),
+    (dict(attn_dropout=-0.1), "attn_dropout must be in"),
     (dict(wibble=3), "unknown model config keys: wibble"),
 ])
 def test_config_validation_errors_are_one_line(change, message):
@@ -222,6 +223,21 @@ def test_config_validation_errors_are_one_line(change, message):
     with pytest.raises(MusicGPTError, match=message) as err:
         ModelConfig.from_dict(d, source="run/config.json")
     assert str(err.value).startswith("run/config.json: ") and "\n" not in str(err.value)
+
+
+def test_attention_dropout_is_its_own_knob():
+    # Configs saved before attn_dropout existed drop attention weights at `dropout`, as before.
+    old = ModelConfig.from_dict({k: v for k, v in ModelConfig(dropout=0.3).to_dict().items()
+                                 if k != "attn_dropout"})
+    assert old.attention_dropout == 0.3
+    assert preset("base").attention_dropout == 0.0 and preset("base").dropout == 0.1
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 4, 16, 32).unbind(0)
+    attn = MusicGPT(preset("tiny", n_layer=1, dropout=0.9, attn_dropout=0.0)).train().blocks[0].attn
+    plan = _Plan(torch.ones(16, 16, dtype=torch.bool).tril_(), False, None, False, None)
+    torch.testing.assert_close(attn._attend(q, k, v, plan)[0], attn._attend(q, k, v, plan)[0])
+    attn.attn_dropout = 0.5  # the same layer with attention dropout: two calls now differ
+    assert not torch.allclose(attn._attend(q, k, v, plan)[0], attn._attend(q, k, v, plan)[0])
 
 
 def test_presets():
