@@ -114,6 +114,14 @@ class RingKVCache:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens seen so far
 
+    def reorder(self, rows: Tensor) -> None:
+        """Row b becomes old row rows[b] (beam search), in place: the graph keeps its buffers."""
+        if rows.numel() != self.k.size(1):
+            raise ValueError(f"a fixed-shape cache keeps {self.k.size(1)} rows, got {rows.numel()}")
+        rows = rows.to(self.k.device)
+        self.k.copy_(self.k.index_select(1, rows))
+        self.v.copy_(self.v.index_select(1, rows))
+
     def _write(self, layer: int, k: Tensor, v: Tensor, slot: Tensor) -> tuple[Tensor, Tensor]:
         """Store one layer's new key/value at `slot` ([1] long) and return all slots (the mask
         hides empty ones); `CausalSelfAttention` calls it as it calls KVCache._write."""
@@ -180,10 +188,11 @@ class GraphDecoder:
 
     @torch.no_grad()
     def prefill(self, prompt: Tensor) -> Tensor:
-        """Encode `prompt` [B, P] with the model's ordinary KV-cached decode and load the keys
-        the next token can see into the ring; logits [B, V] for the token after the prompt."""
+        """Encode `prompt` [B, P] (or [1, P], shared by every row) with the model's ordinary
+        KV-cached decode and load the keys the next token can see into the ring; logits [B', V]
+        for the token after the prompt, B' = the prompt's rows."""
         B, P = prompt.shape
-        if P == 0 or B != self.cache.k.size(1):
+        if P == 0 or B not in (1, self.cache.k.size(1)):
             raise ValueError(f"prompt of shape {tuple(prompt.shape)} does not fit a decoder "
                              f"for batch {self.cache.k.size(1)} (at least one token per row)")
         cache = self.model.new_cache(B, window=self.window)
@@ -194,9 +203,13 @@ class GraphDecoder:
         ring = self.cache
         for mine, theirs in ((ring.k, cache.k), (ring.v, cache.v)):
             mine.zero_()
-            mine.index_copy_(3, slots, theirs[:, :, :, cache.held - n:cache.held])
+            mine[:, :, :, slots] = theirs[:, :, :, cache.held - n:cache.held]  # rows broadcast
         ring.pos.fill_(P)
         return logits[:, -1]
+
+    def reorder(self, rows: Tensor) -> None:
+        """Row b continues old row rows[b] (beam search); the number of rows stays the same."""
+        self.cache.reorder(rows)
 
     def step(self, token: Tensor) -> Tensor:
         """Logits [B, V] for the token after `token` [B] (a copy, not the graph's buffer)."""

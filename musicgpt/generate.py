@@ -5,7 +5,9 @@ model keeps going past its window with the cache's sliding window (distances, no
 what it knows, so this is exact with respect to `forward(..., attn_window=window)`). An
 absolute-position model cannot slide: when its cache is full, the most recent half context is
 re-encoded at positions 0.. and decoding continues from there, one re-encoding every
-context_len / 2 tokens instead of a full recompute per token.
+context_len / 2 tokens instead of a full recompute per token. On CUDA a relative model steps
+through `fast_attention.GraphDecoder` instead: the same attention on a fixed-shape ring cache, one
+CUDA graph replay per token, since batch-1 sampling on a GPU is bound by kernel launches.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 from musicgpt import codec
 from musicgpt.checkpoint import choose_checkpoint, load_model
 from musicgpt.errors import MidiReadError, MusicGPTError
+from musicgpt.fast_attention import GraphDecoder
 from musicgpt.model import MusicGPT
 from musicgpt.vocab import NUM_PITCHES, TIME_SHIFT, CodecConfig
 
@@ -171,6 +174,25 @@ class _CachedStepper:
 
     def reorder(self, rows: Tensor) -> None:
         self.cache.reorder(rows)
+
+
+class _GraphStepper:
+    """Feeds one new token per step through `fast_attention.GraphDecoder`: a ring cache of fixed
+    shape whose step is replayed as one CUDA graph (graph=None: on CUDA; False runs it eagerly)."""
+
+    def __init__(self, model: MusicGPT, window: int, graph: bool | None = None):
+        self.model, self.window, self.graph = model, window, graph
+
+    def start(self, prompt: Tensor, batch: int) -> Tensor:
+        """Encode the prompt [1, P] once into every row's ring; logits [batch, V]."""
+        self.decoder = GraphDecoder(self.model, batch, window=self.window, graph=self.graph)
+        return self.decoder.prefill(prompt[:, -_reach(self.model, self.window):]).expand(batch, -1)
+
+    def step(self, seq: Tensor, pos: int) -> Tensor:
+        return self.decoder.step(seq[:, pos])
+
+    def reorder(self, rows: Tensor) -> None:
+        self.decoder.reorder(rows)
 
 
 class _RecomputeStepper:
@@ -344,7 +366,9 @@ def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampling
     Options: codec_config (default CodecConfig()), max_seconds, stop_at_eos=True, ban_eos=False (True: never emit EOS),
     start_with_note=False (True: no TIME_SHIFT before a row's first NOTE_ON), window (default
     the context length), progress=False, use_cache=True (False recomputes the whole visible
-    context every step: the slow reference for tests and benchmarks).
+    context every step: the slow reference for tests and benchmarks), static_cache=None (the
+    fixed-shape ring cache replayed as a CUDA graph: None picks it for relative models on CUDA,
+    True forces it, run eagerly off CUDA; False keeps `decode_step`'s cache).
     """
     cfg = (sampling or SamplingConfig()).validate()
     if not _integer(num_samples) or num_samples < 1:
@@ -372,7 +396,7 @@ def beam_search(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampl
 def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: CodecConfig | None = None,
              max_seconds: float | None = None, stop_at_eos: bool = True, use_cache: bool = True,
              window: int | None = None, progress: bool = False, ban_eos: bool = False,
-             start_with_note: bool = False):
+             start_with_note: bool = False, static_cache: bool | None = None):
     """Check the request, build the stepper and stop rule, and run in eval + inference mode."""
     codec_config = codec_config or CodecConfig()
     if model.config.vocab_size != codec_config.vocab_size:
@@ -397,7 +421,15 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
         stop.note_on = torch.zeros(codec_config.vocab_size, dtype=torch.bool, device=device)
         stop.note_on[:NUM_PITCHES] = True
     window = window or model.config.context_len
-    stepper = (_CachedStepper if use_cache else _RecomputeStepper)(model, window)
+    relative = model.config.attention == "relative"
+    if static_cache and not (use_cache and relative):
+        raise MusicGPTError("the static cache needs use_cache and a relative-attention model")
+    if static_cache is None:
+        static_cache = use_cache and relative and device.type == "cuda"
+    if static_cache:
+        stepper = _GraphStepper(model, window, graph=device.type == "cuda")
+    else:
+        stepper = (_CachedStepper if use_cache else _RecomputeStepper)(model, window)
     was_training = model.training
     model.eval()  # dropout off while sampling; the caller's mode comes back afterwards
     try:

@@ -39,14 +39,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from musicgpt import fast_attention
+from musicgpt.generate import SamplingConfig
+from musicgpt.generate import generate as musicgpt_generate
 from musicgpt.model import CausalSelfAttention, MusicGPT, _Plan, preset
 
 VARIANTS = ("eager", "flex", "sdpa", "peer")
 LABELS = {"eager": "eager skew + SDPA mask", "flex": "FlexAttention", "sdpa": "plain causal SDPA",
           "peer": "peer (gwinndr)"}
 SAMPLERS = ("cache", "graph", "peer")
-SAMPLER_LABELS = {"cache": "ours, KV cache (decode_step)",
-                  "graph": "ours, fixed-shape step (CUDA graph on CUDA)",
+SAMPLER_LABELS = {"cache": "ours, `generate` on the KV cache (decode_step)",
+                  "graph": "ours, `generate` on the static cache (CUDA graph on CUDA)",
                   "peer": "peer generate (recompute)"}
 PEER_EOS = 388  # the peer's TOKEN_END with our codec's 388 event tokens
 
@@ -67,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", help="comma list of train, infer (default: train on CUDA, "
                    "train,infer on CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--scopes", default="layer,model", help="comma list of layer, model")
     p.add_argument("--sample-tokens", type=int, default=256, help="0 skips the sampling table")
     p.add_argument("--primer", type=int, default=16, help="primer tokens before sampling")
     p.add_argument("--peer-path", default="/work/scratch_peer",
@@ -276,23 +279,14 @@ def sample_job(args, job: dict, device: torch.device) -> dict:
             with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
                 peer.generate(primer, target_seq_length=P + count)
     else:
+        # The product path, sampling from the full distribution over the 388 events as the
+        # peer does (no top-p; PAD and EOS never drawn); "graph" is what CUDA runs by default.
         model = MusicGPT(cfg).to(device, dtype).eval()
-        if job["variant"] == "graph":
-            decoder = fast_attention.GraphDecoder(model, 1, window=cfg.context_len)
-            start, step = decoder.prefill, decoder.step
-        else:
-            def start(tokens):
-                start.cache = model.new_cache(1, window=cfg.context_len)
-                return model.decode_step(tokens, start.cache)[:, -1]
-
-            def step(token):
-                return model.decode_step(token.view(1, 1), start.cache)[:, -1]
+        plain = SamplingConfig(top_p=1.0)
 
         def generate(count):
-            logits = start(primer[None])
-            for _ in range(count):  # the peer samples from its 388 event tokens the same way
-                token = torch.multinomial(logits[:, :PEER_EOS].float().softmax(-1), 1)
-                logits = step(token.view(1))
+            musicgpt_generate(model, primer, max_new_tokens=count, sampling=plain, ban_eos=True,
+                              static_cache=job["variant"] == "graph")
 
     generate(4)  # warm-up (kernels, cuBLAS handles)
     if device.type == "cuda":
@@ -348,7 +342,7 @@ def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
     variants = args.variants.split(",")
     groups: dict[str, list[dict]] = {}
     for mode in args.modes.split(","):
-        for scope in ("layer", "model"):
+        for scope in args.scopes.split(","):
             for v in variants:
                 for n in lens:
                     job = dict(mode=mode, scope=scope, variant=v, n=n)
@@ -426,7 +420,7 @@ def report(args, best: dict) -> str:
                 "after warm-up, fresh process per cell."), ""]
     titles = {"train": "forward + backward", "infer": "forward only (no grad)"}
     for mode in args.modes.split(","):
-        for scope in ("layer", "model"):
+        for scope in args.scopes.split(","):
             what = "one attention layer" if scope == "layer" else "whole model"
             def get(v, n):
                 job = dict(mode=mode, scope=scope, variant=v, n=n)

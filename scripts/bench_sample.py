@@ -45,10 +45,13 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - t
 
 
-def cached_run(model, n: int, batch: int, device: str, repeats: int = 1) -> float:
-    """Seconds to generate n tokens per row with the KV cache (the product path), best of `repeats`."""
+def cached_run(model, n: int, batch: int, device: str, repeats: int = 1,
+               static_cache: bool | None = None) -> float:
+    """Seconds to generate n tokens per row with a cache, best of `repeats`; static_cache=None is
+    the product path (on CUDA the static ring cache replayed as a CUDA graph), False the KV cache."""
     return min(_timed(lambda: generate(model, [EOS], max_new_tokens=n, num_samples=batch, seed=0,
-                                       stop_at_eos=False), device) for _ in range(repeats))
+                                       stop_at_eos=False, static_cache=static_cache), device)
+               for _ in range(repeats))
 
 
 def recompute_step(model, length: int, batch: int, steps: int, device: str) -> float:
@@ -58,6 +61,10 @@ def recompute_step(model, length: int, batch: int, steps: int, device: str) -> f
     t = _timed(lambda: generate(model, prompt, max_new_tokens=steps, num_samples=batch, seed=0,
                                 stop_at_eos=False, use_cache=False), device)
     return t / steps
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU"
 
 
 def integrate(grid: list[int], per_step: list[float], n: int) -> float:
@@ -100,16 +107,22 @@ def speed_table(args) -> str:
     base = preset(args.preset)
     ctx = max(base.context_len, top + 1)  # the whole run fits the window: no sliding involved
     torch.manual_seed(0)
-    model = MusicGPT(preset(args.preset, context_len=ctx, max_rel_dist=ctx, dropout=0.0)).to(args.device).eval()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = MusicGPT(preset(args.preset, context_len=ctx, max_rel_dist=ctx, dropout=0.0)).to(args.device, dtype).eval()
+    cuda = args.device.startswith("cuda")
     grid = sorted({1, *[g for g in (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096) if g < top], top})
     lines = [f"model: `{args.preset}` sizes ({model.num_params() / 1e6:.1f} M parameters, {base.n_layer} layers, "
-             f"width {base.n_embd}), context {ctx}, relative attention, random weights; device {args.device}, "
+             f"width {base.n_embd}), context {ctx}, relative attention, random {args.dtype} weights; "
+             f"device {device_name(args.device)}, "
              f"torch threads {torch.get_num_threads()}, torch {torch.__version__}", ""]
-    lines += ["| batch | tokens | cached s | cached tok/s | recompute s (est.) | recompute tok/s | speed-up "
+    lines += ["| batch | tokens | cached s | cached tok/s | KV-cache tok/s (CUDA: no graph) "
+              "| recompute s (est.) | recompute tok/s | speed-up "
               "| per-token ms, first 64 | last 64 | recompute ms/step at N |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for batch in args.batch:
         cached_run(model, 32, batch, args.device)  # warm up
+        if cuda:
+            cached_run(model, 32, batch, args.device, static_cache=False)
         per_step = []
         for g in grid:
             per_step.append(recompute_step(model, g, batch, args.recompute_steps, args.device))
@@ -117,14 +130,17 @@ def speed_table(args) -> str:
         start, end = per_token(model, [1, max(1, top - 64)], batch, args.device)
         for n in args.lengths:
             cached = cached_run(model, n, batch, args.device, args.repeats)
+            kv = (f"{batch * n / cached_run(model, n, batch, args.device, args.repeats, False):,.0f}"
+                  if cuda else "(same path)")
             recompute = integrate(grid, per_step, n)
             at_n = per_step[grid.index(n)] if n in grid else float("nan")
-            lines.append(f"| {batch} | {n} | {cached:.2f} | {batch * n / cached:,.0f} | {recompute:.1f} | "
+            lines.append(f"| {batch} | {n} | {cached:.2f} | {batch * n / cached:,.0f} | {kv} | {recompute:.1f} | "
                          f"{batch * n / recompute:,.0f} | {recompute / cached:.1f}x | "
                          f"{start * 1e3:.2f} | {end * 1e3:.2f} | {at_n * 1e3:.1f} |")
             print(lines[-1], file=sys.stderr)
     lines.append("")
-    lines.append(f"per-token columns: one cached decode step (+ a sampling draw), mean over steps 1-64 and "
+    lines.append("cached: `generate` as the product runs it (on CUDA the static cache's CUDA graph); "
+                 "per-token columns: one `decode_step` on the KV cache (+ a sampling draw), mean over steps 1-64 and "
                  f"{max(1, top - 63)}-{max(64, top)}, best of 3 interleaved rounds.")
     return "\n".join(lines)
 
@@ -167,6 +183,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", help="model sizes (default small; context raised to fit)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model weights")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--recompute-steps", type=int, default=20, help="recompute steps timed per grid length")

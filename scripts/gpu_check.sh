@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# GPU checks for the fast attention paths: the CUDA correctness tests, then bench_attention,
-# bench_train and bench_sample on CUDA. Logs and tables land in $OUT (default scratch/gpu_out);
-# each step has a time limit, about 8 minutes in all on an H100.
+# GPU checks for the fast attention paths, in two parts that each fit one device call:
+#   bash scripts/gpu_check.sh 1   the CUDA correctness tests, bench_train (the product's training
+#                                 step, base, bf16, L = 2048) and bench_sample (base, bf16, batch 1,
+#                                 2048 tokens: CUDA graph vs KV cache vs recompute); about 5 minutes
+#   bash scripts/gpu_check.sh 2   bench_attention: layer and whole model at L = 1024..8192 for the
+#                                 eager skew, FlexAttention, plain causal SDPA and the peer, and
+#                                 sampling 2048 tokens against the peer; about 5 minutes
+# Logs and tables land in $OUT (default scratch/gpu_out); each step has its own time limit.
 #
 # The peer (gwinndr/MusicTransformer-Pytorch) is never part of this repository: copy it into an
 # ignored folder just for the run and carry it, with the pure-Python MIDI packages bench_sample
@@ -10,8 +15,8 @@
 #   mkdir -p scratch/gpu_site
 #   for d in pretty_midi mido importlib_resources; do
 #       cp -r .venv/lib/python3.*/site-packages/$d scratch/gpu_site/; done
-#   run: bash scripts/gpu_check.sh   (carry scratch/peer and scratch/gpu_site, timeout_s 600)
-# Without them the peer rows read "peer not found" and bench_sample is skipped.
+#   run: bash scripts/gpu_check.sh 1   (carry scratch/peer and scratch/gpu_site, timeout_s 360)
+# Without them the peer rows read "peer not found" and the tests and bench_sample fail to import.
 set -u
 OUT=${OUT:-scratch/gpu_out}
 mkdir -p "$OUT"
@@ -28,27 +33,25 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     tail -n 60 "$OUT/$name.log"
 }
 
+PART=${1:-1}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# The CUDA tests live here (test_model.py is CPU-only and runs everywhere else); --noconftest:
-# this file needs none of conftest's MIDI fixtures (nor pretty_midi).
-step tests 90 $PY -m pytest -q -rs --noconftest -p no:cacheprovider tests/test_fast_attention.py
+if [ "$PART" = 1 ]; then
+    step tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_attention.py
 
-step bench_attention 240 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
-    --seq-lens 1024,2048,4096,8192 --peer-path "$PEER_PATH" --steps 3 --warmup 1 \
-    --sample-tokens 512 --timeout 110 \
-    --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json"
+    # The training step as `musicgpt train` runs it on CUDA (presets' dropout; "auto" attention:
+    # FlexAttention for relative, flash SDPA for the absolute baseline), base preset, bf16.
+    step bench_train 130 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
+        --seq-lens 2048 --batch-size 4 --steps 5 --warmup 2
 
-# dropout 0: "auto" then takes FlexAttention for the relative model (no attention dropout there).
-step bench_train 90 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
-    --seq-lens 2048 --steps 3 --warmup 1 --dropout 0
-
-if [ -f scripts/bench_sample.py ] && $PY -c "import pretty_midi" 2>/dev/null; then
-    step bench_sample 50 $PY scripts/bench_sample.py --preset base --device cuda --batch 1 \
-        --lengths 1024 --repeats 1 --recompute-steps 5
+    step bench_sample 100 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
+        --batch 1 --lengths 2048 --repeats 2 --recompute-steps 3
 else
-    echo "== bench_sample skipped: no scripts/bench_sample.py or no pretty_midi (scratch/gpu_site)"
+    step bench_attention 300 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
+        --seq-lens 1024,2048,4096,8192 --batch-size 2 --peer-path "$PEER_PATH" --steps 3 --warmup 1 \
+        --sample-tokens 2048 --timeout 130 \
+        --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json"
 fi

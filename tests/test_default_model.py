@@ -8,6 +8,7 @@ import torch
 from conftest import make_piece
 from musicgpt import checkpoint
 from musicgpt.cli import main
+from musicgpt.model import ModelConfig
 from musicgpt.vocab import CodecConfig
 
 
@@ -19,7 +20,8 @@ def test_shipped_model_matches_codec_and_gives_finite_logits():
     assert ckpt.codec_config == CodecConfig()  # the codec it was trained with is today's default
     assert ckpt.model_config.vocab_size == ckpt.codec_config.vocab_size
     info = json.loads(path.with_suffix(".json").read_text())
-    assert info["model_config"] == ckpt.model_config.to_dict()
+    assert ModelConfig.from_dict(info["model_config"]) == ckpt.model_config
+    assert ckpt.model_config.attention_dropout == ckpt.model_config.dropout  # saved before attn_dropout
     x = torch.tensor([[ckpt.codec_config.eos_id, 356 + 20, 60, 280, 188]])
     with torch.no_grad():
         logits, _ = model(x)

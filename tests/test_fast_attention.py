@@ -205,3 +205,18 @@ def test_cuda_graph_replay_matches_eager_steps():
         out = [decoder.prefill(idx[:, :20])] + [decoder.step(idx[:, t]) for t in range(20, 120)]
         runs.append(torch.stack(out, 1))
     torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-4)
+
+
+@needs_cuda
+def test_generate_on_cuda_replays_the_graph_and_matches_the_kv_cache(monkeypatch):
+    from musicgpt.generate import SamplingConfig, generate
+
+    model = make_model().cuda()
+    replays = []
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay",
+                        lambda self, _replay=torch.cuda.CUDAGraph.replay: replays.append(1) or _replay(self))
+    runs = [generate(model, [389, 60], max_new_tokens=150, window=64, stop_at_eos=False,
+                     sampling=SamplingConfig(greedy=True, repetition_penalty=2.0),
+                     static_cache=static)[0].tolist() for static in (None, False)]
+    assert len(replays) == 149  # auto took the graph: one replay per token after the first
+    assert runs[0] == runs[1]

@@ -141,31 +141,40 @@ def _reference_greedy(model, prompt, steps, window, penalty, absolute=False):
     return seq[len(prompt):]
 
 
-def test_cached_greedy_equals_full_recompute_far_past_the_window():
+# static_cache=True: the CUDA path's fixed-shape ring cache (GraphDecoder), run eagerly on CPU.
+STEPPERS = pytest.mark.parametrize("static_cache", [False, True], ids=["kv-cache", "static-cache"])
+
+
+@STEPPERS
+def test_cached_greedy_equals_full_recompute_far_past_the_window(static_cache):
     model, window = _model(window=32), 32
     cfg = SamplingConfig(greedy=True, repetition_penalty=3.0)  # the penalty keeps greedy from looping on one token
-    got = generate(model, [EOS], max_new_tokens=100, sampling=cfg, stop_at_eos=False)[0]
+    got = generate(model, [EOS], max_new_tokens=100, sampling=cfg, stop_at_eos=False,
+                   static_cache=static_cache)[0]
     with torch.no_grad():
         want = _reference_greedy(model, [EOS], 100, window, 3.0)
     assert got.tolist() == want
     assert len(set(want)) > 20
 
 
-def test_cached_sampling_equals_recompute_token_for_token():
+@STEPPERS
+def test_cached_sampling_equals_recompute_token_for_token(static_cache):
     model = _model(window=32)
     cfg = SamplingConfig(temperature=0.9, top_p=0.9, top_k=50, repetition_penalty=1.2)
     args = dict(max_new_tokens=100, sampling=cfg, num_samples=3, seed=11, stop_at_eos=False)
-    cached = generate(model, [EOS, 60, 300], **args)
+    cached = generate(model, [EOS, 60, 300], static_cache=static_cache, **args)
     recomputed = generate(model, [EOS, 60, 300], use_cache=False, **args)
     assert [t.tolist() for t in cached] == [t.tolist() for t in recomputed]
     assert len({tuple(t.tolist()) for t in cached}) == 3  # a batch of three gives three sequences
 
 
-def test_a_long_prompt_is_trimmed_to_the_receptive_field_exactly():
+@STEPPERS
+def test_a_long_prompt_is_trimmed_to_the_receptive_field_exactly(static_cache):
     """A 300-token prompt through a 2-layer, window-16 model: only its last 31 tokens matter."""
     model, window = _model(window=16), 16
     prompt = torch.randint(0, 388, (300,)).tolist()
-    got = generate(model, prompt, max_new_tokens=20, sampling=SamplingConfig(greedy=True), stop_at_eos=False)[0]
+    got = generate(model, prompt, max_new_tokens=20, sampling=SamplingConfig(greedy=True), stop_at_eos=False,
+                   static_cache=static_cache)[0]
     with torch.no_grad():
         want = _reference_greedy(model, prompt, 20, window, 1.0)
     assert got.tolist() == want
@@ -203,6 +212,18 @@ def test_beam_search_with_one_beam_is_greedy():
         greedy = generate(model, [EOS, 64], max_new_tokens=40, sampling=SamplingConfig(greedy=True), max_seconds=3.0)[0]
         beam = beam_search(model, [EOS, 64], max_new_tokens=40, sampling=SamplingConfig(num_beams=1), max_seconds=3.0)
         assert beam.tolist() == greedy.tolist()
+
+
+def test_beam_search_on_the_static_cache_reorders_its_rows_like_the_kv_cache():
+    model = _model(seed=2, window=16)  # 60 tokens: the ring wraps around several times
+    beams = [beam_search(model, [EOS, 64], max_new_tokens=60, sampling=SamplingConfig(num_beams=4),
+                         stop_at_eos=False, static_cache=static) for static in (False, True)]
+    assert beams[0].tolist() == beams[1].tolist() and len(beams[0]) == 60
+
+
+def test_static_cache_needs_a_relative_model():
+    with pytest.raises(MusicGPTError, match="static cache"):
+        generate(_model(attention="absolute"), [EOS], max_new_tokens=3, static_cache=True)
 
 
 def test_more_beams_find_a_likelier_sequence_than_greedy():
