@@ -352,9 +352,9 @@ def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
         for v in SAMPLERS:
             if v != "peer" or "peer" in variants:
                 groups.setdefault(f"sample-{v}", []).append(dict(mode="sample", variant=v))
-    # The baseline first and the peer's training runs (slowest, most likely to run out of
-    # memory) last, so a run cut short still has ratios and sampling figures.
-    order = ["sdpa", "flex", "eager"] + [f"sample-{v}" for v in SAMPLERS] + ["peer"]
+    # The baseline and the fast path first, the eager reference (slowest, most likely to run
+    # out of memory) last, so a run cut short still has ratios and the peer comparison.
+    order = ["sdpa", "flex"] + [f"sample-{v}" for v in SAMPLERS] + ["peer", "eager"]
     rank = lambda job: order.index(job["variant"] if job["mode"] != "sample"
                                    else f"sample-{job['variant']}")
     batches = sorted(groups.values(), key=lambda b: rank(b[0]))

@@ -58,6 +58,8 @@ def recompute_step(model, length: int, batch: int, steps: int, device: str) -> f
     """Seconds per recompute step at about `length` tokens: `steps` steps from a prompt of that length."""
     prompt = torch.randint(0, EOS, (length,))
     prompt[0] = EOS
+    # Untimed first: on CUDA the full forward is FlexAttention, compiled per new shape.
+    generate(model, prompt, max_new_tokens=1, num_samples=batch, stop_at_eos=False, use_cache=False)
     t = _timed(lambda: generate(model, prompt, max_new_tokens=steps, num_samples=batch, seed=0,
                                 stop_at_eos=False, use_cache=False), device)
     return t / steps

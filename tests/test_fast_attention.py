@@ -47,7 +47,7 @@ def tokens(batch=2, length=150, seed=1) -> torch.Tensor:
 def skew_reference(q, k, v, rel_emb, window=None):
     """The eager path of model.py: skewed relative logits as a float mask for SDPA."""
     T = q.size(-2)
-    dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    dist = torch.arange(T, device=q.device)[:, None] - torch.arange(T, device=q.device)[None, :]
     mask = (dist >= 0) & (dist < window) if window else dist >= 0
     bias = relative_logits(q * q.size(-1) ** -0.5, rel_emb)
     return attend(q, k, v, mask, bias, False, 0.0, False)[0]
