@@ -27,12 +27,21 @@ except ImportError:  # pragma: no cover - depends on the installed torch
 IMPLS = ("auto", "eager", "flex")
 
 
-def use_flex(impl: str, device: torch.device, attn_dropout: bool) -> bool:
-    """Whether the full-sequence relative forward should run on FlexAttention.
+# Shortest sequence for which "auto" takes FlexAttention. Measured on an H200 (base preset, bf16,
+# whole model forward + backward, BENCHMARKS.md "Attention kernels"): the eager skew was faster at
+# 1024 and 2048 tokens (0.59x / 0.54x of flash SDPA against FlexAttention's 0.46x / 0.45x) with
+# about the same memory; from 4096 on FlexAttention wins (0.21x vs 0.16x, and 2.9x vs 4.5x memory;
+# at 8192 0.13x vs 0.08x and 3.0x vs 8.5x), as the skew's L x L tensors grow.
+FLEX_MIN_LEN = 2049
 
-    "auto" picks it on CUDA unless attention-weight dropout is active: FlexAttention has no
-    dropout, so auto never silently changes the regularisation. "flex" forces it (attention-weight
-    dropout is then skipped; residual, MLP and embedding dropout still apply); "eager" never.
+
+def use_flex(impl: str, device: torch.device, attn_dropout: bool, seq_len: int) -> bool:
+    """Whether the full-sequence relative forward over `seq_len` tokens runs on FlexAttention.
+
+    "auto" picks it on CUDA for sequences of at least FLEX_MIN_LEN tokens, unless attention-weight
+    dropout is active: FlexAttention has no dropout, so auto never silently changes the
+    regularisation. "flex" forces it (attention-weight dropout is then skipped; residual, MLP and
+    embedding dropout still apply); "eager" never.
     """
     if impl not in IMPLS:
         raise MusicGPTError(f"attention implementation must be one of {', '.join(IMPLS)}, "
@@ -42,7 +51,8 @@ def use_flex(impl: str, device: torch.device, attn_dropout: bool) -> bool:
             raise MusicGPTError(f"attention implementation 'flex' needs torch >= 2.5 "
                                 f"(FlexAttention), found {torch.__version__}")
         return False
-    return impl == "flex" or (device.type == "cuda" and not attn_dropout)
+    return impl == "flex" or (device.type == "cuda" and not attn_dropout
+                              and seq_len >= FLEX_MIN_LEN)
 
 
 @lru_cache(maxsize=16)

@@ -6,6 +6,7 @@ model with a training `forward` and a KV-cached `decode_step` for sampling.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from musicgpt import fast_attention
 from musicgpt.errors import MusicGPTError
@@ -91,18 +93,15 @@ class ModelConfig:
             raise MusicGPTError(f"model config: bias must be true or false, got {self.bias!r}")
 
 
-# The GPU presets drop only the attention-weight dropout: FlexAttention, the fused relative
-# kernel that CUDA training uses (musicgpt.fast_attention), has none, and the eager fallback it
-# would force costs L x L tensors per layer. Residual, MLP and embedding dropout stay at 0.1.
 PRESETS: dict[str, ModelConfig] = {
     # Trains on a 2-core CPU in minutes.
     "tiny": ModelConfig(n_layer=3, n_head=4, n_embd=128, mlp_dim=512, context_len=256,
                         max_rel_dist=256),
     "small": ModelConfig(n_layer=4, n_head=8, n_embd=256, mlp_dim=1024, context_len=1024,
-                         max_rel_dist=1024, attn_dropout=0.0),
+                         max_rel_dist=1024),
     # The Music Transformer piano model (Huang et al. 2018): 6 layers, 8 heads, width 512.
     "base": ModelConfig(n_layer=6, n_head=8, n_embd=512, mlp_dim=2048, context_len=2048,
-                        max_rel_dist=2048, attn_dropout=0.0),
+                        max_rel_dist=2048),
 }
 
 
@@ -334,6 +333,15 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- the model
 
+def _decode_backends(device: torch.device):
+    """SDPA backends for a KV-cache step: not cuDNN on CUDA, which builds a plan per new shape
+    (pytorch#191576 measured tens of ms), and each step brings a new key length; elsewhere all."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
 def _distances(offset: int, n_query: int, n_key: int, device: torch.device) -> Tensor:
     """[n_query, n_key] of query position minus key position, the first key `offset` back."""
     return (offset + torch.arange(n_query, device=device)[:, None]
@@ -349,9 +357,10 @@ class MusicGPT(nn.Module):
     """Decoder-only transformer over codec tokens, with tied input/output embeddings.
 
     `attn_impl` picks how `forward` computes relative attention: "auto" (the default) uses
-    FlexAttention on CUDA unless attention-weight dropout is active, "eager" the skew + SDPA
-    reference, "flex" forces FlexAttention (see musicgpt.fast_attention). A plain attribute, not
-    saved with the weights; decode_step and return_attention always take the eager path.
+    FlexAttention on CUDA for sequences longer than 2048 tokens unless attention-weight dropout is
+    active (the measured crossover, `fast_attention.FLEX_MIN_LEN`), "eager" the skew + SDPA
+    reference, "flex" forces FlexAttention. A plain attribute, not saved with the weights;
+    decode_step and return_attention always take the eager path.
     """
 
     def __init__(self, config: ModelConfig):
@@ -417,7 +426,7 @@ class MusicGPT(nn.Module):
             attn_window = None  # a window covering everything is plain causal attention
         attn_dropout = self.training and self.config.attention_dropout > 0
         if (relative and not return_attention
-                and fast_attention.use_flex(self.attn_impl, idx.device, attn_dropout)):
+                and fast_attention.use_flex(self.attn_impl, idx.device, attn_dropout, T)):
             plan = _Plan(None, False, None, False, None,
                          fast_attention.causal_block_mask(T, attn_window, idx.device))
         elif relative or attn_window is not None:
@@ -468,6 +477,7 @@ class MusicGPT(nn.Module):
         if self.wpe is None:
             rel_index = dist.clamp(0, self.config.max_rel_dist - 1)
         plan = _Plan(mask, False, rel_index, return_attention, slots)
-        logits, attentions = self._run_blocks(x, plan, cache)
+        with _decode_backends(idx_new.device):
+            logits, attentions = self._run_blocks(x, plan, cache)
         cache._commit(T)
         return (logits, attentions) if return_attention else logits

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from musicgpt import checkpoint, data
+from musicgpt import checkpoint, data, fast_attention
 from musicgpt.errors import MusicGPTError
 from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset
 
@@ -339,6 +339,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             f"validating on {len(val_pieces)}; device {device}; run folder {run_dir}",
             file=sys.stderr,
         )
+        if (device.startswith("cuda") and mcfg.attention == "relative" and mcfg.attention_dropout > 0
+                and cfg.seq_len >= fast_attention.FLEX_MIN_LEN):
+            print(f"musicgpt: attention dropout {mcfg.attention_dropout} keeps {cfg.seq_len}-token training on the "
+                  f"eager path (L x L tensors per layer); --attn-dropout 0 uses the fused FlexAttention kernel",
+                  file=sys.stderr)
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step", disable=not (progress and d.main))
     stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
     batches = iter(loader)

