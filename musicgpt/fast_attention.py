@@ -12,6 +12,7 @@ and replays it as one CUDA graph, since batch-1 sampling on a GPU is bound by ke
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -24,7 +25,7 @@ try:  # FlexAttention arrived in torch 2.5; older versions keep the eager path.
 except ImportError:  # pragma: no cover - depends on the installed torch
     create_block_mask = flex_attention = None
 
-IMPLS = ("auto", "eager", "flex")
+IMPLS = ("auto", "eager", "flex", "triton")
 
 
 # Shortest sequence for which "auto" takes FlexAttention. Measured on an H200 (base preset, bf16,
@@ -35,24 +36,36 @@ IMPLS = ("auto", "eager", "flex")
 FLEX_MIN_LEN = 2049
 
 
-def use_flex(impl: str, device: torch.device, attn_dropout: bool, seq_len: int) -> bool:
-    """Whether the full-sequence relative forward over `seq_len` tokens runs on FlexAttention.
+def fused_kernel(impl: str, device: torch.device, attn_dropout: bool, seq_len: int) -> str | None:
+    """Which fused kernel runs the full-sequence relative forward over `seq_len` tokens: "flex",
+    "triton" (musicgpt.triton_attention) or None for the eager skew.
 
-    "auto" picks it on CUDA for sequences of at least FLEX_MIN_LEN tokens, unless attention-weight
-    dropout is active: FlexAttention has no dropout, so auto never silently changes the
-    regularisation. "flex" forces it (attention-weight dropout is then skipped; residual, MLP and
-    embedding dropout still apply); "eager" never.
+    "auto" picks FlexAttention on CUDA for sequences of at least FLEX_MIN_LEN tokens, unless
+    attention-weight dropout is active: the fused kernels have no dropout, so auto never silently
+    changes the regularisation. "flex" and "triton" force their kernel (attention-weight dropout is
+    then skipped; residual, MLP and embedding dropout still apply); "eager" never fuses. The Triton
+    kernel is opt-in until it is measured on a GPU.
     """
     if impl not in IMPLS:
         raise MusicGPTError(f"attention implementation must be one of {', '.join(IMPLS)}, "
                             f"got {impl!r}")
+    if impl == "triton":
+        from musicgpt import triton_attention
+
+        if not triton_attention.available():
+            raise MusicGPTError("attention implementation 'triton' needs Triton >= 3.2 installed")
+        if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+            raise MusicGPTError("attention implementation 'triton' runs on CUDA (or on CPU under "
+                                "TRITON_INTERPRET=1, for tests)")
+        return "triton"
     if impl == "eager" or flex_attention is None:
         if impl == "flex":
             raise MusicGPTError(f"attention implementation 'flex' needs torch >= 2.5 "
                                 f"(FlexAttention), found {torch.__version__}")
-        return False
-    return impl == "flex" or (device.type == "cuda" and not attn_dropout
-                              and seq_len >= FLEX_MIN_LEN)
+        return None
+    if impl == "flex" or (device.type == "cuda" and not attn_dropout and seq_len >= FLEX_MIN_LEN):
+        return "flex"
+    return None
 
 
 @lru_cache(maxsize=16)

@@ -179,6 +179,7 @@ class _Plan(NamedTuple):
     need_weights: bool
     cache_slots: tuple[int, int, int] | None  # (write_at, first_key, end) in the KV cache
     block_mask: object | None = None  # a FlexAttention BlockMask: take the fused relative path
+    triton: bool = False  # take musicgpt.triton_attention's fused causal kernel
 
 
 class CausalSelfAttention(nn.Module):
@@ -207,9 +208,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache._write(layer, k, v, plan.cache_slots)
-        if plan.block_mask is not None:  # fused: the relative term is added inside the kernel
+        w = None
+        if plan.triton:  # fused: the relative term is computed tile by tile in the kernel
+            from musicgpt.triton_attention import relative_triton_attention
+
+            y = relative_triton_attention(q, k, v, self.rel_emb)
+        elif plan.block_mask is not None:  # fused: the relative term is added inside the kernel
             y = fast_attention.relative_flex_attention(q, k, v, self.rel_emb, plan.block_mask)
-            w = None
         else:
             y, w = self._attend(q, k, v, plan)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), w
@@ -359,7 +364,8 @@ class MusicGPT(nn.Module):
     `attn_impl` picks how `forward` computes relative attention: "auto" (the default) uses
     FlexAttention on CUDA for sequences longer than 2048 tokens unless attention-weight dropout is
     active (the measured crossover, `fast_attention.FLEX_MIN_LEN`), "eager" the skew + SDPA
-    reference, "flex" forces FlexAttention. A plain attribute, not saved with the weights;
+    reference, "flex" forces FlexAttention, "triton" the fused Triton kernel (causal only: with
+    `attn_window` it uses FlexAttention). A plain attribute, not saved with the weights;
     decode_step and return_attention always take the eager path.
     """
 
@@ -425,8 +431,11 @@ class MusicGPT(nn.Module):
         if attn_window is not None and attn_window >= T:
             attn_window = None  # a window covering everything is plain causal attention
         attn_dropout = self.training and self.config.attention_dropout > 0
-        if (relative and not return_attention
-                and fast_attention.use_flex(self.attn_impl, idx.device, attn_dropout, T)):
+        kernel = (fast_attention.fused_kernel(self.attn_impl, idx.device, attn_dropout, T)
+                  if relative and not return_attention else None)
+        if kernel == "triton" and attn_window is None:
+            plan = _Plan(None, False, None, False, None, triton=True)
+        elif kernel is not None and fast_attention.flex_attention is not None:
             plan = _Plan(None, False, None, False, None,
                          fast_attention.causal_block_mask(T, attn_window, idx.device))
         elif relative or attn_window is not None:

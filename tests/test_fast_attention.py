@@ -136,15 +136,16 @@ def test_default_path_on_cpu_is_the_eager_skew(monkeypatch):
 
 def test_auto_picks_flex_on_cuda_for_long_sequences_without_attention_dropout():
     cpu, cuda, long = torch.device("cpu"), torch.device("cuda"), fast_attention.FLEX_MIN_LEN
-    assert not fast_attention.use_flex("auto", cpu, False, long)
-    assert not fast_attention.use_flex("auto", cuda, True, long)
-    assert not fast_attention.use_flex("auto", cuda, False, long - 1)  # the eager skew measured faster
-    assert not fast_attention.use_flex("eager", cuda, False, long)
+    pick = fast_attention.fused_kernel
+    assert pick("auto", cpu, False, long) is None
+    assert pick("auto", cuda, True, long) is None
+    assert pick("auto", cuda, False, long - 1) is None  # the eager skew measured faster there
+    assert pick("eager", cuda, False, long) is None
     if fast_attention.flex_attention is not None:
-        assert fast_attention.use_flex("auto", cuda, False, long)
-        assert fast_attention.use_flex("flex", cpu, True, 16)
-    with pytest.raises(MusicGPTError, match="one of auto, eager, flex"):
-        fast_attention.use_flex("triton", cpu, False, long)
+        assert pick("auto", cuda, False, long) == "flex"
+        assert pick("flex", cpu, True, 16) == "flex"
+    with pytest.raises(MusicGPTError, match="one of auto, eager, flex, triton"):
+        pick("cudnn", cpu, False, long)
 
 
 # ----------------------------------------------------------------------------- graph decoding

@@ -1,0 +1,212 @@
+"""Fused Music-Transformer relative attention in Triton: no L x L tensor and no [L, R] logits.
+
+FlexAttention (musicgpt.fast_attention) needs the relative logits R = q E_r^T as a real
+[B, H, L, min(L, max_rel_dist)] tensor, saved for the backward, whose gradient it scatters with
+atomic adds. Here every tile computes its share of them itself. A query tile (rows m0..m0+BM-1)
+meets a key tile (columns n0..n0+BN-1) at distances m0 - n0 - (BN - 1) ... m0 - n0 + BM - 1, a
+band of BM + BN - 1 consecutive rows of E_r. One tensor-core product q @ band^T gives every
+(query, distance) pair of the tile, and a per-row shift picks the (query, key) ones:
+
+    band rows:  d0  d0+1  d0+2  d0+3      qe = q @ band^T, BM = BN = 2, d0 = m0 - n0 - 1
+    qe row a=0:  x0   x1    x2    -        S_rel[a, b] = qe[a, a - b + BN - 1]
+    qe row a=1:  y0   y1    y2    -        S_rel = [[x1, x0],
+                                                    [y2, y1]]
+
+which is the skew of model.relative_logits done inside a tile (`tl.gather`). The backward runs
+the shift the other way on dS and adds `dqe^T @ q` into dE_r, a [2 BN, D] block per tile.
+Distances past max_rel_dist - 1 read (and train) the last row, as in the eager path.
+
+Causal attention only (no sliding window, no dropout); CUDA, or Triton's interpreter on CPU
+(TRITON_INTERPRET=1), which is what the CPU tests run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the installation
+    triton = tl = None
+
+BLOCK = 64  # query and key tile size on the GPU (untuned); the tests use 16
+
+
+def available() -> bool:
+    return triton is not None and hasattr(tl, "gather")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_logits(q, k, e_base, m0, n0, R, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Unscaled q k^T + S_rel of one tile, and the band of E_r rows it used."""
+        offs_w = tl.arange(0, 2 * BLOCK)
+        offs_d = tl.arange(0, D)
+        rows = tl.minimum(tl.maximum(m0 - n0 - (BLOCK - 1) + offs_w, 0), R - 1)
+        band = tl.load(e_base + rows[:, None] * D + offs_d[None, :])
+        qe = tl.dot(q, tl.trans(band))  # [BLOCK, 2 BLOCK]: every query against every distance
+        a = tl.arange(0, BLOCK)
+        shift = a[:, None] - a[None, :] + BLOCK - 1  # column of qe holding (a, b)'s distance
+        return tl.dot(q, tl.trans(k)) + tl.gather(qe, shift, 1), band, rows
+
+    @triton.jit
+    def _forward(Q, K, V, E, O, LSE, H, T, R, scale,
+                 D: tl.constexpr, BLOCK: tl.constexpr):
+        start_m, bh = tl.program_id(0), tl.program_id(1)
+        base = bh.to(tl.int64) * T * D
+        e_base = E + (bh % H) * R * D
+        offs_m = start_m * BLOCK + tl.arange(0, BLOCK)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < T,
+                    other=0.0)
+        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK], tl.float32)
+        acc = tl.zeros([BLOCK, D], tl.float32)
+        for n0 in range(0, tl.minimum((start_m + 1) * BLOCK, T), BLOCK):
+            cols = n0 + offs_n
+            kv_mask = cols[:, None] < T
+            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            s, band, rows = _tile_logits(q, k, e_base, start_m * BLOCK, n0, R, D, BLOCK)
+            s = tl.where((offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T), s * scale,
+                         float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        row_ok = offs_m < T
+        tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log(l_i), mask=row_ok)
+
+    @triton.jit
+    def _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R, scale,
+                          D: tl.constexpr, BLOCK: tl.constexpr):
+        """Recompute one tile's probabilities P and return P and dS (gradient of the scaled
+        logits), with the band of E_r rows the tile used."""
+        rows_q = m0 + tl.arange(0, BLOCK)
+        cols = n0 + tl.arange(0, BLOCK)
+        s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK)
+        visible = (rows_q[:, None] >= cols[None, :]) & (cols[None, :] < T) & (rows_q[:, None] < T)
+        p = tl.where(visible, tl.exp(s * scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        return p, p * (dp - delta[:, None]), band, rows
+
+    @triton.jit
+    def _backward_dq_de(Q, K, V, DO, LSE, DELTA, E, DQ, DE, H, T, R, scale,
+                        D: tl.constexpr, BLOCK: tl.constexpr):
+        """dq for one query tile over its key tiles; each tile's dE_r band added atomically."""
+        start_m, bh = tl.program_id(0), tl.program_id(1)
+        base = bh.to(tl.int64) * T * D
+        e_base = E + (bh % H) * R * D
+        de_base = DE + (bh % H) * R * D
+        m0 = start_m * BLOCK
+        offs_m = m0 + tl.arange(0, BLOCK)
+        offs_n = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m < T
+        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+        a = tl.arange(0, BLOCK)
+        w = tl.arange(0, 2 * BLOCK)
+        back = a[:, None] - w[None, :] + BLOCK - 1  # key column of (query a, band row w)
+        back_ok = (back >= 0) & (back < BLOCK)
+        back = tl.minimum(tl.maximum(back, 0), BLOCK - 1)
+        dq = tl.zeros([BLOCK, D], tl.float32)
+        for n0 in range(0, tl.minimum(m0 + BLOCK, T), BLOCK):
+            cols = n0 + offs_n
+            kv_mask = cols[:, None] < T
+            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            p, ds, band, rows = _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R,
+                                                  scale, D, BLOCK)
+            dqe = tl.where(back_ok, tl.gather(ds, back, 1), 0.0)  # dS moved back to distances
+            dq += tl.dot(ds.to(k.dtype), k) + tl.dot(dqe.to(band.dtype), band)
+            de = tl.dot(tl.trans(dqe.to(q.dtype)), q) * scale  # [2 BLOCK, D]
+            tl.atomic_add(de_base + rows[:, None] * D + offs_d[None, :], de)
+        tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _backward_dk_dv(Q, K, V, DO, LSE, DELTA, E, DK, DV, H, T, R, scale,
+                        D: tl.constexpr, BLOCK: tl.constexpr):
+        """dk and dv for one key tile over the query tiles that see it."""
+        start_n, bh = tl.program_id(0), tl.program_id(1)
+        base = bh.to(tl.int64) * T * D
+        e_base = E + (bh % H) * R * D
+        n0 = start_n * BLOCK
+        cols = n0 + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        col_ok = cols < T
+        k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK, D], tl.float32)
+        dv = tl.zeros([BLOCK, D], tl.float32)
+        for m0 in range(n0, T, BLOCK):
+            offs_m = m0 + tl.arange(0, BLOCK)
+            row_ok = offs_m < T
+            q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                         other=0.0)
+            lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
+            p, ds, band, rows = _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R,
+                                                  scale, D, BLOCK)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        tl.store(DK + base + cols[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=col_ok[:, None])
+        tl.store(DV + base + cols[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=col_ok[:, None])
+
+
+class _RelativeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, block: int) -> Tensor:
+        B, H, T, D = q.shape
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        e = rel_emb.to(q.dtype).contiguous()  # tl.dot wants both operands in one dtype
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
+        grid = (triton.cdiv(T, block), B * H)
+        _forward[grid](q, k, v, e, o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block)
+        ctx.save_for_backward(q, k, v, e, o, lse)
+        ctx.block, ctx.emb_dtype = block, rel_emb.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, e, o, lse = ctx.saved_tensors
+        B, H, T, D = q.shape
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), the softmax backward's term
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
+        grid = (triton.cdiv(T, ctx.block), B * H)
+        args = (H, T, e.size(1), D ** -0.5)
+        _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, *args, D=D, BLOCK=ctx.block)
+        _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, D=D, BLOCK=ctx.block)
+        return dq, dk, dv, de.to(ctx.emb_dtype), None
+
+
+def relative_triton_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor,
+                              block: int = BLOCK) -> Tensor:
+    """Causal softmax(q k^T / sqrt(D) + S_rel) v, S_rel[i, j] = q_i . E_r[min(i - j, R - 1)] / sqrt(D).
+
+    q, k, v: [B, H, T, D]; rel_emb: [H, R, D]. Differentiable in all four; D and `block` must be
+    powers of two of at least 16.
+    """
+    if not available():
+        raise RuntimeError("the fused relative-attention kernel needs Triton >= 3.2 (tl.gather)")
+    return _RelativeAttention.apply(q, k, v, rel_emb, block)
