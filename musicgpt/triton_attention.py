@@ -41,20 +41,22 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _tile_logits(q, k, e_base, m0, n0, R, D: tl.constexpr, BLOCK: tl.constexpr):
+    def _tile_logits(q, k, e_base, m0, n0, R, D: tl.constexpr, BLOCK: tl.constexpr,
+                     PREC: tl.constexpr):
         """Unscaled q k^T + S_rel of one tile, and the band of E_r rows it used."""
         offs_w = tl.arange(0, 2 * BLOCK)
         offs_d = tl.arange(0, D)
         rows = tl.minimum(tl.maximum(m0 - n0 - (BLOCK - 1) + offs_w, 0), R - 1)
         band = tl.load(e_base + rows[:, None] * D + offs_d[None, :])
-        qe = tl.dot(q, tl.trans(band))  # [BLOCK, 2 BLOCK]: every query against every distance
+        # [BLOCK, 2 BLOCK]: every query of the tile against every distance it meets
+        qe = tl.dot(q, tl.trans(band), input_precision=PREC)
         a = tl.arange(0, BLOCK)
         shift = a[:, None] - a[None, :] + BLOCK - 1  # column of qe holding (a, b)'s distance
-        return tl.dot(q, tl.trans(k)) + tl.gather(qe, shift, 1), band, rows
+        return tl.dot(q, tl.trans(k), input_precision=PREC) + tl.gather(qe, shift, 1), band, rows
 
     @triton.jit
     def _forward(Q, K, V, E, O, LSE, H, T, R, scale,
-                 D: tl.constexpr, BLOCK: tl.constexpr):
+                 D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
         start_m, bh = tl.program_id(0), tl.program_id(1)
         base = bh.to(tl.int64) * T * D
         e_base = E + (bh % H) * R * D
@@ -71,14 +73,14 @@ if triton is not None:
             kv_mask = cols[:, None] < T
             k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            s, band, rows = _tile_logits(q, k, e_base, start_m * BLOCK, n0, R, D, BLOCK)
+            s, band, rows = _tile_logits(q, k, e_base, start_m * BLOCK, n0, R, D, BLOCK, PREC)
             s = tl.where((offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T), s * scale,
                          float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         acc = acc / l_i[:, None]
         row_ok = offs_m < T
@@ -88,20 +90,20 @@ if triton is not None:
 
     @triton.jit
     def _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R, scale,
-                          D: tl.constexpr, BLOCK: tl.constexpr):
+                          D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
         """Recompute one tile's probabilities P and return P and dS (gradient of the scaled
         logits), with the band of E_r rows the tile used."""
         rows_q = m0 + tl.arange(0, BLOCK)
         cols = n0 + tl.arange(0, BLOCK)
-        s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK)
+        s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK, PREC)
         visible = (rows_q[:, None] >= cols[None, :]) & (cols[None, :] < T) & (rows_q[:, None] < T)
         p = tl.where(visible, tl.exp(s * scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         return p, p * (dp - delta[:, None]), band, rows
 
     @triton.jit
     def _backward_dq_de(Q, K, V, DO, LSE, DELTA, E, DQ, DE, H, T, R, scale,
-                        D: tl.constexpr, BLOCK: tl.constexpr):
+                        D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
         """dq for one query tile over its key tiles; each tile's dE_r band added atomically."""
         start_m, bh = tl.program_id(0), tl.program_id(1)
         base = bh.to(tl.int64) * T * D
@@ -112,7 +114,8 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         row_ok = offs_m < T
-        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
         do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
                      other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
@@ -129,17 +132,18 @@ if triton is not None:
             k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             p, ds, band, rows = _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R,
-                                                  scale, D, BLOCK)
+                                                  scale, D, BLOCK, PREC)
             dqe = tl.where(back_ok, tl.gather(ds, back, 1), 0.0)  # dS moved back to distances
-            dq += tl.dot(ds.to(k.dtype), k) + tl.dot(dqe.to(band.dtype), band)
-            de = tl.dot(tl.trans(dqe.to(q.dtype)), q) * scale  # [2 BLOCK, D]
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            dq += tl.dot(dqe.to(band.dtype), band, input_precision=PREC)
+            de = tl.dot(tl.trans(dqe.to(q.dtype)), q, input_precision=PREC) * scale  # [2 BLOCK, D]
             tl.atomic_add(de_base + rows[:, None] * D + offs_d[None, :], de)
         tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _backward_dk_dv(Q, K, V, DO, LSE, DELTA, E, DK, DV, H, T, R, scale,
-                        D: tl.constexpr, BLOCK: tl.constexpr):
+                        D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
         """dk and dv for one key tile over the query tiles that see it."""
         start_n, bh = tl.program_id(0), tl.program_id(1)
         base = bh.to(tl.int64) * T * D
@@ -162,13 +166,18 @@ if triton is not None:
             lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             p, ds, band, rows = _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R,
-                                                  scale, D, BLOCK)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        tl.store(DK + base + cols[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-                 mask=col_ok[:, None])
+                                                  scale, D, BLOCK, PREC)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        tl.store(DK + base + cols[:, None] * D + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
         tl.store(DV + base + cols[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty),
                  mask=col_ok[:, None])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get fp32 products (tl.dot would round them to TF32); bf16/fp16 use tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 class _RelativeAttention(torch.autograd.Function):
@@ -180,9 +189,10 @@ class _RelativeAttention(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(T, block), B * H)
-        _forward[grid](q, k, v, e, o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block)
+        prec = _precision(q.dtype)
+        _forward[grid](q, k, v, e, o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block, PREC=prec)
         ctx.save_for_backward(q, k, v, e, o, lse)
-        ctx.block, ctx.emb_dtype = block, rel_emb.dtype
+        ctx.block, ctx.emb_dtype, ctx.prec = block, rel_emb.dtype, prec
         return o
 
     @staticmethod
@@ -195,14 +205,15 @@ class _RelativeAttention(torch.autograd.Function):
         de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
         grid = (triton.cdiv(T, ctx.block), B * H)
         args = (H, T, e.size(1), D ** -0.5)
-        _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, *args, D=D, BLOCK=ctx.block)
-        _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, D=D, BLOCK=ctx.block)
+        meta = dict(D=D, BLOCK=ctx.block, PREC=ctx.prec)
+        _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, *args, **meta)
+        _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
         return dq, dk, dv, de.to(ctx.emb_dtype), None
 
 
 def relative_triton_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor,
                               block: int = BLOCK) -> Tensor:
-    """Causal softmax(q k^T / sqrt(D) + S_rel) v, S_rel[i, j] = q_i . E_r[min(i - j, R - 1)] / sqrt(D).
+    """Causal softmax((q k^T + S_rel) / sqrt(D)) v with S_rel[i, j] = q_i . E_r[min(i - j, R - 1)].
 
     q, k, v: [B, H, T, D]; rel_emb: [H, R, D]. Differentiable in all four; D and `block` must be
     powers of two of at least 16.

@@ -43,9 +43,9 @@ from musicgpt.generate import SamplingConfig
 from musicgpt.generate import generate as musicgpt_generate
 from musicgpt.model import CausalSelfAttention, MusicGPT, _Plan, preset
 
-VARIANTS = ("eager", "flex", "sdpa", "peer")
-LABELS = {"eager": "eager skew + SDPA mask", "flex": "FlexAttention", "sdpa": "plain causal SDPA",
-          "peer": "peer (gwinndr)"}
+VARIANTS = ("eager", "flex", "triton", "sdpa", "peer")
+LABELS = {"eager": "eager skew + SDPA mask", "flex": "FlexAttention", "triton": "fused Triton",
+          "sdpa": "plain causal SDPA", "peer": "peer (gwinndr)"}
 SAMPLERS = ("cache", "graph", "peer")
 SAMPLER_LABELS = {"cache": "ours, `generate` on the KV cache (decode_step)",
                   "graph": "ours, `generate` on the static cache (CUDA graph on CUDA)",
@@ -164,6 +164,8 @@ def layer_workload(args, variant: str, n: int, device: torch.device, train: bool
         elif variant == "flex":
             plan = _Plan(None, False, None, False, None,
                          fast_attention.causal_block_mask(n, None, device))
+        elif variant == "triton":
+            plan = _Plan(None, False, None, False, None, triton=True)
         else:
             plan = _Plan(None, True, None, False, None)
         run = lambda: layer(x, plan)[0]
@@ -239,6 +241,8 @@ def unsupported(args, job: dict) -> str | None:
     """Why a measurement cannot run here, or None."""
     if job["variant"] == "flex" and job["mode"] == "train" and args.device == "cpu":
         return "n/a (no CPU backward)"
+    if job["variant"] == "triton" and not args.device.startswith("cuda"):
+        return "n/a (CUDA only)"
     return None
 
 
@@ -354,7 +358,7 @@ def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
                 groups.setdefault(f"sample-{v}", []).append(dict(mode="sample", variant=v))
     # The baseline and the fast path first, the eager reference (slowest, most likely to run
     # out of memory) last, so a run cut short still has ratios and the peer comparison.
-    order = ["sdpa", "flex"] + [f"sample-{v}" for v in SAMPLERS] + ["peer", "eager"]
+    order = ["sdpa", "triton", "flex"] + [f"sample-{v}" for v in SAMPLERS] + ["peer", "eager"]
     rank = lambda job: order.index(job["variant"] if job["mode"] != "sample"
                                    else f"sample-{job['variant']}")
     batches = sorted(groups.values(), key=lambda b: rank(b[0]))

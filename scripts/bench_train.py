@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, help="override the preset's dropout (CPU SDPA only "
                    "uses its fused kernel without dropout)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--attn-impl", default="auto", choices=("auto", "eager", "flex", "triton"),
+                   help="relative attention kernel (MusicGPT.attn_impl)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "<attention>:<seq_len>", internal
     return p.parse_args(argv)
 
@@ -59,6 +61,8 @@ def train_steps(args: argparse.Namespace, attention: str, seq_len: int) -> dict:
     if cfg.context_len < seq_len:  # the absolute model needs a position per token
         cfg = preset(args.preset, **overrides, context_len=seq_len)
     model = MusicGPT(cfg).to(device)
+    if attention == "relative":
+        model.attn_impl = args.attn_impl
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(0)
@@ -147,7 +151,8 @@ def main() -> None:
     mem_kind = ("CUDA max_memory_allocated growth" if args.device.startswith("cuda")
                 else "peak RSS growth (ru_maxrss), fresh process per row")
     compiled = ", compiled" if args.compile else ""
-    print(f"\nModel preset `{args.preset}` (dropout {dropout}), batch {args.batch_size}, "
+    print(f"\nModel preset `{args.preset}` (dropout {dropout}), relative attention {args.attn_impl}, "
+          f"batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.repeats}, "
           f"{args.dtype}{compiled}, {machine(args)}. Memory: {mem_kind}.\n")
     print("| seq len | relative tok/s | absolute tok/s | rel/abs speed "

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU checks for the fast attention paths, in two parts that each fit one device call:
+# GPU checks for the fast attention paths, in parts that each fit one device call:
 #   bash scripts/gpu_check.sh 1   the CUDA correctness tests, bench_train (the product's training
 #                                 step, base, bf16, L = 2048) and bench_sample (base, bf16, batch 1,
 #                                 2048 tokens: CUDA graph vs KV cache vs recompute); about 5 minutes
 #   bash scripts/gpu_check.sh 2   bench_attention: layer and whole model at L = 1024..8192 for the
 #                                 eager skew, FlexAttention, plain causal SDPA and the peer, and
 #                                 sampling 2048 tokens against the peer; about 5 minutes
+#   bash scripts/gpu_check.sh 3   the fused Triton kernel: CUDA tests, training step, kernel tables
+#                                 against FlexAttention and flash; about 8 minutes
 # Logs and tables land in $OUT (default scratch/gpu_out); each step has its own time limit.
 #
 # The peer (gwinndr/MusicTransformer-Pytorch) is never part of this repository: copy it into an
@@ -39,24 +41,32 @@ PART=${1:-1}
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-if [ "$PART" = 1 ]; then
-    step tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_attention.py
-
-    # The training step as `musicgpt train` runs it on CUDA (presets' dropout; "auto" attention:
-    # FlexAttention for relative, flash SDPA for the absolute baseline), base preset, bf16.
+case $PART in
+1)  step tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_attention.py
+    # The training step as `musicgpt train` runs it on CUDA, base preset, bf16.
     step bench_train 130 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
         --seq-lens 2048 --batch-size 4 --steps 5 --warmup 2
-fi
-if [ "$PART" = 2 ]; then  # the fused-kernel test again (part 1 found a bug in the test itself)
-    step tests_fused 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_attention.py -k "fused or replay or generate"
-fi
-if [ "$PART" != 3 ]; then  # part 2: sampling, then the kernel tables
+    step bench_sample 110 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
+        --batch 1 --lengths 2048 --repeats 1 --recompute-steps 3 ;;
+2)  step tests_fused 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_attention.py \
+        -k "fused or replay or generate"
     step bench_sample 110 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
         --batch 1 --lengths 2048 --repeats 1 --recompute-steps 3
-fi
-if [ "$PART" != 1 ]; then
     step bench_attention 280 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
         --seq-lens 1024,2048,4096,8192 --batch-size 2 --peer-path "$PEER_PATH" --steps 3 --warmup 1 \
-        --scopes ${SCOPES:-model,layer} --sample-tokens 2048 --timeout 120 \
+        --variants eager,flex,sdpa,peer --scopes ${SCOPES:-model,layer} --sample-tokens 2048 \
+        --timeout 120 --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json" ;;
+3)  # The fused Triton kernel (written after parts 1 and 2 ran; not yet run on a GPU): its CUDA
+    # tests, the training step with it, the kernel tables against FlexAttention and flash, and
+    # bench_sample again (KV-cache steps now kept off cuDNN SDPA).
+    step tests_triton 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_triton_attention.py \
+        tests/test_fast_attention.py -k "not cpu"
+    step bench_train_triton 120 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
+        --seq-lens 2048,8192 --batch-size 2 --steps 5 --warmup 2 --attn-impl triton
+    step bench_attention 240 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
+        --seq-lens 1024,2048,4096,8192 --batch-size 2 --steps 3 --warmup 1 \
+        --variants sdpa,triton,flex,eager --scopes model,layer --sample-tokens 0 --timeout 110 \
         --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json"
-fi
+    step bench_sample 60 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
+        --batch 1 --lengths 2048 --repeats 1 --recompute-steps 3 ;;
+esac

@@ -65,6 +65,20 @@ def test_outputs_and_gradients_equal_the_eager_skew(kernels, T, R):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-5, msg=f"grad wrt {name}")
 
 
+@pytest.mark.skipif(not CUDA, reason="bf16 tensor-core tiles at the GPU block size need CUDA")
+def test_bf16_at_the_default_block_size_on_cuda(kernels):
+    q, k, v, rel = inputs(300, 128, H=4, D=64)
+    got = kernels.relative_triton_attention(*(t.bfloat16() for t in (q, k, v, rel)))
+    want = skew_reference(q, k, v, rel)
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=3e-2)
+    weights = torch.randn_like(want)
+    g_got = torch.autograd.grad((got.float() * weights).sum(), (q, k, v, rel))
+    g_want = torch.autograd.grad((want * weights).sum(), (q, k, v, rel))
+    for name, a, b in zip("qkvE", g_got, g_want):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=0, atol=3e-2 * scale, msg=f"grad wrt {name}")
+
+
 def test_model_with_the_triton_kernel_matches_the_default_path(kernels):
     model = make_model(max_rel_dist=24, n_embd=32, n_head=2)  # d_head 16: tl.dot's minimum
     idx = torch.randint(0, 390, (2, 50), generator=torch.Generator().manual_seed(3))
