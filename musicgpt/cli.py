@@ -138,7 +138,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from musicgpt.generate import SamplingConfig, sample_files
+    from musicgpt.generate import SamplingConfig
+    from musicgpt.sample import sample_files
 
     names = ("greedy", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
              "num_beams", "length_penalty")

@@ -7,7 +7,7 @@ import pytest
 
 from musicgpt import checkpoint
 from musicgpt.cli import main
-from musicgpt.generate import sample_files
+from musicgpt.sample import sample_files
 
 from conftest import make_piece
 
