@@ -269,3 +269,12 @@ def collate(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Te
     """Stack (inputs, targets) pairs into a batch."""
     xs, ys = zip(*examples)
     return torch.stack(xs), torch.stack(ys)
+
+
+def eval_batches(pieces: list[Piece], seq_len: int, config: CodecConfig, batch_size: int,
+                 limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`eval_windows` in batches; with `limit`, an evenly spread subset of that many windows."""
+    windows = eval_windows(pieces, seq_len, config)
+    if limit is not None and len(windows) > limit:
+        windows = [windows[i * len(windows) // limit] for i in range(limit)]
+    return [collate(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]

@@ -73,13 +73,12 @@ def loss_on_pieces(model, pieces: list[data.Piece], codec_config, *, seq_len: in
     """(nats/token, targets scored, windows) over non-overlapping seq_len windows of `pieces`."""
     from musicgpt.train import evaluate
 
-    windows = data.eval_windows(pieces, seq_len, codec_config)
-    batches = [data.collate(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    batches = data.eval_batches(pieces, seq_len, codec_config, batch_size)
     tokens = sum(int((y != data.IGNORE_INDEX).sum()) for _, y in batches)
     bar = tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False)
     # fp32 everywhere: a reported figure should not depend on the device's autocast.
     nats = evaluate(model, bar, device, nullcontext())
-    return nats, tokens, len(windows)
+    return nats, tokens, sum(len(x) for x, _ in batches)
 
 
 def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,

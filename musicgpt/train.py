@@ -222,12 +222,9 @@ def evaluate(model: MusicGPT, batches: list[tuple[torch.Tensor, torch.Tensor]], 
 
 
 def _val_batches(pieces, cfg: TrainConfig, codec_config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    windows = data.eval_windows(pieces, cfg.seq_len, codec_config)
     # A fixed, evenly spread subset keeps evaluation quick and comparable between evaluations.
-    limit = cfg.eval_batches * cfg.batch_size
-    if len(windows) > limit:
-        windows = [windows[i * len(windows) // limit] for i in range(limit)]
-    return [data.collate(windows[i : i + cfg.batch_size]) for i in range(0, len(windows), cfg.batch_size)]
+    return data.eval_batches(pieces, cfg.seq_len, codec_config, cfg.batch_size,
+                             limit=cfg.eval_batches * cfg.batch_size)
 
 
 class RunLog:
