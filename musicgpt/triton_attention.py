@@ -180,6 +180,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _warps(block: int) -> int:
+    return 8 if block >= 128 else 4  # a 128 x 256 band of fp32 logits needs the registers
+
+
 class _RelativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, block: int) -> Tensor:
@@ -190,7 +194,8 @@ class _RelativeAttention(torch.autograd.Function):
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(T, block), B * H)
         prec = _precision(q.dtype)
-        _forward[grid](q, k, v, e, o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block, PREC=prec)
+        _forward[grid](q, k, v, e, o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block, PREC=prec,
+                       num_warps=_warps(block))
         ctx.save_for_backward(q, k, v, e, o, lse)
         ctx.block, ctx.emb_dtype, ctx.prec = block, rel_emb.dtype, prec
         return o
@@ -205,19 +210,19 @@ class _RelativeAttention(torch.autograd.Function):
         de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
         grid = (triton.cdiv(T, ctx.block), B * H)
         args = (H, T, e.size(1), D ** -0.5)
-        meta = dict(D=D, BLOCK=ctx.block, PREC=ctx.prec)
+        meta = dict(D=D, BLOCK=ctx.block, PREC=ctx.prec, num_warps=_warps(ctx.block))
         _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, *args, **meta)
         _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
         return dq, dk, dv, de.to(ctx.emb_dtype), None
 
 
 def relative_triton_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor,
-                              block: int = BLOCK) -> Tensor:
+                              block: int | None = None) -> Tensor:
     """Causal softmax((q k^T + S_rel) / sqrt(D)) v with S_rel[i, j] = q_i . E_r[min(i - j, R - 1)].
 
     q, k, v: [B, H, T, D]; rel_emb: [H, R, D]. Differentiable in all four; D and `block` must be
-    powers of two of at least 16.
+    powers of two of at least 16 (block: tile size, default the module's BLOCK).
     """
     if not available():
         raise RuntimeError("the fused relative-attention kernel needs Triton >= 3.2 (tl.gather)")
-    return _RelativeAttention.apply(q, k, v, rel_emb, block)
+    return _RelativeAttention.apply(q, k, v, rel_emb, block or BLOCK)

@@ -46,6 +46,19 @@ from musicgpt.model import CausalSelfAttention, MusicGPT, _Plan, preset
 VARIANTS = ("eager", "flex", "triton", "sdpa", "peer")
 LABELS = {"eager": "eager skew + SDPA mask", "flex": "FlexAttention", "triton": "fused Triton",
           "sdpa": "plain causal SDPA", "peer": "peer (gwinndr)"}
+
+
+def label(variant: str) -> str:
+    """Column title; "tritonN" is the Triton kernel with N x N tiles (plain "triton": 64)."""
+    if variant.startswith("triton") and variant != "triton":
+        return f"fused Triton, {variant[6:]}-tiles"
+    return LABELS[variant]
+
+
+def triton_block(variant: str) -> int:
+    from musicgpt import triton_attention
+
+    return int(variant[6:]) if variant != "triton" else triton_attention.BLOCK
 SAMPLERS = ("cache", "graph", "peer")
 SAMPLER_LABELS = {"cache": "ours, `generate` on the KV cache (decode_step)",
                   "graph": "ours, `generate` on the static cache (CUDA graph on CUDA)",
@@ -139,6 +152,13 @@ def model_config(args, variant: str, max_len: int):
     return cfg
 
 
+def use_triton_block(block: int) -> None:
+    """Run the Triton kernel with `block` x `block` tiles (model.py calls the module attribute)."""
+    from musicgpt import triton_attention
+
+    triton_attention.BLOCK = block
+
+
 def use_compiled_flex_on_cpu() -> None:
     """Forward-only timing on CPU should see inductor's fused CPU kernel, not the unfused
     reference that the library uses off CUDA (model.py calls this module attribute)."""
@@ -164,8 +184,9 @@ def layer_workload(args, variant: str, n: int, device: torch.device, train: bool
         elif variant == "flex":
             plan = _Plan(None, False, None, False, None,
                          fast_attention.causal_block_mask(n, None, device))
-        elif variant == "triton":
+        elif variant.startswith("triton"):
             plan = _Plan(None, False, None, False, None, triton=True)
+            use_triton_block(triton_block(variant))
         else:
             plan = _Plan(None, True, None, False, None)
         run = lambda: layer(x, plan)[0]
@@ -184,7 +205,10 @@ def model_workload(args, variant: str, n: int, device: torch.device, train: bool
         run = lambda: F.cross_entropy(model(x).float().reshape(-1, cfg.vocab_size), y.reshape(-1))
     else:
         model = MusicGPT(cfg).to(device)
-        if variant != "sdpa":
+        if variant.startswith("triton"):
+            use_triton_block(triton_block(variant))
+            model.attn_impl = "triton"
+        elif variant != "sdpa":
             model.attn_impl = variant
         run = lambda: model(x, y)[1]
     model.train(train)
@@ -241,7 +265,7 @@ def unsupported(args, job: dict) -> str | None:
     """Why a measurement cannot run here, or None."""
     if job["variant"] == "flex" and job["mode"] == "train" and args.device == "cpu":
         return "n/a (no CPU backward)"
-    if job["variant"] == "triton" and not args.device.startswith("cuda"):
+    if job["variant"].startswith("triton") and not args.device.startswith("cuda"):
         return "n/a (CUDA only)"
     return None
 
@@ -359,7 +383,8 @@ def plan_jobs(args: argparse.Namespace) -> list[list[dict]]:
     # The baseline and the fast path first, the eager reference (slowest, most likely to run
     # out of memory) last, so a run cut short still has ratios and the peer comparison.
     order = ["sdpa", "triton", "flex"] + [f"sample-{v}" for v in SAMPLERS] + ["peer", "eager"]
-    rank = lambda job: order.index(job["variant"] if job["mode"] != "sample"
+    rank = lambda job: order.index("triton" if job["variant"].startswith("triton")
+                                   else job["variant"] if job["mode"] != "sample"
                                    else f"sample-{job['variant']}")
     batches = sorted(groups.values(), key=lambda b: rank(b[0]))
     if not args.device.startswith("cuda"):
@@ -432,7 +457,7 @@ def report(args, best: dict) -> str:
             for field, unit, spec in (("tokens_per_s", "tokens/s", ",.0f"),
                                       ("peak_mib", "peak MiB", ",.0f")):
                 lines += [f"{titles[mode].capitalize()}, {what}, {unit} (x plain SDPA):", "",
-                          "| L | " + " | ".join(LABELS[v] for v in variants) + " |",
+                          "| L | " + " | ".join(label(v) for v in variants) + " |",
                           "|---:|" + "---:|" * len(variants)]
                 for n in lens:
                     base = get("sdpa", n) if "sdpa" in variants else None

@@ -65,7 +65,7 @@ case $PART in
         --seq-lens 2048,8192 --batch-size 2 --steps 5 --warmup 2 --attn-impl triton
     step bench_attention 240 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
         --seq-lens 1024,2048,4096,8192 --batch-size 2 --steps 3 --warmup 1 \
-        --variants sdpa,triton,flex,eager --scopes model,layer --sample-tokens 0 --timeout 110 \
+        --variants sdpa,triton,triton128,triton32,flex,eager --scopes model,layer --sample-tokens 0 --timeout 110 \
         --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json"
     step bench_sample 60 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
         --batch 1 --lengths 2048 --repeats 1 --recompute-steps 3 ;;
