@@ -14,7 +14,10 @@ band of BM + BN - 1 consecutive rows of E_r. One tensor-core product q @ band^T 
 
 which is the skew of model.relative_logits done inside a tile (`tl.gather`). The backward runs
 the shift the other way on dS and adds `dqe^T @ q` into dE_r, a [2 BN, D] block per tile.
-Distances past max_rel_dist - 1 read (and train) the last row, as in the eager path.
+Distances past max_rel_dist - 1 read (and train) the last row, as in the eager path; a tile whose
+every distance is past it (most tiles of a sequence much longer than max_rel_dist) needs no band:
+its relative term is q_i . E_r[R - 1] for every key, one dot product per query row, and its
+gradient a row sum of dS.
 
 Causal attention only (no sliding window, no dropout); CUDA, or Triton's interpreter on CPU
 (TRITON_INTERPRET=1), which is what the CPU tests run.
@@ -55,12 +58,34 @@ if triton is not None:
         return tl.dot(q, tl.trans(k), input_precision=PREC) + tl.gather(qe, shift, 1), band, rows
 
     @triton.jit
+    def _clipped(q, e_base, R, D: tl.constexpr):
+        """q_i . E_r[R - 1] per query: the whole relative term of a far tile, where every
+        distance is past the last embedding (no band, no gather)."""
+        last = tl.load(e_base + (R - 1) * D + tl.arange(0, D))
+        return tl.sum(q.to(tl.float32) * last.to(tl.float32)[None, :], 1), last
+
+    @triton.jit
+    def _far_tiles_end(m0, R, BLOCK: tl.constexpr):
+        """Key tiles n0 < this are far for query tile m0: m0 - (n0 + BLOCK - 1) >= R - 1."""
+        return tl.maximum(m0 - R + 2, 0) // BLOCK * BLOCK
+
+    @triton.jit
+    def _softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+        """One key tile of the online softmax (flash attention's running max and sum)."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+    @triton.jit
     def _forward(Q, K, V, E, O, LSE, H, T, R, scale,
                  D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
         start_m, bh = tl.program_id(0), tl.program_id(1)
         base = bh.to(tl.int64) * T * D
         e_base = E + (bh % H) * R * D
-        offs_m = start_m * BLOCK + tl.arange(0, BLOCK)
+        m0 = start_m * BLOCK
+        offs_m = m0 + tl.arange(0, BLOCK)
         offs_n = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < T,
@@ -68,20 +93,23 @@ if triton is not None:
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, D], tl.float32)
-        for n0 in range(0, tl.minimum((start_m + 1) * BLOCK, T), BLOCK):
+        far_end = _far_tiles_end(m0, R, BLOCK)
+        clipped, last = _clipped(q, e_base, R, D)
+        for n0 in range(0, far_end, BLOCK):  # far tiles: every key visible, S_rel = clipped
+            cols = n0 + offs_n
+            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
+            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
+            s = (tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]) * scale
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
+        for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
             kv_mask = cols[:, None] < T
             k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            s, band, rows = _tile_logits(q, k, e_base, start_m * BLOCK, n0, R, D, BLOCK, PREC)
+            s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK, PREC)
             s = tl.where((offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T), s * scale,
                          float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
         acc = acc / l_i[:, None]
         row_ok = offs_m < T
         tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -89,17 +117,12 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log(l_i), mask=row_ok)
 
     @triton.jit
-    def _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R, scale,
-                          D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
-        """Recompute one tile's probabilities P and return P and dS (gradient of the scaled
-        logits), with the band of E_r rows the tile used."""
-        rows_q = m0 + tl.arange(0, BLOCK)
-        cols = n0 + tl.arange(0, BLOCK)
-        s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK, PREC)
-        visible = (rows_q[:, None] >= cols[None, :]) & (cols[None, :] < T) & (rows_q[:, None] < T)
+    def _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC: tl.constexpr):
+        """Recomputed probabilities P of a tile from its unscaled logits, and dS, the gradient
+        of the scaled logits."""
         p = tl.where(visible, tl.exp(s * scale - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        return p, p * (dp - delta[:, None]), band, rows
+        return p, p * (dp - delta[:, None])
 
     @triton.jit
     def _backward_dq_de(Q, K, V, DO, LSE, DELTA, E, DQ, DE, H, T, R, scale,
@@ -126,18 +149,34 @@ if triton is not None:
         back_ok = (back >= 0) & (back < BLOCK)
         back = tl.minimum(tl.maximum(back, 0), BLOCK - 1)
         dq = tl.zeros([BLOCK, D], tl.float32)
-        for n0 in range(0, tl.minimum(m0 + BLOCK, T), BLOCK):
+        far_end = _far_tiles_end(m0, R, BLOCK)
+        clipped, last = _clipped(q, e_base, R, D)
+        far_ds = tl.zeros([BLOCK], tl.float32)  # sum of dS over far keys: the clipped term's
+        for n0 in range(0, far_end, BLOCK):
+            cols = n0 + offs_n
+            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
+            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]
+            p, ds = _probs_and_grad(s, row_ok[:, None], v, do, lse, delta, scale, PREC)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            far_ds += tl.sum(ds, 1)
+        for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
             kv_mask = cols[:, None] < T
             k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            p, ds, band, rows = _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R,
-                                                  scale, D, BLOCK, PREC)
+            s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK, PREC)
+            visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T) & row_ok[:, None]
+            p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
             dqe = tl.where(back_ok, tl.gather(ds, back, 1), 0.0)  # dS moved back to distances
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             dq += tl.dot(dqe.to(band.dtype), band, input_precision=PREC)
             de = tl.dot(tl.trans(dqe.to(q.dtype)), q, input_precision=PREC) * scale  # [2 BLOCK, D]
             tl.atomic_add(de_base + rows[:, None] * D + offs_d[None, :], de)
+        dq += far_ds[:, None] * last.to(tl.float32)[None, :]
+        if far_end > 0:
+            tl.atomic_add(de_base + (R - 1) * D + offs_d,
+                          tl.sum(far_ds[:, None] * q.to(tl.float32), 0) * scale)
         tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -156,6 +195,7 @@ if triton is not None:
         v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         dk = tl.zeros([BLOCK, D], tl.float32)
         dv = tl.zeros([BLOCK, D], tl.float32)
+        near_end = (n0 + R + 2 * BLOCK - 3) // BLOCK * BLOCK  # first query tile that is far
         for m0 in range(n0, T, BLOCK):
             offs_m = m0 + tl.arange(0, BLOCK)
             row_ok = offs_m < T
@@ -165,8 +205,14 @@ if triton is not None:
                          other=0.0)
             lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-            p, ds, band, rows = _tile_grad_logits(q, k, v, do, lse, delta, e_base, m0, n0, T, R,
-                                                  scale, D, BLOCK, PREC)
+            if m0 >= near_end:
+                clipped, last = _clipped(q, e_base, R, D)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]
+                visible = row_ok[:, None] & col_ok[None, :]
+            else:
+                s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK, PREC)
+                visible = (offs_m[:, None] >= cols[None, :]) & col_ok[None, :] & row_ok[:, None]
+            p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         tl.store(DK + base + cols[:, None] * D + offs_d[None, :],
