@@ -12,8 +12,11 @@ band of BM + BN - 1 consecutive rows of E_r. One tensor-core product q @ band^T 
     qe row a=1:  y0   y1    y2    -        S_rel = [[x1, x0],
                                                     [y2, y1]]
 
-which is the skew of model.relative_logits done inside a tile (`tl.gather`). The backward runs
-the shift the other way on dS and adds `dqe^T @ q` into dE_r, a [2 BN, D] block per tile.
+which is the skew of model.relative_logits done inside a tile (`tl.gather`). The bands of
+neighbouring key tiles overlap by half, so while a query tile walks its keys (forward, and the
+dq / dE_r pass of the backward) each key tile multiplies only BLOCK new rows; only the dk / dv
+pass, where the query tile changes, multiplies whole bands. The backward runs the shift the
+other way on dS and adds `dS_band^T @ q` into dE_r, a [BLOCK, D] block per tile.
 Distances past max_rel_dist - 1 read (and train) the last row, as in the eager path; a tile whose
 every distance is past it (most tiles of a sequence much longer than max_rel_dist) needs no band:
 its relative term is q_i . E_r[R - 1] for every key, one dot product per query row, and its
@@ -44,18 +47,30 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _tile_logits(q, k, e_base, m0, n0, R, D: tl.constexpr, BLOCK: tl.constexpr,
-                     PREC: tl.constexpr):
-        """Unscaled q k^T + S_rel of one tile, and the band of E_r rows it used."""
-        offs_w = tl.arange(0, 2 * BLOCK)
-        offs_d = tl.arange(0, D)
-        rows = tl.minimum(tl.maximum(m0 - n0 - (BLOCK - 1) + offs_w, 0), R - 1)
-        band = tl.load(e_base + rows[:, None] * D + offs_d[None, :])
-        # [BLOCK, 2 BLOCK]: every query of the tile against every distance it meets
-        qe = tl.dot(q, tl.trans(band), input_precision=PREC)
+    def _band(e_base, d_start, R, D: tl.constexpr, BLOCK: tl.constexpr):
+        """Rows of E_r for distances d_start .. d_start + BLOCK - 1 (clamped to 0 .. R - 1)."""
+        rows = tl.minimum(tl.maximum(d_start + tl.arange(0, BLOCK), 0), R - 1)
+        return rows, tl.load(e_base + rows[:, None] * D + tl.arange(0, D)[None, :])
+
+    @triton.jit
+    def _shift(qe_lo, qe_hi, BLOCK: tl.constexpr):
+        """S_rel[a, b] = qe[a, a - b + BLOCK - 1] of a tile whose band products are split in a
+        low half (columns 0 .. BLOCK - 1) and a high half: the skew, as one gather."""
+        joined = tl.reshape(tl.join(qe_lo, qe_hi), (BLOCK, 2 * BLOCK))  # column c is 2c + half
         a = tl.arange(0, BLOCK)
-        shift = a[:, None] - a[None, :] + BLOCK - 1  # column of qe holding (a, b)'s distance
-        return tl.dot(q, tl.trans(k), input_precision=PREC) + tl.gather(qe, shift, 1), band, rows
+        c = a[:, None] - a[None, :] + BLOCK - 1
+        return tl.gather(joined, tl.where(c < BLOCK, 2 * c, 2 * (c - BLOCK) + 1), 1)
+
+    @triton.jit
+    def _unshift(ds, BLOCK: tl.constexpr):
+        """dS moved back to the band's distances: (low half, high half), each [BLOCK, BLOCK]."""
+        a = tl.arange(0, BLOCK)[:, None]
+        w = tl.arange(0, BLOCK)[None, :]
+        b_lo = a - w + BLOCK - 1  # key column of (query a, low band row w); never negative
+        b_hi = a - w - 1  # ... of (query a, high band row w); never past the tile
+        lo = tl.where(b_lo < BLOCK, tl.gather(ds, tl.minimum(b_lo, BLOCK - 1), 1), 0.0)
+        hi = tl.where(b_hi >= 0, tl.gather(ds, tl.maximum(b_hi, 0), 1), 0.0)
+        return lo, hi
 
     @triton.jit
     def _clipped(q, e_base, R, D: tl.constexpr):
@@ -101,15 +116,22 @@ if triton is not None:
             v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
             s = (tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]) * scale
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
+        # Near tiles, keys left to right: each tile's band is the next one's high half, so
+        # only its low half (distances m0 - n0 - BLOCK + 1 ...) is a new product.
+        _, e_hi = _band(e_base, m0 - far_end + 1, R, D, BLOCK)
+        qe_hi = tl.dot(q, tl.trans(e_hi), input_precision=PREC)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
             kv_mask = cols[:, None] < T
             k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK, PREC)
+            _, e_lo = _band(e_base, m0 - n0 - (BLOCK - 1), R, D, BLOCK)
+            qe_lo = tl.dot(q, tl.trans(e_lo), input_precision=PREC)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) + _shift(qe_lo, qe_hi, BLOCK)
             s = tl.where((offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T), s * scale,
                          float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
+            qe_hi = qe_lo
         acc = acc / l_i[:, None]
         row_ok = offs_m < T
         tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -143,11 +165,6 @@ if triton is not None:
                      other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-        a = tl.arange(0, BLOCK)
-        w = tl.arange(0, 2 * BLOCK)
-        back = a[:, None] - w[None, :] + BLOCK - 1  # key column of (query a, band row w)
-        back_ok = (back >= 0) & (back < BLOCK)
-        back = tl.minimum(tl.maximum(back, 0), BLOCK - 1)
         dq = tl.zeros([BLOCK, D], tl.float32)
         far_end = _far_tiles_end(m0, R, BLOCK)
         clipped, last = _clipped(q, e_base, R, D)
@@ -160,19 +177,32 @@ if triton is not None:
             p, ds = _probs_and_grad(s, row_ok[:, None], v, do, lse, delta, scale, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             far_ds += tl.sum(ds, 1)
+        # Near tiles as in the forward. The high half of a tile's band is the low half of the
+        # previous one: its dS (`pending`) is complete once this tile's is added, and goes into
+        # dq and dE_r in one product each.
+        rows_hi, e_hi = _band(e_base, m0 - far_end + 1, R, D, BLOCK)
+        qe_hi = tl.dot(q, tl.trans(e_hi), input_precision=PREC)
+        pending = tl.zeros([BLOCK, BLOCK], tl.float32)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
             kv_mask = cols[:, None] < T
             k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK, PREC)
+            rows_lo, e_lo = _band(e_base, m0 - n0 - (BLOCK - 1), R, D, BLOCK)
+            qe_lo = tl.dot(q, tl.trans(e_lo), input_precision=PREC)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) + _shift(qe_lo, qe_hi, BLOCK)
             visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T) & row_ok[:, None]
             p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
-            dqe = tl.where(back_ok, tl.gather(ds, back, 1), 0.0)  # dS moved back to distances
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-            dq += tl.dot(dqe.to(band.dtype), band, input_precision=PREC)
-            de = tl.dot(tl.trans(dqe.to(q.dtype)), q, input_precision=PREC) * scale  # [2 BLOCK, D]
-            tl.atomic_add(de_base + rows[:, None] * D + offs_d[None, :], de)
+            ds_lo, ds_hi = _unshift(ds, BLOCK)
+            pending += ds_hi
+            dq += tl.dot(pending.to(e_hi.dtype), e_hi, input_precision=PREC)
+            tl.atomic_add(de_base + rows_hi[:, None] * D + offs_d[None, :],
+                          tl.dot(tl.trans(pending.to(q.dtype)), q, input_precision=PREC) * scale)
+            pending, rows_hi, e_hi, qe_hi = ds_lo, rows_lo, e_lo, qe_lo
+        dq += tl.dot(pending.to(e_hi.dtype), e_hi, input_precision=PREC)
+        tl.atomic_add(de_base + rows_hi[:, None] * D + offs_d[None, :],
+                      tl.dot(tl.trans(pending.to(q.dtype)), q, input_precision=PREC) * scale)
         dq += far_ds[:, None] * last.to(tl.float32)[None, :]
         if far_end > 0:
             tl.atomic_add(de_base + (R - 1) * D + offs_d,
@@ -210,7 +240,12 @@ if triton is not None:
                 s = tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]
                 visible = row_ok[:, None] & col_ok[None, :]
             else:
-                s, band, rows = _tile_logits(q, k, e_base, m0, n0, R, D, BLOCK, PREC)
+                # q changes from tile to tile here, so the whole band is multiplied each time.
+                _, e_lo = _band(e_base, m0 - n0 - (BLOCK - 1), R, D, BLOCK)
+                _, e_hi = _band(e_base, m0 - n0 + 1, R, D, BLOCK)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) + _shift(
+                    tl.dot(q, tl.trans(e_lo), input_precision=PREC),
+                    tl.dot(q, tl.trans(e_hi), input_precision=PREC), BLOCK)
                 visible = (offs_m[:, None] >= cols[None, :]) & col_ok[None, :] & row_ok[:, None]
             p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
