@@ -73,6 +73,31 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
+    def _load_rows(ptr, rows, T, D: tl.constexpr):
+        """Rows `rows` of a [T, D] matrix at `ptr`; rows past T read as zeros."""
+        return tl.load(ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=rows[:, None] < T,
+                       other=0.0)
+
+    @triton.jit
+    def _near_logits(q, k, qe_hi, e_base, m0, n0, R, D: tl.constexpr, BLOCK: tl.constexpr,
+                     PREC: tl.constexpr):
+        """Unscaled q k^T + S_rel of a near tile whose band's high half `qe_hi` the previous key
+        tile computed; also the new low half (its E_r rows and its product), the next tile's
+        high half."""
+        rows_lo, e_lo = _band(e_base, m0 - n0 - (BLOCK - 1), R, D, BLOCK)
+        qe_lo = tl.dot(q, tl.trans(e_lo), input_precision=PREC)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) + _shift(qe_lo, qe_hi, BLOCK)
+        return s, rows_lo, e_lo, qe_lo
+
+    @triton.jit
+    def _flush_band(pending, e_rows, rows, q, de_base, scale, D: tl.constexpr,
+                    PREC: tl.constexpr):
+        """A band half whose dS is complete: add its dE_r rows; return its share of dq."""
+        tl.atomic_add(de_base + rows[:, None] * D + tl.arange(0, D)[None, :],
+                      tl.dot(tl.trans(pending.to(q.dtype)), q, input_precision=PREC) * scale)
+        return tl.dot(pending.to(e_rows.dtype), e_rows, input_precision=PREC)
+
+    @triton.jit
     def _clipped(q, e_base, R, D: tl.constexpr):
         """q_i . E_r[R - 1] per query: the whole relative term of a far tile, where every
         distance is past the last embedding (no band, no gather)."""
@@ -103,8 +128,7 @@ if triton is not None:
         offs_m = m0 + tl.arange(0, BLOCK)
         offs_n = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
-        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=offs_m[:, None] < T,
-                    other=0.0)
+        q = _load_rows(Q + base, offs_m, T, D)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, D], tl.float32)
@@ -112,26 +136,22 @@ if triton is not None:
         clipped, last = _clipped(q, e_base, R, D)
         for n0 in range(0, far_end, BLOCK):  # far tiles: every key visible, S_rel = clipped
             cols = n0 + offs_n
-            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
-            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
+            k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
             s = (tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]) * scale
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
         # Near tiles, keys left to right: each tile's band is the next one's high half, so
         # only its low half (distances m0 - n0 - BLOCK + 1 ...) is a new product.
-        _, e_hi = _band(e_base, m0 - far_end + 1, R, D, BLOCK)
-        qe_hi = tl.dot(q, tl.trans(e_hi), input_precision=PREC)
+        first_rows, first_band = _band(e_base, m0 - far_end + 1, R, D, BLOCK)
+        qe_hi = tl.dot(q, tl.trans(first_band), input_precision=PREC)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
-            kv_mask = cols[:, None] < T
-            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            _, e_lo = _band(e_base, m0 - n0 - (BLOCK - 1), R, D, BLOCK)
-            qe_lo = tl.dot(q, tl.trans(e_lo), input_precision=PREC)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) + _shift(qe_lo, qe_hi, BLOCK)
+            k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
+            # Only qe_hi is carried to the next tile (fresh names: no loop-carried band rows).
+            s, rows_lo, e_lo, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK,
+                                                   PREC)
             s = tl.where((offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T), s * scale,
                          float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
-            qe_hi = qe_lo
         acc = acc / l_i[:, None]
         row_ok = offs_m < T
         tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -159,10 +179,7 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         row_ok = offs_m < T
-        q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
-                    other=0.0)
-        do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0)
+        q, do = _load_rows(Q + base, offs_m, T, D), _load_rows(DO + base, offs_m, T, D)
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK, D], tl.float32)
@@ -171,8 +188,7 @@ if triton is not None:
         far_ds = tl.zeros([BLOCK], tl.float32)  # sum of dS over far keys: the clipped term's
         for n0 in range(0, far_end, BLOCK):
             cols = n0 + offs_n
-            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :])
-            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :])
+            k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]
             p, ds = _probs_and_grad(s, row_ok[:, None], v, do, lse, delta, scale, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -185,24 +201,15 @@ if triton is not None:
         pending = tl.zeros([BLOCK, BLOCK], tl.float32)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
-            kv_mask = cols[:, None] < T
-            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            rows_lo, e_lo = _band(e_base, m0 - n0 - (BLOCK - 1), R, D, BLOCK)
-            qe_lo = tl.dot(q, tl.trans(e_lo), input_precision=PREC)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) + _shift(qe_lo, qe_hi, BLOCK)
+            k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
+            s, rows_lo, e_lo, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK, PREC)
             visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T) & row_ok[:, None]
             p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             ds_lo, ds_hi = _unshift(ds, BLOCK)
-            pending += ds_hi
-            dq += tl.dot(pending.to(e_hi.dtype), e_hi, input_precision=PREC)
-            tl.atomic_add(de_base + rows_hi[:, None] * D + offs_d[None, :],
-                          tl.dot(tl.trans(pending.to(q.dtype)), q, input_precision=PREC) * scale)
-            pending, rows_hi, e_hi, qe_hi = ds_lo, rows_lo, e_lo, qe_lo
-        dq += tl.dot(pending.to(e_hi.dtype), e_hi, input_precision=PREC)
-        tl.atomic_add(de_base + rows_hi[:, None] * D + offs_d[None, :],
-                      tl.dot(tl.trans(pending.to(q.dtype)), q, input_precision=PREC) * scale)
+            dq += _flush_band(pending + ds_hi, e_hi, rows_hi, q, de_base, scale, D, PREC)
+            pending, rows_hi, e_hi = ds_lo, rows_lo, e_lo
+        dq += _flush_band(pending, e_hi, rows_hi, q, de_base, scale, D, PREC)
         dq += far_ds[:, None] * last.to(tl.float32)[None, :]
         if far_end > 0:
             tl.atomic_add(de_base + (R - 1) * D + offs_d,
@@ -221,18 +228,14 @@ if triton is not None:
         cols = n0 + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         col_ok = cols < T
-        k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
         dk = tl.zeros([BLOCK, D], tl.float32)
         dv = tl.zeros([BLOCK, D], tl.float32)
         near_end = (n0 + R + 2 * BLOCK - 3) // BLOCK * BLOCK  # first query tile that is far
         for m0 in range(n0, T, BLOCK):
             offs_m = m0 + tl.arange(0, BLOCK)
             row_ok = offs_m < T
-            q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
-                        other=0.0)
-            do = tl.load(DO + base + offs_m[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
-                         other=0.0)
+            q, do = _load_rows(Q + base, offs_m, T, D), _load_rows(DO + base, offs_m, T, D)
             lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             if m0 >= near_end:
