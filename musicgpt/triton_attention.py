@@ -41,7 +41,7 @@ BLOCK = 64  # query and key tile size on the GPU (untuned); the tests use 16
 
 
 def available() -> bool:
-    return triton is not None and hasattr(tl, "gather")
+    return triton is not None and hasattr(tl, "gather") and hasattr(torch.library, "custom_op")
 
 
 if triton is not None:
@@ -268,36 +268,57 @@ def _warps(block: int) -> int:
     return 8 if block >= 128 else 4  # a 128 x 256 band of fp32 logits needs the registers
 
 
-class _RelativeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, block: int) -> Tensor:
+# The kernels enter PyTorch as two custom operators with shape-only "fake" versions, so that
+# torch.compile (fullgraph) and meta / fake-tensor runs see opaque ops instead of tracing into
+# Triton's launcher, and autograd knows the backward operator.
+if triton is not None and hasattr(torch.library, "custom_op"):
+
+    @torch.library.custom_op("musicgpt::relative_attention", mutates_args=())
+    def _attention_op(q: Tensor, k: Tensor, v: Tensor, e: Tensor, block: int
+                      ) -> tuple[Tensor, Tensor]:
         B, H, T, D = q.shape
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        e = rel_emb.to(q.dtype).contiguous()  # tl.dot wants both operands in one dtype
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        grid = (triton.cdiv(T, block), B * H)
-        prec = _precision(q.dtype)
-        _forward[grid](q, k, v, e, o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block, PREC=prec,
-                       num_warps=_warps(block))
-        ctx.save_for_backward(q, k, v, e, o, lse)
-        ctx.block, ctx.emb_dtype, ctx.prec = block, rel_emb.dtype, prec
-        return o
+        _forward[(triton.cdiv(T, block), B * H)](
+            q, k, v, e, o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block,
+            PREC=_precision(q.dtype), num_warps=_warps(block))
+        return o, lse
 
-    @staticmethod
-    def backward(ctx, do: Tensor):
-        q, k, v, e, o, lse = ctx.saved_tensors
+    @_attention_op.register_fake
+    def _(q, k, v, e, block):
+        B, H, T, _ = q.shape
+        return torch.empty_like(q), q.new_empty(B, H, T, dtype=torch.float32)
+
+    @torch.library.custom_op("musicgpt::relative_attention_backward", mutates_args=())
+    def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, e: Tensor, o: Tensor,
+                               lse: Tensor, block: int
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, H, T, D = q.shape
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), the softmax backward's term
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
-        grid = (triton.cdiv(T, ctx.block), B * H)
+        grid = (triton.cdiv(T, block), B * H)
         args = (H, T, e.size(1), D ** -0.5)
-        meta = dict(D=D, BLOCK=ctx.block, PREC=ctx.prec, num_warps=_warps(ctx.block))
+        meta = dict(D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=_warps(block))
         _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, *args, **meta)
         _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
-        return dq, dk, dv, de.to(ctx.emb_dtype), None
+        return dq, dk, dv, de.to(e.dtype)
+
+    @_attention_backward_op.register_fake
+    def _(do, q, k, v, e, o, lse, block):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(e)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, e, block = inputs
+        ctx.save_for_backward(q, k, v, e, *output)  # what flash saves, plus E_r: no L x L tensor
+        ctx.block = block
+
+    def _backward(ctx, do, _dlse):
+        q, k, v, e, o, lse = ctx.saved_tensors
+        return (*_attention_backward_op(do, q, k, v, e, o, lse, ctx.block), None)
+
+    _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def relative_triton_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor,
@@ -308,5 +329,9 @@ def relative_triton_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor,
     powers of two of at least 16 (block: tile size, default the module's BLOCK).
     """
     if not available():
-        raise RuntimeError("the fused relative-attention kernel needs Triton >= 3.2 (tl.gather)")
-    return _RelativeAttention.apply(q, k, v, rel_emb, block or BLOCK)
+        raise RuntimeError("the fused relative-attention kernel needs Triton >= 3.2 (tl.gather) "
+                           "and torch >= 2.4 (torch.library.custom_op)")
+    # The kernels index rows as [B * H, T, D] blocks, and tl.dot wants both operands in one
+    # dtype; the copies' own backwards return the gradients in the callers' layouts and dtype.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _attention_op(q, k, v, rel_emb.to(q.dtype).contiguous(), block or BLOCK)[0]

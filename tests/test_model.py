@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import assert_compiles_to_the_same_step, make_model
 from musicgpt.errors import MusicGPTError
 from musicgpt.model import PRESETS, ModelConfig, MusicGPT, _Plan, preset, relative_logits
 
@@ -186,6 +186,11 @@ def test_tiny_model_overfits_a_fixed_phrase():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+@pytest.mark.parametrize("attention", ["relative", "absolute"])
+def test_whole_model_compiles_in_one_graph(attention):
+    assert_compiles_to_the_same_step(make_model(attention=attention), tokens(length=70))
 
 
 def test_loss_ignores_minus_100_targets():

@@ -17,7 +17,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 if not CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from conftest import make_model  # noqa: E402
+from conftest import assert_compiles_to_the_same_step, make_model  # noqa: E402
 from musicgpt.errors import MusicGPTError  # noqa: E402
 from musicgpt.model import attend, relative_logits  # noqa: E402
 
@@ -93,6 +93,31 @@ def test_model_with_the_triton_kernel_matches_the_default_path(kernels):
         grads[impl] = model.blocks[0].attn.rel_emb.grad.clone()
     torch.testing.assert_close(losses["triton"], losses["eager"], rtol=1e-5, atol=0)
     torch.testing.assert_close(grads["triton"], grads["eager"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_kernel_keeps_what_flash_keeps_for_the_backward(kernels):
+    # Its memory claim: q, k, v, the output, one log-sum-exp per row and E_r are all it saves;
+    # no T x T scores and no [T, R] relative logits (what the eager skew and FlexAttention keep).
+    q, k, v, rel = inputs(64, 96)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.relative_triton_attention(q, k, v, rel, block=16)
+    B, H, T, D = q.shape
+    assert sum(saved.values()) == 4 * (4 * B * H * T * D + B * H * T + rel.numel())
+
+
+def test_model_with_the_triton_kernel_compiles_in_one_graph(kernels):
+    # The kernels are custom operators with fake (shape-only) versions: torch.compile keeps them
+    # whole instead of tracing into Triton's launcher, which would break the graph.
+    model = make_model(max_rel_dist=24, n_embd=32, n_head=2).to(DEVICE)
+    model.attn_impl = "triton"
+    idx = torch.randint(0, 390, (2, 50), generator=torch.Generator().manual_seed(4))
+    assert_compiles_to_the_same_step(model, idx.to(DEVICE))
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU refusal")
