@@ -131,6 +131,10 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-penalty", type=float, metavar="L", help="beam score = log-prob / length ** this (default 1.0)")
     p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default samples/)")
     p.add_argument("--include-primer", action="store_true", help="write the primer before the continuation")
+    p.add_argument("--max-pause", type=float, metavar="S",
+                   help="never go more than S seconds without a new note (default 4; 0: no limit)")
+    p.add_argument("--max-note", type=float, metavar="S",
+                   help="end generated notes held longer than S seconds (default 12; 0: no limit)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for one or two samples, else torch's choice)")
     p.add_argument("--wav", action="store_true", help="also render each sample to WAV beside it (needs musicgpt[audio])")
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, mps or auto")
@@ -153,6 +157,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint, primer=args.primer, primer_seconds=args.primer_seconds, tokens=args.tokens,
         seconds=args.seconds, num_samples=args.num_samples, seed=args.seed, sampling=sampling, out_dir=args.out,
         include_primer=args.include_primer, device=args.device, threads=args.threads,
+        max_pause_seconds=args.max_pause, max_note_seconds=args.max_note,
     )
     for path in paths:
         print(path)

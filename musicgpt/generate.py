@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from musicgpt.constraints import NO_LIMIT, Rules, prompt_state, seconds_to_steps
 from musicgpt.errors import MusicGPTError
 from musicgpt.fast_attention import GraphDecoder
 from musicgpt.model import MusicGPT
-from musicgpt.vocab import NUM_PITCHES, TIME_SHIFT, CodecConfig
+from musicgpt.vocab import CodecConfig
 
 _FLAGS = {"num_beams": "--beams"}  # options whose CLI flag is not the field name with dashes
 
@@ -209,61 +210,28 @@ class _RecomputeStepper:
 
 # ----------------------------------------------------------------------------- decoding loops
 
-@dataclass
-class _Stop:
-    """When a row ends: EOS, or the music it generated reaching max_steps time steps."""
-
-    max_new_tokens: int
-    eos_id: int | None
-    max_steps: int | None  # max_seconds in codec steps: integers add up exactly, seconds would not
-    shift_steps: Tensor  # [V] steps each token moves time on (TIME_SHIFTs only)
-    ban: Tensor  # [V] 0, or -inf for tokens never to emit (PAD)
-    wait: Tensor | None = None  # [V] -inf on TIME_SHIFTs while a row has played no note yet
-    note_on: Tensor | None = None  # [V] True for NOTE_ON ids
-
-    def allowed(self, logits: Tensor, started: Tensor) -> Tensor:
-        """Logits with banned tokens removed; rows that have played no note yet may not pause."""
-        logits = logits.float() + self.ban
-        if self.wait is not None:  # from silence: the piece begins with a note, not a pause
-            logits = torch.where(started[:, None], logits, logits + self.wait)
-        return logits
-
-    def note_played(self, started: Tensor, tokens: Tensor) -> Tensor:
-        """Which rows have played a note once `tokens` are appended."""
-        return started | self.note_on[tokens] if self.note_on is not None else started
-
-    def ends(self, tokens: Tensor, elapsed: Tensor) -> Tensor:
-        """Whether each token ends its row, given the row's elapsed steps including it."""
-        ended = tokens == self.eos_id if self.eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        if self.max_steps is not None:
-            ended |= elapsed >= self.max_steps
-        return ended
-
-
 def _progress_bar(enabled: bool, total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="tok", desc="sampling", disable=not enabled, file=sys.stderr, leave=False)
 
 
-def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: int,
+def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: Rules, batch: int,
             seed: int, progress: bool) -> list[Tensor]:
     """Greedy or sampled decoding of `batch` rows from one prompt; rows stop at EOS or time."""
     P, N = prompt.size(1), stop.max_new_tokens
     seq = prompt.new_empty(batch, P + N)  # one buffer for the whole run: no per-step concat
     seq[:, :P] = prompt
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
-    race = torch.empty(batch, stop.ban.numel(), device=prompt.device)  # reused noise buffer
-    lengths = torch.zeros(batch, dtype=torch.long, device=prompt.device)
-    alive = torch.ones(batch, dtype=torch.bool, device=prompt.device)
-    elapsed = torch.zeros(batch, dtype=torch.long, device=prompt.device)
+    race = torch.empty(batch, stop.config.vocab_size, device=prompt.device)  # reused noise buffer
+    lengths, alive = [0] * batch, [True] * batch
+    rows = stop.initial(batch)
     penalize = cfg.repetition_penalty != 1.0
-    started = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
     logits = stepper.start(prompt, batch)
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos = P + t
-            logits = stop.allowed(logits, started)
+            logits = stop.allowed(logits, rows)
             seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
             if cfg.greedy:
                 if penalize:
@@ -273,15 +241,17 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, batch: in
                 probs = filter_logits(logits, cfg, seen).softmax(-1)
                 token = probs.div_(race.exponential_(generator=gen)).argmax(-1)
             seq[:, pos] = token
-            started = stop.note_played(started, token)
-            lengths += alive  # a row's final token (EOS or the last shift) still counts here
-            elapsed += stop.shift_steps[token]
-            alive &= ~stop.ends(token, elapsed)
+            tokens = token.tolist()  # the one host sync per step
+            stop.advance(rows, tokens)
+            for k in range(batch):  # a row's final token (EOS or the last shift) still counts
+                if alive[k]:
+                    lengths[k] += 1
+                    alive[k] = not stop.ends(tokens[k], rows[k].elapsed)
             bar.update()
-            if t + 1 == N or not alive.any().item():  # the one host sync per step
+            if t + 1 == N or not any(alive):
                 break
             logits = stepper.step(seq, pos)
-    return [_strip_eos(seq[k, P:P + n], stop.eos_id) for k, n in enumerate(lengths.tolist())]
+    return [_strip_eos(seq[k, P:P + n], stop.eos_id) for k, n in enumerate(lengths)]
 
 
 def _strip_eos(tokens: Tensor, eos_id: int | None) -> Tensor:
@@ -290,7 +260,7 @@ def _strip_eos(tokens: Tensor, eos_id: int | None) -> Tensor:
     return tokens.cpu()
 
 
-def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, progress: bool) -> Tensor:
+def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: Rules, progress: bool) -> Tensor:
     """Beam search as in Hugging Face: hypotheses end at EOS or at max_seconds, score / len ** lp.
 
     Per step the B * V continuations are ranked; the best B that do not end become the new
@@ -303,22 +273,23 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
     seq[:, :P] = prompt
     scores = torch.full((B,), -math.inf, device=dev)
     scores[0] = 0.0  # all beams start identical: expand from the first only
-    elapsed = torch.zeros(B, dtype=torch.long, device=dev)
-    started = torch.zeros(B, dtype=torch.bool, device=dev)
+    state = stop.initial(B)
+    shifts = torch.as_tensor(stop.steps, device=dev)
     finished: list[tuple[float, Tensor]] = []
     logits = stepper.start(prompt, B)
     done = False
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos, norm = P + t, (t + 1) ** cfg.length_penalty
-            logits = stop.allowed(logits, started)
+            logits = stop.allowed(logits, state)
             if cfg.repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, seq[:, max(0, pos - stepper.window):pos], cfg.repetition_penalty)
             cand = (scores[:, None] + logits.log_softmax(-1)).view(-1)
             ranked, order = cand.sort(descending=True, stable=True)  # stable: ties as argmax
             V = logits.size(-1)
             beam, token = order // V, order % V
-            ends = stop.ends(token, elapsed[beam] + stop.shift_steps[token])
+            steps = torch.tensor([r.elapsed for r in state], device=dev)[beam] + shifts[token]
+            ends = stop.ends(token, steps)
             keep = (~ends).nonzero()[:B, 0]
             for r in ends[:B].nonzero()[:, 0].tolist():
                 hyp = torch.cat([seq[beam[r], P:pos], token[r:r + 1]])
@@ -327,8 +298,9 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
             rows = beam[keep]
             seq = seq.index_select(0, rows)
             seq[:, pos] = token[keep]
-            scores, elapsed = ranked[keep], elapsed[rows] + stop.shift_steps[token[keep]]
-            started = stop.note_played(started[rows], token[keep])
+            scores = ranked[keep]
+            state = [state[r].copy() for r in rows.tolist()]
+            stop.advance(state, token[keep].tolist())
             stepper.reorder(rows)
             bar.update()
             done = len(finished) >= B and scores[0].item() / norm <= finished[-1][0]
@@ -341,13 +313,6 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: _Stop, prog
     return max(finished, key=lambda h: h[0])[1]
 
 
-def _shift_steps(config: CodecConfig, device) -> Tensor:
-    """[vocab_size] time steps by which each token moves time on (0 except TIME_SHIFTs)."""
-    table = torch.zeros(config.vocab_size, dtype=torch.long, device=device)
-    table[TIME_SHIFT:TIME_SHIFT + config.max_shift_steps] = torch.arange(1, config.max_shift_steps + 1)
-    return table
-
-
 def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: SamplingConfig | None = None,
              num_samples: int = 1, seed: int = 0, **options) -> list[Tensor]:
     """Continue `prompt` (1-D token ids, e.g. [EOS] + primer) `num_samples` times; new tokens only.
@@ -356,7 +321,8 @@ def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampling
     `max_new_tokens`. Sampling draws from a torch.Generator seeded with `seed`, so a seed fixes
     the output on a given device; `sampling.num_beams > 1` runs `beam_search` (one sequence).
     Options: codec_config (default CodecConfig()), max_seconds, stop_at_eos=True, ban_eos=False (True: never emit EOS),
-    start_with_note=False (True: no TIME_SHIFT before a row's first NOTE_ON), window (default
+    start_with_note=False (True: no TIME_SHIFT before a row's first NOTE_ON), max_pause_seconds
+    and max_note_seconds (musicgpt.constraints: None, no limit), window (default
     the context length), progress=False, use_cache=True (False recomputes the whole visible
     context every step: the slow reference for tests and benchmarks), static_cache=None (the
     fixed-shape ring cache replayed as a CUDA graph: None picks it for relative models on CUDA,
@@ -388,7 +354,8 @@ def beam_search(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampl
 def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: CodecConfig | None = None,
              max_seconds: float | None = None, stop_at_eos: bool = True, use_cache: bool = True,
              window: int | None = None, progress: bool = False, ban_eos: bool = False,
-             start_with_note: bool = False, static_cache: bool | None = None):
+             start_with_note: bool = False, max_pause_seconds: float | None = None,
+             max_note_seconds: float | None = None, static_cache: bool | None = None):
     """Check the request, build the stepper and stop rule, and run in eval + inference mode."""
     codec_config = codec_config or CodecConfig()
     if model.config.vocab_size != codec_config.vocab_size:
@@ -400,18 +367,20 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
     prompt = torch.as_tensor(prompt).to(device=device, dtype=torch.long).reshape(1, -1)
     if prompt.size(1) == 0:
         raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
-    ban = torch.zeros(codec_config.vocab_size, device=device)
-    ban[codec_config.pad_id] = -math.inf  # padding is never music
+    banned = [codec_config.pad_id]  # padding is never music
     if ban_eos:
-        ban[codec_config.eos_id] = -math.inf  # a length was asked for: the piece goes on to it
-    max_steps = None if max_seconds is None else math.ceil(max_seconds * 1000 / codec_config.step_ms - 1e-9)
-    stop = _Stop(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps,
-                 _shift_steps(codec_config, device), ban)
-    if start_with_note:
-        shifts = _shift_steps(codec_config, device) > 0
-        stop.wait = torch.zeros(codec_config.vocab_size, device=device).masked_fill(shifts, -math.inf)
-        stop.note_on = torch.zeros(codec_config.vocab_size, dtype=torch.bool, device=device)
-        stop.note_on[:NUM_PITCHES] = True
+        banned.append(codec_config.eos_id)  # a length was asked for: the piece goes on to it
+    limits = {}
+    for name, seconds in (("max_pause_seconds", max_pause_seconds), ("max_note_seconds", max_note_seconds)):
+        if seconds is not None and not (_real(seconds) and seconds > 0):
+            raise MusicGPTError(f"{name} must be a positive number, got {seconds!r}")
+        limits[name] = NO_LIMIT if seconds is None else max(seconds_to_steps(seconds, codec_config), 1)
+    max_steps = None if max_seconds is None else seconds_to_steps(max_seconds, codec_config)
+    start = prompt_state(prompt[0].cpu().numpy(), codec_config)
+    if start_with_note:  # from silence: the piece begins with a note, not a pause
+        start.quiet = limits["max_pause_seconds"]
+    stop = Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,
+                 banned, start, max_quiet=limits["max_pause_seconds"], max_held=limits["max_note_seconds"])
     window = window or model.config.context_len
     relative = model.config.attention == "relative"
     if static_cache and not (use_cache and relative):

@@ -1,4 +1,5 @@
-"""Generate the listening set in samples/ with the shipped default model, plus piano rolls and a README.
+"""Generate the listening set in samples/ with the shipped default model, plus piano rolls, the
+README's attention picture (`musicgpt attention` over the first piece) and samples/README.md.
 
 Each piece is made by the real CLI (`musicgpt sample ...`), so the command in the table is
 exactly what produced the file; primers are held-out GiantMIDI-Piano performances (files the
@@ -69,6 +70,11 @@ def main() -> None:
         tokens = codec.encode(final)
         rows.append((name, primer, extra, seed, codec.duration_seconds(tokens), " ".join(shlex.quote(a) for a in ["musicgpt", *args]), wall))
         print(f"{final} ({wall:.1f} s)")
+    # The README's picture of what the last layer attends to, over the first piece.
+    first = OUT / f"{PIECES[0][0]}.mid"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli(["attention", str(first.relative_to(ROOT)), "--checkpoint", "default",
+                    "-o", str(first.with_name(f"{first.stem}-attention.png").relative_to(ROOT))]) == 0
     write_readme(rows)
 
 

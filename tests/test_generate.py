@@ -299,11 +299,66 @@ def test_start_with_note_plays_before_any_pause():
     free = [r.tolist() for r in generate(model, [EOS], **args)]
     waited = [r.tolist() for r in generate(model, [EOS], start_with_note=True, **args)]
 
-    def pause_before_note(row):
-        first_note = next((i for i, t in enumerate(row) if t < 128), len(row))
-        return any(256 <= t < 356 for t in row[:first_note])
-
-    assert any(pause_before_note(r) for r in free)  # the untrained model does pause first
-    assert not any(pause_before_note(r) for r in waited)
+    assert any(_pause_before_note(r) for r in free)  # the untrained model does pause first
+    assert not any(_pause_before_note(r) for r in waited)
     beams = beam_search(model, [EOS], max_new_tokens=20, sampling=SamplingConfig(num_beams=3), start_with_note=True)
-    assert not pause_before_note(beams.tolist())
+    assert not _pause_before_note(beams.tolist())
+
+
+def _pause_before_note(row):
+    first_note = next((i for i, t in enumerate(row) if t < 128), len(row))
+    return any(256 <= t < 356 for t in row[:first_note])
+
+
+def _longest_pause(row, steps_per_shift=lambda t: t - TIME_SHIFT + 1):
+    """Most codec steps a row goes without a NOTE_ON (from its start, between notes, to its end)."""
+    longest = quiet = 0
+    for t in row:
+        quiet = 0 if t < 128 else quiet + (steps_per_shift(t) if TIME_SHIFT <= t < TIME_SHIFT + 100 else 0)
+        longest = max(longest, quiet)
+    return longest
+
+
+def test_max_pause_caps_the_time_between_notes():
+    """A sampler stuck on TIME_SHIFTs writes a minute of silence; max_pause_seconds forbids any
+    pause that would leave more than that without a new note, in sampling and in beam search."""
+    model = _model()
+    args = dict(max_new_tokens=120, sampling=SamplingConfig(top_p=1.0), num_samples=6, seed=5, ban_eos=True)
+    free = [r.tolist() for r in generate(model, [EOS], **args)]
+    capped = [r.tolist() for r in generate(model, [EOS], max_pause_seconds=0.5, **args)]
+    assert max(_longest_pause(r) for r in free) > 50  # the untrained model pauses longer
+    assert max(_longest_pause(r) for r in capped) <= 50
+    assert min(codec.duration_seconds(r) for r in capped) > 1.0  # time still moves on
+    both = generate(model, [EOS], max_pause_seconds=0.5, start_with_note=True, **args)
+    assert not any(_pause_before_note(r.tolist()) for r in both)
+    beams = beam_search(model, [EOS], max_new_tokens=40, sampling=SamplingConfig(num_beams=3),
+                        max_pause_seconds=0.3)
+    assert _longest_pause(beams.tolist()) <= 30
+    with pytest.raises(MusicGPTError, match="max_pause_seconds"):
+        generate(model, [EOS], max_pause_seconds=0, **args)
+
+
+def test_max_note_releases_held_notes_in_time():
+    """A model forgets notes struck before its window; max_note_seconds makes it release every
+    note by then (its NOTE_OFF becomes the only choice), counting notes held over from the prompt."""
+    model = _model()
+    args = dict(max_new_tokens=150, sampling=SamplingConfig(top_p=1.0), num_samples=6, seed=2)
+
+    def longest_note(rows, prompt=(EOS,)):
+        notes = [codec.decode_notes([*prompt, *r.tolist()]) for r in rows]
+        return max((n.end - n.start).max(initial=0.0) for n in notes)
+
+    assert longest_note(generate(model, [EOS], **args)) > 0.5  # the untrained model holds on
+    assert longest_note(generate(model, [EOS], max_note_seconds=0.5, **args)) <= 0.5 + 1e-9
+    held = [EOS, 60, TIME_SHIFT + 99, TIME_SHIFT + 99]  # key 60 struck 2 s before the prompt ends
+    assert longest_note(generate(model, held, **args), held) > 2.5
+    rows = generate(model, held, max_note_seconds=2.5, **args)
+    assert longest_note(rows, held) <= 2.5 + 1e-9
+    rows = generate(model, held, max_note_seconds=1.5, **args)
+    assert all(r[0] == 128 + 60 for r in rows)  # overdue: released first
+    beam = beam_search(model, held, max_new_tokens=5, sampling=SamplingConfig(num_beams=3),
+                       max_note_seconds=1.5)
+    assert beam[0] == 128 + 60
+    released = [EOS, 60, TIME_SHIFT + 99, 128 + 60, TIME_SHIFT + 99]  # let go after 1 s
+    rows = generate(model, released, max_note_seconds=1.5, **args)
+    assert not all(r[0] == 128 + 60 for r in rows)  # nothing is due: the model chooses

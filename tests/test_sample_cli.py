@@ -71,6 +71,28 @@ def test_primer_notes_are_kept_with_include_primer(tiny_run, tmp_path, capsys):
     assert len(alone_notes) < len(got)
 
 
+def test_pauses_and_generated_notes_are_capped_but_the_primer_is_not(tiny_run, tmp_path):
+    primer = tmp_path / "held.mid"  # one note held for 3 s: the user's, so never shortened
+    pm = pretty_midi.PrettyMIDI()
+    pm.instruments.append(pretty_midi.Instrument(0))
+    pm.instruments[0].notes.append(pretty_midi.Note(80, 40, 0.0, 3.0))
+    pm.write(str(primer))
+
+    def generated(**limits):
+        [path] = sample_files(checkpoint=tiny_run, primer=primer, include_primer=True, seconds=20,
+                              seed=1, out_dir=tmp_path / "out", progress=False, **limits)
+        notes = _notes(path)
+        assert any(n.pitch == 40 and n.start == 0 and abs(n.end - 3.0) < 1e-6 for n in notes)
+        new = sorted((n for n in notes if n.start >= 3.0 - 1e-6), key=lambda n: n.start)
+        onsets = [3.0] + [n.start for n in new]
+        return max(n.end - n.start for n in new), max(b - a for a, b in zip(onsets, onsets[1:]))
+
+    longest_note, longest_pause = generated(max_note_seconds=0, max_pause_seconds=0)
+    assert longest_note > 0.5 and longest_pause > 0.2  # what the barely trained model does
+    longest_note, longest_pause = generated(max_note_seconds=0.5, max_pause_seconds=0.2)
+    assert longest_note <= 0.5 + 1e-6 and longest_pause <= 0.2 + 1e-6
+
+
 def test_a_bad_primer_fails_in_one_line_before_any_model_work(tiny_run, tmp_path, capsys):
     bad = tmp_path / "notes.mid"
     bad.write_text("these are not MIDI bytes")
@@ -84,6 +106,7 @@ def test_a_bad_primer_fails_in_one_line_before_any_model_work(tiny_run, tmp_path
     (["--top-p", "1.5"], "--top-p"), (["--temperature", "0"], "--temperature"), (["--tokens", "0"], "--tokens"),
     (["--num-samples", "0"], "--num-samples"), (["--greedy", "--num-samples", "2"], "--num-samples"),
     (["--primer-seconds", "3"], "--primer"), (["--device", "tpu"], "--device"),
+    (["--max-pause", "-1"], "--max-pause"), (["--max-note", "nan"], "--max-note"),
 ])
 def test_bad_options_fail_in_one_line_before_loading(tmp_path, capsys, args, flag):
     rc, paths, err = _sample(capsys, "--checkpoint", tmp_path / "missing", *args)

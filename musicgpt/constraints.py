@@ -1,0 +1,134 @@
+"""What a sampled row may emit next, and when it ends: the musical rules of decoding.
+
+The model proposes logits; these rules remove tokens a piece of piano music should not get
+there:
+  - PAD never, EOS never when a length was asked for;
+  - from silence, no pause before the first note (`start_with_note`);
+  - no pause that would leave more than `max_quiet` steps without a new NOTE_ON: a model can
+    lock into 1-second TIME_SHIFTs and write a minute of silence;
+  - no note held longer than `max_held` steps: a pause that would carry a sounding note past it
+    is removed, and a row whose note has reached it must release it (its NOTE_OFF is the only
+    token left), so the model sees the release in its own context. A model forgets notes
+    struck before its context window, and they would otherwise ring to the end of the piece.
+A row ends at EOS or when its music reaches `max_steps` time steps.
+
+The bookkeeping (`RowState`) runs on the host in plain Python, on the token the decoding loop
+fetches once per step anyway: a few microseconds, where two dozen tiny tensor ops per token
+would cost a GPU sampler a fifth of its speed (and numpy's per-call cost shows on a CPU). The
+device sees one mask added to the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from musicgpt import codec
+from musicgpt.vocab import NOTE_OFF, NUM_PITCHES, TIME_SHIFT, CodecConfig
+
+NO_LIMIT = 2**40
+
+
+@dataclass
+class RowState:
+    """One row so far: steps of music, steps since its last NOTE_ON, and the keys sounding
+    (key -> the step it was struck at)."""
+
+    elapsed: int = 0
+    quiet: int = 0
+    struck: dict[int, int] = field(default_factory=dict)
+
+    def copy(self) -> RowState:
+        return RowState(self.elapsed, self.quiet, dict(self.struck))
+
+
+@dataclass
+class Rules:
+    """The rules of one decoding run (see the module doc); steps are the codec's time steps."""
+
+    max_new_tokens: int
+    eos_id: int | None  # None: EOS does not end a row
+    max_steps: int | None  # the music's length limit (max_seconds in integer steps)
+    config: CodecConfig
+    banned: list[int]  # token ids never to emit
+    start: RowState  # the state after the prompt
+    max_quiet: int = NO_LIMIT
+    max_held: int = NO_LIMIT
+
+    def __post_init__(self):
+        self.steps = shift_steps(self.config)  # [V] steps each token moves time on
+        self._steps = self.steps.tolist()
+        self.base = np.zeros(self.config.vocab_size, dtype=np.float32)
+        self.base[self.banned] = -np.inf
+        self._ban: Tensor | None = None  # self.base on the logits' device
+
+    def initial(self, rows: int) -> list[RowState]:
+        return [self.start.copy() for _ in range(rows)]
+
+    def allowed(self, logits: Tensor, rows: list[RowState]) -> Tensor:
+        """Logits with every token the rules forbid for each row set to -inf."""
+        n, mask = self.config.max_shift_steps, None
+        for i, row in enumerate(rows):
+            oldest = row.elapsed - min(row.struck.values()) if row.struck else -1
+            room = min(self.max_quiet - row.quiet, self.max_held - oldest)  # steps a pause may take
+            if room >= n and oldest < self.max_held:
+                continue  # most steps: only the fixed bans
+            if mask is None:
+                mask = np.tile(self.base, (len(rows), 1))
+            if oldest >= self.max_held:  # a note has sounded max_held steps: release one now
+                mask[i] = -np.inf
+                for key, at in row.struck.items():
+                    if row.elapsed - at >= self.max_held:
+                        mask[i, NOTE_OFF + key] = 0.0
+            else:  # TIME_SHIFT + k moves time on k + 1 steps
+                mask[i, TIME_SHIFT + max(room, 0):TIME_SHIFT + n] = -np.inf
+        if mask is not None:
+            return logits.float() + torch.from_numpy(mask).to(logits.device)
+        if self._ban is None or self._ban.device != logits.device:
+            self._ban = torch.from_numpy(self.base).to(logits.device)
+        return logits.float() + self._ban
+
+    def advance(self, rows: list[RowState], tokens: list[int]) -> None:
+        """Update each row's state with its new token."""
+        for row, token in zip(rows, tokens):
+            if token < NOTE_OFF:
+                row.struck[token] = row.elapsed
+                row.quiet = 0
+            elif token < NOTE_OFF + NUM_PITCHES:
+                row.struck.pop(token - NOTE_OFF, None)
+            else:
+                row.elapsed += self._steps[token]
+                row.quiet += self._steps[token]
+
+    def ends(self, tokens, elapsed):
+        """Whether each token ends its row, given the row's elapsed steps including it (ints,
+        or tensors of candidates)."""
+        ended = tokens == self.eos_id if self.eos_id is not None else tokens < 0
+        if self.max_steps is not None:
+            ended = ended | (elapsed >= self.max_steps)
+        return ended
+
+
+def seconds_to_steps(seconds: float, config: CodecConfig) -> int:
+    """Codec time steps covering `seconds`."""
+    return math.ceil(seconds * 1000 / config.step_ms - 1e-9)
+
+
+def shift_steps(config: CodecConfig) -> np.ndarray:
+    """[vocab_size] time steps by which each token moves time on (0 except TIME_SHIFTs)."""
+    table = np.zeros(config.vocab_size, dtype=np.int64)
+    table[TIME_SHIFT:TIME_SHIFT + config.max_shift_steps] = np.arange(1, config.max_shift_steps + 1)
+    return table
+
+
+def prompt_state(prompt: np.ndarray, config: CodecConfig) -> RowState:
+    """The state after a prompt: its notes still sounding at its end keep their age."""
+    notes = codec.decode_notes(prompt, config)
+    end = round(codec.duration_seconds(prompt, config) * 1000 / config.step_ms)
+    sounding = notes.off_index < 0
+    starts = np.rint(notes.start[sounding] * 1000 / config.step_ms).astype(np.int64) - end
+    return RowState(struck=dict(zip(notes.pitch[sounding].tolist(), starts.tolist())))
