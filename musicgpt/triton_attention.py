@@ -17,6 +17,9 @@ neighbouring key tiles overlap by half, so while a query tile walks its keys (fo
 dq / dE_r pass of the backward) each key tile multiplies only BLOCK new rows; only the dk / dv
 pass, where the query tile changes, multiplies whole bands. The backward runs the shift the
 other way on dS and adds `dS_band^T @ q` into dE_r, a [BLOCK, D] block per tile.
+Tile products per (query tile, key tile): forward 3, dq / dE_r pass 6, dk / dv pass 6: 15, where
+flash attention needs 7 and exact relative attention at least 11. ONE_PASS_BACKWARD drops the
+dk / dv pass: the dq / dE_r pass adds each tile's dk and dv too (2 products, 2 atomic adds), 11.
 Distances past max_rel_dist - 1 read (and train) the last row, as in the eager path; a tile whose
 every distance is past it (most tiles of a sequence much longer than max_rel_dist) needs no band:
 its relative term is q_i . E_r[R - 1] for every key, one dot product per query row, and its
@@ -38,6 +41,10 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = tl = None
 
 BLOCK = 64  # query and key tile size on the GPU (untuned); the tests use 16
+# Backward in one pass over query tiles, dk and dv added atomically per tile (8 tile products per
+# pair instead of 12, and 2 more atomic [BLOCK, D] adds), or in two (a dq / dE_r pass, then a
+# dk / dv pass over key tiles, no atomics for them). Which is faster is for a GPU to say.
+ONE_PASS_BACKWARD = False
 
 
 def available() -> bool:
@@ -167,9 +174,19 @@ if triton is not None:
         return p, p * (dp - delta[:, None])
 
     @triton.jit
-    def _backward_dq_de(Q, K, V, DO, LSE, DELTA, E, DQ, DE, H, T, R, scale,
-                        D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
-        """dq for one query tile over its key tiles; each tile's dE_r band added atomically."""
+    def _add_kv_grads(DK, DV, cols, T, p, ds, q, do, D: tl.constexpr, PREC: tl.constexpr):
+        """One-pass backward: this tile's share of dk (unscaled) and dv, added atomically."""
+        at = cols[:, None] * D + tl.arange(0, D)[None, :]
+        ok = cols[:, None] < T
+        tl.atomic_add(DK + at, tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC), mask=ok)
+        tl.atomic_add(DV + at, tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC), mask=ok)
+
+    @triton.jit
+    def _backward_dq_de(Q, K, V, DO, LSE, DELTA, E, DQ, DE, DK, DV, H, T, R, scale,
+                        D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
+                        KV: tl.constexpr):
+        """dq for one query tile over its key tiles; each tile's dE_r band added atomically.
+        With KV, also every tile's dk and dv (atomically, into fp32 DK, DV): one pass."""
         start_m, bh = tl.program_id(0), tl.program_id(1)
         base = bh.to(tl.int64) * T * D
         e_base = E + (bh % H) * R * D
@@ -193,6 +210,8 @@ if triton is not None:
             p, ds = _probs_and_grad(s, row_ok[:, None], v, do, lse, delta, scale, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             far_ds += tl.sum(ds, 1)
+            if KV:
+                _add_kv_grads(DK + base, DV + base, cols, T, p, ds, q, do, D, PREC)
         # Near tiles as in the forward. The high half of a tile's band is the low half of the
         # previous one: its dS (`pending`) is complete once this tile's is added, and goes into
         # dq and dE_r in one product each.
@@ -206,6 +225,8 @@ if triton is not None:
             visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T) & row_ok[:, None]
             p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            if KV:
+                _add_kv_grads(DK + base, DV + base, cols, T, p, ds, q, do, D, PREC)
             ds_lo, ds_hi = _unshift(ds, BLOCK)
             dq += _flush_band(pending + ds_hi, e_hi, rows_hi, q, de_base, scale, D, PREC)
             pending, rows_hi, e_hi = ds_lo, rows_lo, e_lo
@@ -296,13 +317,22 @@ if triton is not None and hasattr(torch.library, "custom_op"):
         B, H, T, D = q.shape
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), the softmax backward's term
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq = torch.empty_like(q)
         de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
         grid = (triton.cdiv(T, block), B * H)
         args = (H, T, e.size(1), D ** -0.5)
         meta = dict(D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=_warps(block))
-        _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, *args, **meta)
-        _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
+        if ONE_PASS_BACKWARD:  # dk, dv added per tile into fp32 buffers by the dq / dE_r pass
+            dk32, dv32 = (torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+                          for _ in range(2))
+            _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, dk32, dv32, *args,
+                                  KV=True, **meta)
+            dk, dv = (dk32 * D ** -0.5).to(k.dtype), dv32.to(v.dtype)
+        else:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, dk, dv, *args, KV=False,
+                                  **meta)
+            _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
         return dq, dk, dv, de.to(e.dtype)
 
     @_attention_backward_op.register_fake

@@ -49,16 +49,25 @@ LABELS = {"eager": "eager skew + SDPA mask", "flex": "FlexAttention", "triton": 
 
 
 def label(variant: str) -> str:
-    """Column title; "tritonN" is the Triton kernel with N x N tiles (plain "triton": 64)."""
+    """Column title; "tritonN" is the Triton kernel with N x N tiles (plain "triton": 64), and a
+    "-1p" suffix runs its backward in one pass (dk, dv added atomically)."""
     if variant.startswith("triton") and variant != "triton":
-        return f"fused Triton, {variant[6:]}-tiles"
+        tiles, _, one_pass = variant[6:].partition("-")
+        return ", ".join(["fused Triton"] + [f"{tiles}-tiles"] * bool(tiles)
+                         + ["one-pass backward"] * bool(one_pass))
     return LABELS[variant]
 
 
-def triton_block(variant: str) -> int:
+def use_triton(variant: str) -> None:
+    """Set the Triton kernel's tile size and backward mode for `variant` (model.py reads the
+    module attributes at each call)."""
     from musicgpt import triton_attention
 
-    return int(variant[6:]) if variant != "triton" else triton_attention.BLOCK
+    tiles, _, one_pass = variant[6:].partition("-")
+    triton_attention.BLOCK = int(tiles) if tiles else 64
+    triton_attention.ONE_PASS_BACKWARD = one_pass == "1p"
+
+
 SAMPLERS = ("cache", "graph", "peer")
 SAMPLER_LABELS = {"cache": "ours, `generate` on the KV cache (decode_step)",
                   "graph": "ours, `generate` on the static cache (CUDA graph on CUDA)",
@@ -152,13 +161,6 @@ def model_config(args, variant: str, max_len: int):
     return cfg
 
 
-def use_triton_block(block: int) -> None:
-    """Run the Triton kernel with `block` x `block` tiles (model.py calls the module attribute)."""
-    from musicgpt import triton_attention
-
-    triton_attention.BLOCK = block
-
-
 def use_compiled_flex_on_cpu() -> None:
     """Forward-only timing on CPU should see inductor's fused CPU kernel, not the unfused
     reference that the library uses off CUDA (model.py calls this module attribute)."""
@@ -186,7 +188,7 @@ def layer_workload(args, variant: str, n: int, device: torch.device, train: bool
                          fast_attention.causal_block_mask(n, None, device))
         elif variant.startswith("triton"):
             plan = _Plan(None, False, None, False, None, triton=True)
-            use_triton_block(triton_block(variant))
+            use_triton(variant)
         else:
             plan = _Plan(None, True, None, False, None)
         run = lambda: layer(x, plan)[0]
@@ -206,7 +208,7 @@ def model_workload(args, variant: str, n: int, device: torch.device, train: bool
     else:
         model = MusicGPT(cfg).to(device)
         if variant.startswith("triton"):
-            use_triton_block(triton_block(variant))
+            use_triton(variant)
             model.attn_impl = "triton"
         elif variant != "sdpa":
             model.attn_impl = variant

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--attn-impl", default="auto", choices=("auto", "eager", "flex", "triton"),
                    help="relative attention kernel (MusicGPT.attn_impl)")
+    p.add_argument("--triton-one-pass", action="store_true",
+                   help="with --attn-impl triton: the one-pass backward (dk, dv added atomically)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # "<attention>:<seq_len>", internal
     return p.parse_args(argv)
 
@@ -63,6 +65,10 @@ def train_steps(args: argparse.Namespace, attention: str, seq_len: int) -> dict:
     model = MusicGPT(cfg).to(device)
     if attention == "relative":
         model.attn_impl = args.attn_impl
+    if args.triton_one_pass:
+        from musicgpt import triton_attention
+
+        triton_attention.ONE_PASS_BACKWARD = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(0)
@@ -151,7 +157,8 @@ def main() -> None:
     mem_kind = ("CUDA max_memory_allocated growth" if args.device.startswith("cuda")
                 else "peak RSS growth (ru_maxrss), fresh process per row")
     compiled = ", compiled" if args.compile else ""
-    print(f"\nModel preset `{args.preset}` (dropout {dropout}), relative attention {args.attn_impl}, "
+    impl = args.attn_impl + (" (one-pass backward)" if args.triton_one_pass else "")
+    print(f"\nModel preset `{args.preset}` (dropout {dropout}), relative attention {impl}, "
           f"batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.repeats}, "
           f"{args.dtype}{compiled}, {machine(args)}. Memory: {mem_kind}.\n")

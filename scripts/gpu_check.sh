@@ -6,8 +6,9 @@
 #   bash scripts/gpu_check.sh 2   bench_attention: layer and whole model at L = 1024..8192 for the
 #                                 eager skew, FlexAttention, plain causal SDPA and the peer, and
 #                                 sampling 2048 tokens against the peer; about 5 minutes
-#   bash scripts/gpu_check.sh 3   the fused Triton kernel: CUDA tests, training step, kernel tables
-#                                 against FlexAttention and flash; about 8 minutes
+#   bash scripts/gpu_check.sh 3   the fused Triton kernel: CUDA tests, training step (two-pass and
+#                                 one-pass backward), kernel tables against FlexAttention and
+#                                 flash, bench_sample; about 9 minutes (run with timeout_s 600)
 # Logs and tables land in $OUT (default scratch/gpu_out); each step has its own time limit.
 #
 # The peer (gwinndr/MusicTransformer-Pytorch) is never part of this repository: copy it into an
@@ -57,16 +58,19 @@ case $PART in
         --variants eager,flex,sdpa,peer --scopes ${SCOPES:-model,layer} --sample-tokens 2048 \
         --timeout 120 --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json" ;;
 3)  # The fused Triton kernel (written after parts 1 and 2 ran; not yet run on a GPU): its CUDA
-    # tests, the training step with it, the kernel tables against FlexAttention and flash, and
-    # bench_sample again (KV-cache steps now kept off cuDNN SDPA).
+    # tests, the training step with it (two-pass and one-pass backward), the kernel tables
+    # against FlexAttention and flash, and bench_sample again (KV-cache steps now kept off cuDNN
+    # SDPA; the sampler's rules now on the host).
     step tests_triton 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_triton_attention.py \
         tests/test_fast_attention.py -k "not cpu"
-    step bench_train_triton 120 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
+    step bench_train_triton 100 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
         --seq-lens 2048,8192 --batch-size 2 --steps 5 --warmup 2 --attn-impl triton
-    step bench_attention 240 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
+    step bench_train_triton_1p 100 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
+        --seq-lens 2048,8192 --batch-size 2 --steps 5 --warmup 2 --attn-impl triton --triton-one-pass
+    step bench_attention 200 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
         --seq-lens 1024,2048,4096,8192 --batch-size 2 --steps 3 --warmup 1 \
-        --variants sdpa,triton,triton128,triton32,flex,eager --scopes model,layer --sample-tokens 0 --timeout 110 \
-        --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json"
+        --variants sdpa,triton,triton-1p,triton128,triton128-1p,flex,eager --scopes model,layer \
+        --sample-tokens 0 --timeout 100 --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json"
     step bench_sample 60 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
         --batch 1 --lengths 2048 --repeats 1 --recompute-steps 3 ;;
 esac

@@ -51,9 +51,11 @@ def inputs(T, R, dtype=torch.float32, H=2, D=16):
     return [t.to(DEVICE).requires_grad_() for t in (q, k, v, rel)]
 
 
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass-backward", "one-pass-backward"])
 @pytest.mark.parametrize("T, R", [(16, 40), (45, 40), (80, 24)],
                          ids=["one-tile", "ragged-last-tile", "clipped-distances"])
-def test_outputs_and_gradients_equal_the_eager_skew(kernels, T, R):
+def test_outputs_and_gradients_equal_the_eager_skew(kernels, monkeypatch, T, R, one_pass):
+    monkeypatch.setattr(kernels, "ONE_PASS_BACKWARD", one_pass)
     q, k, v, rel = inputs(T, R)
     got = kernels.relative_triton_attention(q, k, v, rel, block=16)
     want = skew_reference(q, k, v, rel)
@@ -66,7 +68,9 @@ def test_outputs_and_gradients_equal_the_eager_skew(kernels, T, R):
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 tensor-core tiles at the GPU block size need CUDA")
-def test_bf16_at_the_default_block_size_on_cuda(kernels):
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass-backward", "one-pass-backward"])
+def test_bf16_at_the_default_block_size_on_cuda(kernels, monkeypatch, one_pass):
+    monkeypatch.setattr(kernels, "ONE_PASS_BACKWARD", one_pass)
     q, k, v, rel = inputs(300, 128, H=4, D=64)
     got = kernels.relative_triton_attention(*(t.bfloat16() for t in (q, k, v, rel)))
     want = skew_reference(q, k, v, rel)
