@@ -126,9 +126,11 @@ def shift_steps(config: CodecConfig) -> np.ndarray:
 
 
 def prompt_state(prompt: np.ndarray, config: CodecConfig) -> RowState:
-    """The state after a prompt: its notes still sounding at its end keep their age."""
+    """The state after a prompt: the time since its last note struck, and its notes still
+    sounding at its end, with their age."""
     notes = codec.decode_notes(prompt, config)
     end = round(codec.duration_seconds(prompt, config) * 1000 / config.step_ms)
+    starts = np.rint(notes.start * 1000 / config.step_ms).astype(np.int64) - end  # <= 0
     sounding = notes.off_index < 0
-    starts = np.rint(notes.start[sounding] * 1000 / config.step_ms).astype(np.int64) - end
-    return RowState(struck=dict(zip(notes.pitch[sounding].tolist(), starts.tolist())))
+    return RowState(quiet=-int(starts.max()) if len(starts) else 0,
+                    struck=dict(zip(notes.pitch[sounding].tolist(), starts[sounding].tolist())))

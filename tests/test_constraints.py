@@ -46,9 +46,15 @@ def test_a_released_or_restruck_note_is_not_due():
     assert len(allowed_after(r, [60, shift(100), 60, shift(100)])) > 300  # struck again: 1 s old
 
 
+def test_a_pause_at_the_end_of_the_prompt_counts():
+    start = prompt_state(np.array([CFG.eos_id, 60, shift(10), NOTE_OFF + 60, shift(100), shift(100)]), CFG)
+    ok = allowed_after(rules(start, max_quiet=250), [])
+    assert shift(40) in ok and shift(41) not in ok  # 210 steps since the last note struck
+
+
 def test_a_prompt_leaves_its_sounding_notes_with_their_age():
     start = prompt_state(np.array([CFG.eos_id, 60, 64, shift(100), NOTE_OFF + 64, shift(30)]), CFG)
-    assert start.struck == {60: -130} and start.elapsed == 0
+    assert start.struck == {60: -130} and start.elapsed == 0 and start.quiet == 130
     assert allowed_after(rules(start, max_held=130), []) == {NOTE_OFF + 60}
     assert not math.isinf(rules(start, max_held=131).allowed(torch.zeros(1, CFG.vocab_size),
                                                              [start])[0, shift(1)])
