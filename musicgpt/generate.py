@@ -216,22 +216,22 @@ def _progress_bar(enabled: bool, total: int):
     return tqdm(total=total, unit="tok", desc="sampling", disable=not enabled, file=sys.stderr, leave=False)
 
 
-def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: Rules, batch: int,
+def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules, batch: int,
             seed: int, progress: bool) -> list[Tensor]:
     """Greedy or sampled decoding of `batch` rows from one prompt; rows stop at EOS or time."""
-    P, N = prompt.size(1), stop.max_new_tokens
+    P, N = prompt.size(1), rules.max_new_tokens
     seq = prompt.new_empty(batch, P + N)  # one buffer for the whole run: no per-step concat
     seq[:, :P] = prompt
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
-    race = torch.empty(batch, stop.config.vocab_size, device=prompt.device)  # reused noise buffer
+    race = torch.empty(batch, rules.config.vocab_size, device=prompt.device)  # reused noise buffer
     lengths, alive = [0] * batch, [True] * batch
-    rows = stop.initial(batch)
+    rows = rules.initial(batch)
     penalize = cfg.repetition_penalty != 1.0
     logits = stepper.start(prompt, batch)
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos = P + t
-            logits = stop.allowed(logits, rows)
+            logits = rules.allowed(logits, rows)
             seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
             if cfg.greedy:
                 if penalize:
@@ -242,16 +242,16 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, stop: Rules, batch: in
                 token = probs.div_(race.exponential_(generator=gen)).argmax(-1)
             seq[:, pos] = token
             tokens = token.tolist()  # the one host sync per step
-            stop.advance(rows, tokens)
+            rules.advance(rows, tokens)
             for k in range(batch):  # a row's final token (EOS or the last shift) still counts
                 if alive[k]:
                     lengths[k] += 1
-                    alive[k] = not stop.ends(tokens[k], rows[k].elapsed)
+                    alive[k] = not rules.ends(tokens[k], rows[k].elapsed)
             bar.update()
             if t + 1 == N or not any(alive):
                 break
             logits = stepper.step(seq, pos)
-    return [_strip_eos(seq[k, P:P + n], stop.eos_id) for k, n in enumerate(lengths)]
+    return [_strip_eos(seq[k, P:P + n], rules.eos_id) for k, n in enumerate(lengths)]
 
 
 def _strip_eos(tokens: Tensor, eos_id: int | None) -> Tensor:
@@ -260,28 +260,28 @@ def _strip_eos(tokens: Tensor, eos_id: int | None) -> Tensor:
     return tokens.cpu()
 
 
-def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: Rules, progress: bool) -> Tensor:
+def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules, progress: bool) -> Tensor:
     """Beam search as in Hugging Face: hypotheses end at EOS or at max_seconds, score / len ** lp.
 
     Per step the B * V continuations are ranked; the best B that do not end become the new
     beams (their cache rows reordered), and ending ones ranked within the top B are kept as
     finished hypotheses. It stops when B finished ones cannot be beaten by the running beams.
     """
-    B, P, N = cfg.num_beams, prompt.size(1), stop.max_new_tokens
+    B, P, N = cfg.num_beams, prompt.size(1), rules.max_new_tokens
     dev = prompt.device
     seq = prompt.new_empty(B, P + N)
     seq[:, :P] = prompt
     scores = torch.full((B,), -math.inf, device=dev)
     scores[0] = 0.0  # all beams start identical: expand from the first only
-    state = stop.initial(B)
-    shifts = torch.as_tensor(stop.steps, device=dev)
+    state = rules.initial(B)
+    shifts = torch.as_tensor(rules.steps, device=dev)
     finished: list[tuple[float, Tensor]] = []
     logits = stepper.start(prompt, B)
     done = False
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos, norm = P + t, (t + 1) ** cfg.length_penalty
-            logits = stop.allowed(logits, state)
+            logits = rules.allowed(logits, state)
             if cfg.repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, seq[:, max(0, pos - stepper.window):pos], cfg.repetition_penalty)
             cand = (scores[:, None] + logits.log_softmax(-1)).view(-1)
@@ -289,18 +289,18 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, stop: Rules, prog
             V = logits.size(-1)
             beam, token = order // V, order % V
             steps = torch.tensor([r.elapsed for r in state], device=dev)[beam] + shifts[token]
-            ends = stop.ends(token, steps)
+            ends = rules.ends(token, steps)
             keep = (~ends).nonzero()[:B, 0]
             for r in ends[:B].nonzero()[:, 0].tolist():
                 hyp = torch.cat([seq[beam[r], P:pos], token[r:r + 1]])
-                finished.append((ranked[r].item() / norm, _strip_eos(hyp, stop.eos_id)))
+                finished.append((ranked[r].item() / norm, _strip_eos(hyp, rules.eos_id)))
             finished = sorted(finished, key=lambda h: -h[0])[:B]
             rows = beam[keep]
             seq = seq.index_select(0, rows)
             seq[:, pos] = token[keep]
             scores = ranked[keep]
             state = [state[r].copy() for r in rows.tolist()]
-            stop.advance(state, token[keep].tolist())
+            rules.advance(state, token[keep].tolist())
             stepper.reorder(rows)
             bar.update()
             done = len(finished) >= B and scores[0].item() / norm <= finished[-1][0]
@@ -335,8 +335,8 @@ def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampling
         if num_samples > 1:
             raise MusicGPTError("beam search is deterministic: use --num-samples 1 with --beams")
         return [beam_search(model, prompt, max_new_tokens=max_new_tokens, sampling=cfg, **options)]
-    with _session(model, prompt, max_new_tokens, **options) as (stepper, prompt, stop, progress):
-        return _sample(stepper, prompt, cfg, stop, num_samples, seed, progress)
+    with _session(model, prompt, max_new_tokens, **options) as (stepper, prompt, rules, progress):
+        return _sample(stepper, prompt, cfg, rules, num_samples, seed, progress)
 
 
 def beam_search(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: SamplingConfig | None = None,
@@ -346,8 +346,8 @@ def beam_search(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampl
     Uses only the repetition and length penalties of `sampling`; options as for `generate`.
     """
     cfg = (sampling or SamplingConfig()).validate()
-    with _session(model, prompt, max_new_tokens, **options) as (stepper, prompt, stop, progress):
-        return _beam_search(stepper, prompt, cfg, stop, progress)
+    with _session(model, prompt, max_new_tokens, **options) as (stepper, prompt, rules, progress):
+        return _beam_search(stepper, prompt, cfg, rules, progress)
 
 
 @contextmanager
@@ -356,7 +356,7 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
              window: int | None = None, progress: bool = False, ban_eos: bool = False,
              start_with_note: bool = False, max_pause_seconds: float | None = None,
              max_note_seconds: float | None = None, static_cache: bool | None = None):
-    """Check the request, build the stepper and stop rule, and run in eval + inference mode."""
+    """Check the request, build the stepper and the decoding rules, and run in eval + inference mode."""
     codec_config = codec_config or CodecConfig()
     if model.config.vocab_size != codec_config.vocab_size:
         raise MusicGPTError(f"model vocabulary ({model.config.vocab_size}) does not match the codec's "
@@ -379,7 +379,7 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
     start = prompt_state(prompt[0].cpu().numpy(), codec_config)
     if start_with_note:  # from silence: the piece begins with a note, not a pause
         start.quiet = limits["max_pause_seconds"]
-    stop = Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,
+    rules = Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,
                  banned, start, max_quiet=limits["max_pause_seconds"], max_held=limits["max_note_seconds"])
     window = window or model.config.context_len
     relative = model.config.attention == "relative"
@@ -395,7 +395,7 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
     model.eval()  # dropout off while sampling; the caller's mode comes back afterwards
     try:
         with torch.inference_mode():
-            yield stepper, prompt, stop, progress
+            yield stepper, prompt, rules, progress
     finally:
         model.train(was_training)
 
