@@ -301,7 +301,7 @@ if triton is not None and hasattr(torch.library, "custom_op"):
         o = torch.empty_like(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         _forward[(triton.cdiv(T, block), B * H)](
-            q, k, v, e, o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block,
+            q, k, v, e.to(q.dtype), o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block,
             PREC=_precision(q.dtype), num_warps=_warps(block))
         return o, lse
 
@@ -315,10 +315,11 @@ if triton is not None and hasattr(torch.library, "custom_op"):
                                lse: Tensor, block: int
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, H, T, D = q.shape
-        do = do.contiguous()
+        do, de_dtype = do.contiguous(), e.dtype
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), the softmax backward's term
         dq = torch.empty_like(q)
         de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
+        e = e.to(q.dtype)  # tl.dot wants both operands in one dtype; dE_r stays in fp32
         grid = (triton.cdiv(T, block), B * H)
         args = (H, T, e.size(1), D ** -0.5)
         meta = dict(D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=_warps(block))
@@ -333,7 +334,7 @@ if triton is not None and hasattr(torch.library, "custom_op"):
             _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, dk, dv, *args, KV=False,
                                   **meta)
             _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
-        return dq, dk, dv, de.to(e.dtype)
+        return dq, dk, dv, de.to(de_dtype)
 
     @_attention_backward_op.register_fake
     def _(do, q, k, v, e, o, lse, block):
@@ -361,7 +362,8 @@ def relative_triton_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor,
     if not available():
         raise RuntimeError("the fused relative-attention kernel needs Triton >= 3.2 (tl.gather) "
                            "and torch >= 2.4 (torch.library.custom_op)")
-    # The kernels index rows as [B * H, T, D] blocks, and tl.dot wants both operands in one
-    # dtype; the copies' own backwards return the gradients in the callers' layouts and dtype.
+    # The kernels index rows as [B * H, T, D] blocks; the copies' own backwards return the
+    # gradients in the callers' layouts. E_r goes in as it is (fp32 under autocast), so its
+    # gradient, summed in fp32, comes back in fp32 and no bf16 copy of it is kept.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _attention_op(q, k, v, rel_emb.to(q.dtype).contiguous(), block or BLOCK)[0]
+    return _attention_op(q, k, v, rel_emb.contiguous(), block or BLOCK)[0]
