@@ -80,10 +80,15 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def _load_rows(ptr, rows, T, D: tl.constexpr):
-        """Rows `rows` of a [T, D] matrix at `ptr`; rows past T read as zeros."""
-        return tl.load(ptr + rows[:, None] * D + tl.arange(0, D)[None, :], mask=rows[:, None] < T,
-                       other=0.0)
+    def _head(bh, H, sb, sh):
+        """Offset of program bh's (batch bh // H, head bh % H) rows in a view with these strides."""
+        return (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh
+
+    @triton.jit
+    def _load_rows(ptr, rows, T, stride, D: tl.constexpr):
+        """Rows `rows` (`stride` apart) of a [T, D] matrix at `ptr`; rows past T read as zeros."""
+        return tl.load(ptr + rows[:, None] * stride + tl.arange(0, D)[None, :],
+                       mask=rows[:, None] < T, other=0.0)
 
     @triton.jit
     def _near_logits(q, k, qe_hi, e_base, m0, n0, R, D: tl.constexpr, BLOCK: tl.constexpr,
@@ -126,16 +131,17 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
     @triton.jit
-    def _forward(Q, K, V, E, O, LSE, H, T, R, scale,
+    def _forward(Q, K, V, E, O, LSE, H, T, R, scale, sqb, sqh, sqt, sob, soh, sot,
                  D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
+        """Q, K, V share strides (sqb, sqh, sqt), O has its own (views of [B, H, T, D])."""
         start_m, bh = tl.program_id(0), tl.program_id(1)
-        base = bh.to(tl.int64) * T * D
+        base = _head(bh, H, sqb, sqh)
         e_base = E + (bh % H) * R * D
         m0 = start_m * BLOCK
         offs_m = m0 + tl.arange(0, BLOCK)
         offs_n = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
-        q = _load_rows(Q + base, offs_m, T, D)
+        q = _load_rows(Q + base, offs_m, T, sqt, D)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, D], tl.float32)
@@ -143,7 +149,7 @@ if triton is not None:
         clipped, last = _clipped(q, e_base, R, D)
         for n0 in range(0, far_end, BLOCK):  # far tiles: every key visible, S_rel = clipped
             cols = n0 + offs_n
-            k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
+            k, v = _load_rows(K + base, cols, T, sqt, D), _load_rows(V + base, cols, T, sqt, D)
             s = (tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]) * scale
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
         # Near tiles, keys left to right: each tile's band is the next one's high half, so
@@ -152,7 +158,7 @@ if triton is not None:
         qe_hi = tl.dot(q, tl.trans(first_band), input_precision=PREC)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
-            k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
+            k, v = _load_rows(K + base, cols, T, sqt, D), _load_rows(V + base, cols, T, sqt, D)
             # Only qe_hi is carried to the next tile (fresh names: no loop-carried band rows).
             s, rows_lo, e_lo, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK,
                                                    PREC)
@@ -161,8 +167,8 @@ if triton is not None:
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
         acc = acc / l_i[:, None]
         row_ok = offs_m < T
-        tl.store(O + base + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty),
-                 mask=row_ok[:, None])
+        tl.store(O + _head(bh, H, sob, soh) + offs_m[:, None] * sot + offs_d[None, :],
+                 acc.to(O.dtype.element_ty), mask=row_ok[:, None])
         tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log(l_i), mask=row_ok)
 
     @triton.jit
@@ -183,12 +189,14 @@ if triton is not None:
 
     @triton.jit
     def _backward_dq_de(Q, K, V, DO, LSE, DELTA, E, DQ, DE, DK, DV, H, T, R, scale,
+                        sqb, sqh, sqt, sob, soh, sot,
                         D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
                         KV: tl.constexpr):
         """dq for one query tile over its key tiles; each tile's dE_r band added atomically.
         With KV, also every tile's dk and dv (atomically, into fp32 DK, DV): one pass."""
         start_m, bh = tl.program_id(0), tl.program_id(1)
-        base = bh.to(tl.int64) * T * D
+        base = _head(bh, H, sqb, sqh)
+        grads = bh.to(tl.int64) * T * D  # DQ, DK, DV are contiguous [B, H, T, D]
         e_base = E + (bh % H) * R * D
         de_base = DE + (bh % H) * R * D
         m0 = start_m * BLOCK
@@ -196,7 +204,8 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         row_ok = offs_m < T
-        q, do = _load_rows(Q + base, offs_m, T, D), _load_rows(DO + base, offs_m, T, D)
+        q = _load_rows(Q + base, offs_m, T, sqt, D)
+        do = _load_rows(DO + _head(bh, H, sob, soh), offs_m, T, sot, D)
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK, D], tl.float32)
@@ -205,13 +214,13 @@ if triton is not None:
         far_ds = tl.zeros([BLOCK], tl.float32)  # sum of dS over far keys: the clipped term's
         for n0 in range(0, far_end, BLOCK):
             cols = n0 + offs_n
-            k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
+            k, v = _load_rows(K + base, cols, T, sqt, D), _load_rows(V + base, cols, T, sqt, D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) + clipped[:, None]
             p, ds = _probs_and_grad(s, row_ok[:, None], v, do, lse, delta, scale, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             far_ds += tl.sum(ds, 1)
             if KV:
-                _add_kv_grads(DK + base, DV + base, cols, T, p, ds, q, do, D, PREC)
+                _add_kv_grads(DK + grads, DV + grads, cols, T, p, ds, q, do, D, PREC)
         # Near tiles as in the forward. The high half of a tile's band is the low half of the
         # previous one: its dS (`pending`) is complete once this tile's is added, and goes into
         # dq and dE_r in one product each.
@@ -220,13 +229,13 @@ if triton is not None:
         pending = tl.zeros([BLOCK, BLOCK], tl.float32)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
-            k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
+            k, v = _load_rows(K + base, cols, T, sqt, D), _load_rows(V + base, cols, T, sqt, D)
             s, rows_lo, e_lo, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK, PREC)
             visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T) & row_ok[:, None]
             p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
             if KV:
-                _add_kv_grads(DK + base, DV + base, cols, T, p, ds, q, do, D, PREC)
+                _add_kv_grads(DK + grads, DV + grads, cols, T, p, ds, q, do, D, PREC)
             ds_lo, ds_hi = _unshift(ds, BLOCK)
             dq += _flush_band(pending + ds_hi, e_hi, rows_hi, q, de_base, scale, D, PREC)
             pending, rows_hi, e_hi = ds_lo, rows_lo, e_lo
@@ -235,28 +244,31 @@ if triton is not None:
         if far_end > 0:
             tl.atomic_add(de_base + (R - 1) * D + offs_d,
                           tl.sum(far_ds[:, None] * q.to(tl.float32), 0) * scale)
-        tl.store(DQ + base + offs_m[:, None] * D + offs_d[None, :],
+        tl.store(DQ + grads + offs_m[:, None] * D + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _backward_dk_dv(Q, K, V, DO, LSE, DELTA, E, DK, DV, H, T, R, scale,
+                        sqb, sqh, sqt, sob, soh, sot,
                         D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
         """dk and dv for one key tile over the query tiles that see it."""
         start_n, bh = tl.program_id(0), tl.program_id(1)
-        base = bh.to(tl.int64) * T * D
+        base = _head(bh, H, sqb, sqh)
+        do_base = DO + _head(bh, H, sob, soh)
+        grads = bh.to(tl.int64) * T * D
         e_base = E + (bh % H) * R * D
         n0 = start_n * BLOCK
         cols = n0 + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         col_ok = cols < T
-        k, v = _load_rows(K + base, cols, T, D), _load_rows(V + base, cols, T, D)
+        k, v = _load_rows(K + base, cols, T, sqt, D), _load_rows(V + base, cols, T, sqt, D)
         dk = tl.zeros([BLOCK, D], tl.float32)
         dv = tl.zeros([BLOCK, D], tl.float32)
         near_end = (n0 + R + 2 * BLOCK - 3) // BLOCK * BLOCK  # first query tile that is far
         for m0 in range(n0, T, BLOCK):
             offs_m = m0 + tl.arange(0, BLOCK)
             row_ok = offs_m < T
-            q, do = _load_rows(Q + base, offs_m, T, D), _load_rows(DO + base, offs_m, T, D)
+            q, do = _load_rows(Q + base, offs_m, T, sqt, D), _load_rows(do_base, offs_m, T, sot, D)
             lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
             if m0 >= near_end:
@@ -274,9 +286,9 @@ if triton is not None:
             p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        tl.store(DK + base + cols[:, None] * D + offs_d[None, :],
+        tl.store(DK + grads + cols[:, None] * D + offs_d[None, :],
                  (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(DV + base + cols[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty),
+        tl.store(DV + grads + cols[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty),
                  mask=col_ok[:, None])
 
 
@@ -289,39 +301,53 @@ def _warps(block: int) -> int:
     return 8 if block >= 128 else 4  # a 128 x 256 band of fp32 logits needs the registers
 
 
+def _head_major(q: Tensor) -> Tensor:
+    """An empty [B, H, T, D] tensor laid out as [B, T, H, D], as the projection after attention
+    reads it (its transpose is then a view, not a copy), like flash attention's output."""
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2)
+
+
+def _grads(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(q.new_empty(q.shape) for _ in range(3))  # contiguous, whatever q's layout
+
+
 # The kernels enter PyTorch as two custom operators with shape-only "fake" versions, so that
 # torch.compile (fullgraph) and meta / fake-tensor runs see opaque ops instead of tracing into
-# Triton's launcher, and autograd knows the backward operator.
+# Triton's launcher, and autograd knows the backward operator. q, k and v are read in place
+# (e.g. as views of one qkv projection, sharing strides); the output is written token-major.
 if triton is not None and hasattr(torch.library, "custom_op"):
 
     @torch.library.custom_op("musicgpt::relative_attention", mutates_args=())
     def _attention_op(q: Tensor, k: Tensor, v: Tensor, e: Tensor, block: int
                       ) -> tuple[Tensor, Tensor]:
         B, H, T, D = q.shape
-        o = torch.empty_like(q)
+        o = _head_major(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
         _forward[(triton.cdiv(T, block), B * H)](
-            q, k, v, e.to(q.dtype), o, lse, H, T, e.size(1), D ** -0.5, D=D, BLOCK=block,
-            PREC=_precision(q.dtype), num_warps=_warps(block))
+            q, k, v, e.to(q.dtype), o, lse, H, T, e.size(1), D ** -0.5, *q.stride()[:3],
+            *o.stride()[:3], D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=_warps(block))
         return o, lse
 
     @_attention_op.register_fake
     def _(q, k, v, e, block):
         B, H, T, _ = q.shape
-        return torch.empty_like(q), q.new_empty(B, H, T, dtype=torch.float32)
+        return _head_major(q), q.new_empty(B, H, T, dtype=torch.float32)
 
     @torch.library.custom_op("musicgpt::relative_attention_backward", mutates_args=())
     def _attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, e: Tensor, o: Tensor,
                                lse: Tensor, block: int
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         B, H, T, D = q.shape
-        do, de_dtype = do.contiguous(), e.dtype
+        if do.stride() != o.stride():  # the kernels read dO in the output's layout
+            do = torch.empty_like(o).copy_(do)
+        de_dtype = e.dtype
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), the softmax backward's term
-        dq = torch.empty_like(q)
+        dq = q.new_empty(q.shape)
         de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
         e = e.to(q.dtype)  # tl.dot wants both operands in one dtype; dE_r stays in fp32
         grid = (triton.cdiv(T, block), B * H)
-        args = (H, T, e.size(1), D ** -0.5)
+        args = (H, T, e.size(1), D ** -0.5, *q.stride()[:3], *o.stride()[:3])
         meta = dict(D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=_warps(block))
         if ONE_PASS_BACKWARD:  # dk, dv added per tile into fp32 buffers by the dq / dE_r pass
             dk32, dv32 = (torch.zeros(q.shape, device=q.device, dtype=torch.float32)
@@ -330,7 +356,7 @@ if triton is not None and hasattr(torch.library, "custom_op"):
                                   KV=True, **meta)
             dk, dv = (dk32 * D ** -0.5).to(k.dtype), dv32.to(v.dtype)
         else:
-            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            dk, dv = q.new_empty(q.shape), q.new_empty(q.shape)
             _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, dk, dv, *args, KV=False,
                                   **meta)
             _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
@@ -338,7 +364,7 @@ if triton is not None and hasattr(torch.library, "custom_op"):
 
     @_attention_backward_op.register_fake
     def _(do, q, k, v, e, o, lse, block):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(e)
+        return *_grads(q), torch.empty_like(e)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, e, block = inputs
@@ -362,8 +388,8 @@ def relative_triton_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor,
     if not available():
         raise RuntimeError("the fused relative-attention kernel needs Triton >= 3.2 (tl.gather) "
                            "and torch >= 2.4 (torch.library.custom_op)")
-    # The kernels index rows as [B * H, T, D] blocks; the copies' own backwards return the
-    # gradients in the callers' layouts. E_r goes in as it is (fp32 under autocast), so its
-    # gradient, summed in fp32, comes back in fp32 and no bf16 copy of it is kept.
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # The kernels take one set of strides for q, k and v, and unit stride along D. E_r goes in
+    # as it is (fp32 under autocast): its gradient, summed in fp32, comes back in fp32.
+    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _attention_op(q, k, v, rel_emb.contiguous(), block or BLOCK)[0]

@@ -99,6 +99,24 @@ def test_model_with_the_triton_kernel_matches_the_default_path(kernels):
     torch.testing.assert_close(grads["triton"], grads["eager"], rtol=1e-4, atol=1e-6)
 
 
+def test_views_of_one_projection_are_read_in_place_and_the_output_is_token_major(kernels):
+    # As the model calls it: q, k, v are strided views of one [B, T, 3, H, D] projection.
+    B, T, H, D = 2, 45, 2, 16
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, T, 3, H, D, generator=g).to(DEVICE).requires_grad_()
+    rel = torch.randn(H, 40, D, generator=g).to(DEVICE).requires_grad_()
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    got = kernels.relative_triton_attention(q, k, v, rel, block=16)
+    assert got.transpose(1, 2).is_contiguous()  # the projection after it reads a view
+    want = skew_reference(q, k, v, rel)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    weights = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * weights).sum(), (qkv, rel))
+    g_want = torch.autograd.grad((want * weights).sum(), (qkv, rel))
+    for name, a, b in zip(("qkv", "E"), g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-5, msg=f"grad wrt {name}")
+
+
 def test_the_kernel_keeps_what_flash_keeps_for_the_backward(kernels):
     # Its memory claim: q, k, v, the output, one log-sum-exp per row and E_r are all it saves;
     # no T x T scores and no [T, R] relative logits (what the eager skew and FlexAttention keep).
