@@ -44,6 +44,16 @@ def skew_reference(q, k, v, rel_emb):
     return attend(q, k, v, causal, bias, False, 0.0, False)[0]
 
 
+def assert_same_as_skew(got, want, wrt, names="qkvE"):
+    """Outputs, and the gradients wrt `wrt` of a random weighting of them, equal the eager skew's."""
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    weights = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * weights).sum(), wrt)
+    g_want = torch.autograd.grad((want * weights).sum(), wrt)
+    for name, a, b in zip(names, g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-5, msg=f"grad wrt {name}")
+
+
 def inputs(T, R, dtype=torch.float32, H=2, D=16):
     g = torch.Generator().manual_seed(T * 31 + R)
     q, k, v = (torch.randn(2, H, T, D, generator=g, dtype=dtype) for _ in range(3))
@@ -59,12 +69,17 @@ def test_outputs_and_gradients_equal_the_eager_skew(kernels, monkeypatch, T, R, 
     q, k, v, rel = inputs(T, R)
     got = kernels.relative_triton_attention(q, k, v, rel, block=16)
     want = skew_reference(q, k, v, rel)
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
-    weights = torch.randn_like(got)
-    g_got = torch.autograd.grad((got * weights).sum(), (q, k, v, rel))
-    g_want = torch.autograd.grad((want * weights).sum(), (q, k, v, rel))
-    for name, a, b in zip("qkvE", g_got, g_want):
-        torch.testing.assert_close(a, b, rtol=0, atol=5e-5, msg=f"grad wrt {name}")
+    assert_same_as_skew(got, want, (q, k, v, rel))
+
+
+@pytest.mark.parametrize("one_pass", [False, True], ids=["two-pass-backward", "one-pass-backward"])
+def test_the_gpu_tile_size_and_head_width(kernels, monkeypatch, one_pass):
+    # Block 64 and D 64 as `base` runs on the GPU; 300 tokens past R = 128 give far tiles too.
+    monkeypatch.setattr(kernels, "ONE_PASS_BACKWARD", one_pass)
+    q, k, v, rel = inputs(300, 128, H=2, D=64)
+    got = kernels.relative_triton_attention(q, k, v, rel, block=64)
+    want = skew_reference(q, k, v, rel)
+    assert_same_as_skew(got, want, (q, k, v, rel))
 
 
 @pytest.mark.skipif(not CUDA, reason="bf16 tensor-core tiles at the GPU block size need CUDA")
@@ -109,12 +124,7 @@ def test_views_of_one_projection_are_read_in_place_and_the_output_is_token_major
     got = kernels.relative_triton_attention(q, k, v, rel, block=16)
     assert got.transpose(1, 2).is_contiguous()  # the projection after it reads a view
     want = skew_reference(q, k, v, rel)
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
-    weights = torch.randn_like(got)
-    g_got = torch.autograd.grad((got * weights).sum(), (qkv, rel))
-    g_want = torch.autograd.grad((want * weights).sum(), (qkv, rel))
-    for name, a, b in zip(("qkv", "E"), g_got, g_want):
-        torch.testing.assert_close(a, b, rtol=0, atol=5e-5, msg=f"grad wrt {name}")
+    assert_same_as_skew(got, want, (qkv, rel), ("qkv", "E"))
 
 
 def test_the_kernel_keeps_what_flash_keeps_for_the_backward(kernels):
