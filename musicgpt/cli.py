@@ -81,6 +81,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attn-dropout", type=float,
                    help="dropout on attention weights (default: --dropout); 0 lets CUDA "
                    "training past 2048 tokens use the fused FlexAttention kernel")
+    p.add_argument("--attn-impl", metavar="KERNEL",
+                   help="relative attention kernel: auto (default: FlexAttention on CUDA past 2048 "
+                   "tokens), eager, flex, or triton (the fused kernel, CUDA, opt-in)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast on CUDA by default")

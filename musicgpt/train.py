@@ -47,6 +47,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dropout: float | None = None
     attn_dropout: float | None = None  # attention-weight dropout (default: the preset's)
+    attn_impl: str | None = None  # relative attention kernel, MusicGPT.attn_impl (default "auto")
     device: str = "auto"
     precision: str = "auto"  # "auto" | "fp32" | "bf16"
     compile: bool = False
@@ -68,7 +69,7 @@ CUDA_DEFAULTS = dict(preset="small", max_steps=5000, batch_size=32, seq_len=1024
 
 
 # What a resumed run may change: more steps, a new pause point, another device or data path.
-RESUME_OVERRIDES = ("max_steps", "stop_at", "device", "compile", "workers", "threads", "data_dir")
+RESUME_OVERRIDES = ("max_steps", "stop_at", "device", "compile", "workers", "threads", "data_dir", "attn_impl")
 
 
 def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
@@ -100,6 +101,11 @@ def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
         raise MusicGPTError(f"--precision must be auto, fp32 or bf16, got {out.precision}")
     if out.attention not in (None, "relative", "absolute"):
         raise MusicGPTError(f"--attention must be relative or absolute, got {out.attention}")
+    if out.attn_impl is not None:  # can this device run the kernel asked for?
+        try:
+            fast_attention.fused_kernel(out.attn_impl, torch.device(device), False, out.seq_len)
+        except MusicGPTError as e:
+            raise MusicGPTError(f"--attn-impl: {e}") from None
     return out
 
 
@@ -287,6 +293,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_stale_temp_files(run_dir)  # what a killed run was writing
     model.to(device)
+    model.attn_impl = cfg.attn_impl or "auto"
     optimizer = make_optimizer(model, cfg, device)
     state = {"step": 0, "tokens_seen": 0, "best_val": None, "elapsed_s": 0.0}
     if resume_ckpt is not None:

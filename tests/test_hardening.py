@@ -405,6 +405,7 @@ BAD_OPTIONS = [
     (["train", "{data}", "--stop-at", "-1"], "--stop-at"),
     (["train", "{data}", "--dropout", "1.5"], "--dropout"),
     (["train", "{data}", "--attn-dropout", "1.5"], "--attn-dropout"),
+    (["train", "{data}", "--attn-impl", "fastest"], "--attn-impl"),
     (["train", "{data}", "--preset", "huge"], "--preset"),
     (["train", "{data}", "--device", "tpu"], "--device"),
     (["train", "{missing}"], "not a folder"),

@@ -6,6 +6,8 @@ the suite runs on CPU, where it changes nothing). Without Triton installed (as o
 """
 
 import importlib.util
+import json
+import math
 import os
 import sys
 
@@ -159,3 +161,18 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(kernels, monkeypatch):
     model.attn_impl = "triton"
     with pytest.raises(MusicGPTError, match="runs on CUDA"):
         model(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_training_with_the_triton_kernel_and_resuming_keeps_it(kernels, midi_folder, tmp_path):
+    from musicgpt import checkpoint
+    from musicgpt.train import TrainConfig, train
+
+    small = dict(preset="tiny", batch_size=2, seq_len=32, lr=3e-3, warmup=1, device=DEVICE,
+                 eval_interval=2, eval_batches=1, data_dir=str(midi_folder))
+    run = train(TrainConfig(out=str(tmp_path / "run"), max_steps=3, stop_at=2, attn_impl="triton",
+                            **small), progress=False)
+    resumed = train(TrainConfig(data_dir=str(midi_folder), resume=str(run)), progress=False)
+    _, ckpt = checkpoint.load_checkpoint(resumed / "last.safetensors")
+    assert ckpt.state["step"] == 3 and ckpt.state["train_config"]["attn_impl"] == "triton"
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(x) for x in losses)
