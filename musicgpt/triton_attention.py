@@ -223,23 +223,29 @@ if triton is not None:
                 _add_kv_grads(DK + grads, DV + grads, cols, T, p, ds, q, do, D, PREC)
         # Near tiles as in the forward. The high half of a tile's band is the low half of the
         # previous one: its dS (`pending`) is complete once this tile's is added, and goes into
-        # dq and dE_r in one product each.
-        rows_hi, e_hi = _band(e_base, m0 - far_end + 1, R, D, BLOCK)
-        qe_hi = tl.dot(q, tl.trans(e_hi), input_precision=PREC)
-        pending = tl.zeros([BLOCK, BLOCK], tl.float32)
+        # dq and dE_r in one product each. Only that dS is carried from tile to tile, in the
+        # inputs' dtype as those products take it; its E_r rows are loaded again (registers
+        # are what this kernel runs short of: scripts/compile_triton_kernels.py).
+        qe_hi = tl.dot(q, tl.trans(_band(e_base, m0 - far_end + 1, R, D, BLOCK)[1]),
+                       input_precision=PREC)
+        pending = tl.zeros([BLOCK, BLOCK], q.dtype)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
             k, v = _load_rows(K + base, cols, T, sqt, D), _load_rows(V + base, cols, T, sqt, D)
-            s, rows_lo, e_lo, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK, PREC)
+            s, _, _, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK, PREC)
             visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T) & row_ok[:, None]
             p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            ds = ds.to(q.dtype)  # as every product below takes it: half the registers in bf16
+            dq += tl.dot(ds, k, input_precision=PREC)
             if KV:
                 _add_kv_grads(DK + grads, DV + grads, cols, T, p, ds, q, do, D, PREC)
             ds_lo, ds_hi = _unshift(ds, BLOCK)
-            dq += _flush_band(pending + ds_hi, e_hi, rows_hi, q, de_base, scale, D, PREC)
-            pending, rows_hi, e_hi = ds_lo, rows_lo, e_lo
-        dq += _flush_band(pending, e_hi, rows_hi, q, de_base, scale, D, PREC)
+            rows_hi, e_hi = _band(e_base, m0 - n0 + 1, R, D, BLOCK)  # the previous low half
+            dq += _flush_band(pending.to(tl.float32) + ds_hi.to(tl.float32), e_hi, rows_hi, q,
+                              de_base, scale, D, PREC)
+            pending = ds_lo
+        rows_lo, e_lo = _band(e_base, -(BLOCK - 1), R, D, BLOCK)  # the diagonal tile's low half
+        dq += _flush_band(pending.to(tl.float32), e_lo, rows_lo, q, de_base, scale, D, PREC)
         dq += far_ds[:, None] * last.to(tl.float32)[None, :]
         if far_end > 0:
             tl.atomic_add(de_base + (R - 1) * D + offs_d,
@@ -298,7 +304,10 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _warps(block: int) -> int:
-    return 8 if block >= 128 else 4  # a 128 x 256 band of fp32 logits needs the registers
+    # Chosen by register spills as compiled for sm_90 (scripts/compile_triton_kernels.py): at
+    # block 64, 4 warps spill in every kernel (forward 280 bytes a thread, dq / dE_r 1,900) and 8
+    # spill only in the dq / dE_r pass (680); 16 warps cap a thread at 128 registers and spill more.
+    return 8 if block >= 64 else 4
 
 
 def _head_major(q: Tensor) -> Tensor:

@@ -7,8 +7,10 @@
 #                                 eager skew, FlexAttention, plain causal SDPA and the peer, and
 #                                 sampling 2048 tokens against the peer; about 5 minutes
 #   bash scripts/gpu_check.sh 3   the fused Triton kernel: CUDA tests, training step (two-pass and
-#                                 one-pass backward), kernel tables against FlexAttention and
-#                                 flash, bench_sample; about 9 minutes (run with timeout_s 600)
+#                                 one-pass backward), kernel tables (64 and 32 tiles; 128 spills
+#                                 kilobytes a thread: scripts/compile_triton_kernels.py) against
+#                                 FlexAttention and flash, bench_sample; about 9 minutes
+#                                 (run with timeout_s 600)
 # Logs and tables land in $OUT (default scratch/gpu_out); each step has its own time limit.
 #
 # The peer (gwinndr/MusicTransformer-Pytorch) is never part of this repository: copy it into an
@@ -69,7 +71,7 @@ case $PART in
         --seq-lens 2048,8192 --batch-size 2 --steps 5 --warmup 2 --attn-impl triton --triton-one-pass
     step bench_attention 200 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
         --seq-lens 1024,2048,4096,8192 --batch-size 2 --steps 3 --warmup 1 \
-        --variants sdpa,triton,triton-1p,triton128,triton128-1p,flex,eager --scopes model,layer \
+        --variants sdpa,triton,triton-1p,triton32,triton32-1p,flex,eager --scopes model,layer \
         --sample-tokens 0 --timeout 100 --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json"
     step bench_sample 60 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
         --batch 1 --lengths 2048 --repeats 1 --recompute-steps 3 ;;
