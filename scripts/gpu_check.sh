@@ -63,13 +63,13 @@ case $PART in
     # tests, the training step with it (two-pass and one-pass backward), the kernel tables
     # against FlexAttention and flash, and bench_sample again (KV-cache steps now kept off cuDNN
     # SDPA; the sampler's rules now on the host).
-    step tests_triton 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_triton_attention.py \
+    step tests_triton 140 $PY -m pytest -q -rs -p no:cacheprovider tests/test_triton_attention.py \
         tests/test_fast_attention.py -k "not cpu"
-    step bench_train_triton 100 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
+    step bench_train_triton 90 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
         --seq-lens 2048,8192 --batch-size 2 --steps 5 --warmup 2 --attn-impl triton
-    step bench_train_triton_1p 100 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
+    step bench_train_triton_1p 90 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
         --seq-lens 2048,8192 --batch-size 2 --steps 5 --warmup 2 --attn-impl triton --triton-one-pass
-    step bench_attention 200 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
+    step bench_attention 190 $PY scripts/bench_attention.py --device cuda --preset base --dtype bf16 \
         --seq-lens 1024,2048,4096,8192 --batch-size 2 --steps 3 --warmup 1 \
         --variants sdpa,triton,triton-1p,triton32,triton32-1p,flex,eager --scopes model,layer \
         --sample-tokens 0 --timeout 100 --out "$OUT/bench_attention.md" --json "$OUT/bench_attention.json"
