@@ -304,9 +304,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _warps(block: int) -> int:
-    # Chosen by register spills as compiled for sm_90 (scripts/compile_triton_kernels.py): at
-    # block 64, 4 warps spill in every kernel (forward 280 bytes a thread, dq / dE_r 1,900) and 8
-    # spill only in the dq / dE_r pass (680); 16 warps cap a thread at 128 registers and spill more.
+    # Chosen by register spills as compiled for sm_90 (scripts/compile_triton_kernels.py, Triton
+    # 3.6): at block 64, 4 warps spill in every kernel (forward 560 bytes a thread, dq / dE_r
+    # 1,800) and 8 only in the dq / dE_r pass (440); 16 warps cap a thread at 128 registers.
     return 8 if block >= 64 else 4
 
 
