@@ -62,11 +62,12 @@ if triton is not None:
     @triton.jit
     def _shift(qe_lo, qe_hi, BLOCK: tl.constexpr):
         """S_rel[a, b] = qe[a, a - b + BLOCK - 1] of a tile whose band products are split in a
-        low half (columns 0 .. BLOCK - 1) and a high half: the skew, as one gather."""
-        joined = tl.reshape(tl.join(qe_lo, qe_hi), (BLOCK, 2 * BLOCK))  # column c is 2c + half
+        low half (columns 0 .. BLOCK - 1) and a high half: the skew, one gather per half
+        (joining the halves into one [BLOCK, 2 BLOCK] gather spilled more registers)."""
         a = tl.arange(0, BLOCK)
-        c = a[:, None] - a[None, :] + BLOCK - 1
-        return tl.gather(joined, tl.where(c < BLOCK, 2 * c, 2 * (c - BLOCK) + 1), 1)
+        c = a[:, None] - a[None, :] + BLOCK - 1  # band column of (query a, key b)
+        return tl.where(c < BLOCK, tl.gather(qe_lo, tl.minimum(c, BLOCK - 1), 1),
+                        tl.gather(qe_hi, tl.maximum(c - BLOCK, 0), 1))
 
     @triton.jit
     def _unshift(ds, BLOCK: tl.constexpr):
@@ -306,7 +307,7 @@ def _precision(dtype: torch.dtype) -> str:
 def _warps(block: int) -> int:
     # Chosen by register spills as compiled for sm_90 (scripts/compile_triton_kernels.py, Triton
     # 3.6): at block 64, 4 warps spill in every kernel (forward 560 bytes a thread, dq / dE_r
-    # 1,800) and 8 only in the dq / dE_r pass (440); 16 warps cap a thread at 128 registers.
+    # 1,800) and 8 mostly in the dq / dE_r pass (288 now); 16 warps cap a thread at 128 registers.
     return 8 if block >= 64 else 4
 
 
