@@ -92,15 +92,22 @@ if triton is not None:
                        mask=rows[:, None] < T, other=0.0)
 
     @triton.jit
+    def _first_high_half(q, e_base, m0, far_end, R, D: tl.constexpr, BLOCK: tl.constexpr,
+                         PREC: tl.constexpr):
+        """q against the high half of the first near tile's band (distances m0 - far_end + 1
+        ...), which no earlier tile computed."""
+        _, e_hi = _band(e_base, m0 - far_end + 1, R, D, BLOCK)
+        return tl.dot(q, tl.trans(e_hi), input_precision=PREC)
+
+    @triton.jit
     def _near_logits(q, k, qe_hi, e_base, m0, n0, R, D: tl.constexpr, BLOCK: tl.constexpr,
                      PREC: tl.constexpr):
         """Unscaled q k^T + S_rel of a near tile whose band's high half `qe_hi` the previous key
-        tile computed; also the new low half (its E_r rows and its product), the next tile's
-        high half."""
-        rows_lo, e_lo = _band(e_base, m0 - n0 - (BLOCK - 1), R, D, BLOCK)
+        tile computed; also the new low half's product, the next tile's high half."""
+        _, e_lo = _band(e_base, m0 - n0 - (BLOCK - 1), R, D, BLOCK)
         qe_lo = tl.dot(q, tl.trans(e_lo), input_precision=PREC)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) + _shift(qe_lo, qe_hi, BLOCK)
-        return s, rows_lo, e_lo, qe_lo
+        return s, qe_lo
 
     @triton.jit
     def _flush_band(pending, e_rows, rows, q, de_base, scale, D: tl.constexpr,
@@ -155,14 +162,11 @@ if triton is not None:
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
         # Near tiles, keys left to right: each tile's band is the next one's high half, so
         # only its low half (distances m0 - n0 - BLOCK + 1 ...) is a new product.
-        first_rows, first_band = _band(e_base, m0 - far_end + 1, R, D, BLOCK)
-        qe_hi = tl.dot(q, tl.trans(first_band), input_precision=PREC)
+        qe_hi = _first_high_half(q, e_base, m0, far_end, R, D, BLOCK, PREC)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
             k, v = _load_rows(K + base, cols, T, sqt, D), _load_rows(V + base, cols, T, sqt, D)
-            # Only qe_hi is carried to the next tile (fresh names: no loop-carried band rows).
-            s, rows_lo, e_lo, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK,
-                                                   PREC)
+            s, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK, PREC)
             s = tl.where((offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T), s * scale,
                          float("-inf"))
             m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, PREC)
@@ -227,13 +231,12 @@ if triton is not None:
         # dq and dE_r in one product each. Only that dS is carried from tile to tile, in the
         # inputs' dtype as those products take it; its E_r rows are loaded again (registers
         # are what this kernel runs short of: scripts/compile_triton_kernels.py).
-        qe_hi = tl.dot(q, tl.trans(_band(e_base, m0 - far_end + 1, R, D, BLOCK)[1]),
-                       input_precision=PREC)
+        qe_hi = _first_high_half(q, e_base, m0, far_end, R, D, BLOCK, PREC)
         pending = tl.zeros([BLOCK, BLOCK], q.dtype)
         for n0 in range(far_end, tl.minimum(m0 + BLOCK, T), BLOCK):
             cols = n0 + offs_n
             k, v = _load_rows(K + base, cols, T, sqt, D), _load_rows(V + base, cols, T, sqt, D)
-            s, _, _, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK, PREC)
+            s, qe_hi = _near_logits(q, k, qe_hi, e_base, m0, n0, R, D, BLOCK, PREC)
             visible = (offs_m[:, None] >= cols[None, :]) & (cols[None, :] < T) & row_ok[:, None]
             p, ds = _probs_and_grad(s, visible, v, do, lse, delta, scale, PREC)
             ds = ds.to(q.dtype)  # as every product below takes it: half the registers in bf16
