@@ -25,8 +25,13 @@ every distance is past it (most tiles of a sequence much longer than max_rel_dis
 its relative term is q_i . E_r[R - 1] for every key, one dot product per query row, and its
 gradient a row sum of dS.
 
+It keeps for the backward what flash attention keeps: q, k and v (read in place, e.g. as views
+of one qkv projection), the output (written token-major, so the projection after it reads a
+view), one log-sum-exp per row, and E_r.
+
 Causal attention only (no sliding window, no dropout); CUDA, or Triton's interpreter on CPU
-(TRITON_INTERPRET=1), which is what the CPU tests run.
+(TRITON_INTERPRET=1), which is what the CPU tests run; scripts/compile_triton_kernels.py
+compiles the kernels for a GPU without one and reports their registers and spills.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the installation
     triton = tl = None
 
-BLOCK = 64  # query and key tile size on the GPU (untuned); the tests use 16
+BLOCK = 64  # query and key tile size on the GPU: chosen by register spills, not yet by speed
 # Backward in one pass over query tiles, dk and dv added atomically per tile (8 tile products per
 # pair instead of 12, and 2 more atomic [BLOCK, D] adds), or in two (a dq / dE_r pass, then a
 # dk / dv pass over key tiles, no atomics for them). Which is faster is for a GPU to say.
