@@ -107,6 +107,7 @@ class Rules:
     def ends(self, tokens, elapsed):
         """Whether each token ends its row, given the row's elapsed steps including it (ints,
         or tensors of candidates)."""
+        # (no EOS rule: `tokens < 0` is False in the type of `tokens`, int or tensor)
         ended = tokens == self.eos_id if self.eos_id is not None else tokens < 0
         if self.max_steps is not None:
             ended = ended | (elapsed >= self.max_steps)

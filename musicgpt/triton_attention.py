@@ -361,7 +361,7 @@ if triton is not None and hasattr(torch.library, "custom_op"):
             do = torch.empty_like(o).copy_(do)
         de_dtype = e.dtype
         delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), the softmax backward's term
-        dq = q.new_empty(q.shape)
+        dq, dk, dv = _grads(q)  # the layout the fake version promises
         de = torch.zeros(e.shape, device=e.device, dtype=torch.float32)
         e = e.to(q.dtype)  # tl.dot wants both operands in one dtype; dE_r stays in fp32
         grid = (triton.cdiv(T, block), B * H)
@@ -372,9 +372,9 @@ if triton is not None and hasattr(torch.library, "custom_op"):
                           for _ in range(2))
             _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, dk32, dv32, *args,
                                   KV=True, **meta)
-            dk, dv = (dk32 * D ** -0.5).to(k.dtype), dv32.to(v.dtype)
+            dk.copy_(dk32 * D ** -0.5)
+            dv.copy_(dv32)
         else:
-            dk, dv = q.new_empty(q.shape), q.new_empty(q.shape)
             _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, dk, dv, *args, KV=False,
                                   **meta)
             _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
