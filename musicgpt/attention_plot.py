@@ -129,7 +129,7 @@ def load_excerpt(midi, model, codec_config, max_tokens: int | None = None, check
         raise MusicGPTError(f"{name}: no notes in the first {max_tokens} tokens")
     device = next(model.parameters()).device
     idx = torch.from_numpy(tokens)[None].to(device)
-    _, _, attentions = model.eval()(idx, return_attention=True)
+    _, attentions = model.eval().forward_with_attention(idx)
     stacked = torch.stack([a[0] for a in attentions]).float().cpu().numpy()  # [L, H, T, T]
     return Excerpt(name, tokens, notes, stacked, checkpoint)
 
@@ -419,7 +419,7 @@ def render_attention(midi, out, *, checkpoint=None, layer: int = -1, heads: list
     """Run the model once over a MIDI file and write the arcs (PNG/SVG/HTML) or the --grid overview."""
     from musicgpt.checkpoint import choose_checkpoint, load_model, peek_model_config
     from musicgpt.codec import load_midi
-    from musicgpt.generate import pick_device
+    from musicgpt.devices import pick_device
     from musicgpt.plot import _save
 
     out = Path(out)

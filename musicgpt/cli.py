@@ -7,6 +7,7 @@ work itself lives in the library modules so tests can call it directly.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -80,20 +81,20 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dropout", type=float, help="dropout probability (overrides the preset)")
     p.add_argument("--attn-dropout", type=float,
                    help="dropout on attention weights (default: --dropout); 0 lets CUDA "
-                   "training past 2048 tokens use the fused FlexAttention kernel")
+                   "training on long sequences use the fused FlexAttention kernel")
     p.add_argument("--attn-impl", metavar="KERNEL",
-                   help="relative attention kernel: auto (default: FlexAttention on CUDA past 2048 "
-                   "tokens), eager, flex, or triton (the fused kernel, CUDA, opt-in)")
+                   help="relative attention kernel: auto (default: FlexAttention on CUDA for long "
+                   "sequences), eager, flex, or triton (the fused kernel, CUDA, opt-in)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast on CUDA by default")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--init", metavar="CKPT", help="fine-tune from a trained checkpoint ('default': the shipped model)")
     p.add_argument("--attention", choices=["relative", "absolute"], help="attention kind (overrides the preset)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default %(default)s)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no transposition or time stretch")
     p.add_argument("--eval-interval", type=int, help="steps between validation runs")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out for validation (default %(default)s)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
     p.set_defaults(func=_run_train)
 
@@ -108,36 +109,49 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
+    from musicgpt.sampling import (DEFAULT_SECONDS, MAX_NOTE_SECONDS, MAX_PAUSE_SECONDS, TOKENS_PER_SECOND_CAP,
+                                   SamplingConfig)
+
+    d = SamplingConfig()
     p = sub.add_parser(
         "sample",
         help="write new MIDI with a trained model, from silence or continuing a primer",
         description="Generate piano music with a trained model and write it as MIDI files (listed on stdout). "
         "Without --checkpoint the newest run under runs/ is used, else the shipped default model. "
-        "Sampling defaults: temperature 1.0, top-p 0.95, other filters off.",
+        f"Sampling defaults: temperature {d.temperature:g}, top-p {d.top_p:g}, other filters off.",
     )
     p.add_argument("--checkpoint", metavar="CKPT", help="run folder, .safetensors file, or 'default' (the shipped model)")
     p.add_argument("--primer", type=Path, metavar="MIDI", help="MIDI file to continue (default: start from silence)")
     p.add_argument("--primer-seconds", type=float, metavar="S", help="use only the primer's first S seconds")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--tokens", type=int, metavar="N", help="generate N tokens (or until the model ends the piece)")
-    length.add_argument("--seconds", type=float, metavar="S", help="generate S seconds of music (default 30; at most 100 tokens per second)")
-    p.add_argument("--num-samples", type=int, default=1, metavar="K", help="pieces to write, generated as one batch (default 1)")
+    length.add_argument("--seconds", type=float, metavar="S", help=f"generate S seconds of music (default "
+                        f"{DEFAULT_SECONDS:g}; at most {TOKENS_PER_SECOND_CAP} tokens per second)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="K",
+                   help="pieces to write, generated as one batch (default %(default)s)")
     p.add_argument("--seed", type=int, metavar="N", help="random seed (default: a new one, printed so the run can be repeated)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic)")
-    p.add_argument("--temperature", type=float, metavar="T", help="divide logits by this; < 1 is safer, > 1 wilder (default 1.0)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens (default 0: off)")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus: the smallest set holding this probability (default 0.95; 1: off)")
-    p.add_argument("--typical-p", type=float, metavar="P", help="locally typical sampling mass (default 1: off)")
-    p.add_argument("--min-p", type=float, metavar="M", help="drop tokens below this fraction of the top token's probability (default 0: off)")
-    p.add_argument("--repetition-penalty", type=float, metavar="R", help="CTRL penalty on tokens in the model's view (default 1: off)")
+    filters = [
+        ("--temperature", float, "T", f"divide logits by this; < 1 is safer, > 1 wilder (default {d.temperature:g})"),
+        ("--top-k", int, "K", f"sample among the K most likely tokens (default {d.top_k}: off)"),
+        ("--top-p", float, "P", f"nucleus: the smallest set holding this probability (default {d.top_p:g}; 1: off)"),
+        ("--typical-p", float, "P", f"locally typical sampling mass (default {d.typical_p:g}: off)"),
+        ("--min-p", float, "M", f"drop tokens below this fraction of the top token's probability "
+                                f"(default {d.min_p:g}: off)"),
+        ("--repetition-penalty", float, "R", f"CTRL penalty on tokens in the model's view "
+                                             f"(default {d.repetition_penalty:g}: off)"),
+    ]
+    for flag, kind, metavar, text in filters:
+        p.add_argument(flag, type=kind, metavar=metavar, help=text)
     p.add_argument("--beams", type=int, dest="num_beams", metavar="B", help="beam search with this many beams (deterministic)")
-    p.add_argument("--length-penalty", type=float, metavar="L", help="beam score = log-prob / length ** this (default 1.0)")
-    p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default samples/)")
+    p.add_argument("--length-penalty", type=float, metavar="L",
+                   help=f"beam score = log-prob / length ** this (default {d.length_penalty:g})")
+    p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default %(default)s/)")
     p.add_argument("--include-primer", action="store_true", help="write the primer before the continuation")
     p.add_argument("--max-pause", type=float, metavar="S",
-                   help="never go more than S seconds without a new note (default 4; 0: no limit)")
+                   help=f"never go more than S seconds without a new note (default {MAX_PAUSE_SECONDS:g}; 0: no limit)")
     p.add_argument("--max-note", type=float, metavar="S",
-                   help="end generated notes held longer than S seconds (default 12; 0: no limit)")
+                   help=f"end generated notes held longer than S seconds (default {MAX_NOTE_SECONDS:g}; 0: no limit)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for one or two samples, else torch's choice)")
     p.add_argument("--wav", action="store_true", help="also render each sample to WAV beside it (needs musicgpt[audio])")
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, mps or auto")
@@ -145,8 +159,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from musicgpt.generate import SamplingConfig
-    from musicgpt.sample import sample_files
+    from musicgpt.sample import SampleRequest, sample_files
+    from musicgpt.sampling import SamplingConfig
 
     names = ("greedy", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
              "num_beams", "length_penalty")
@@ -156,13 +170,19 @@ def _run_sample(args: argparse.Namespace) -> int:
 
         if not fluidsynth_available():
             raise MusicGPTError(f"--wav: {INSTALL_HINT}")
-    paths = sample_files(
+    limits = {}
+    for field_name, flag, value in (("max_pause_seconds", "--max-pause", args.max_pause),
+                                    ("max_note_seconds", "--max-note", args.max_note)):
+        if value is not None:
+            if not value >= 0:
+                raise MusicGPTError(f"{flag} must be a number of seconds >= 0 (0: no limit), got {value!r}")
+            limits[field_name] = math.inf if value == 0 else value
+    request = SampleRequest(
         checkpoint=args.checkpoint, primer=args.primer, primer_seconds=args.primer_seconds, tokens=args.tokens,
         seconds=args.seconds, num_samples=args.num_samples, seed=args.seed, sampling=sampling, out_dir=args.out,
-        include_primer=args.include_primer, device=args.device, threads=args.threads,
-        max_pause_seconds=args.max_pause, max_note_seconds=args.max_note,
+        include_primer=args.include_primer, device=args.device, threads=args.threads, **limits,
     )
-    for path in paths:
+    for path in sample_files(request):
         print(path)
         if args.wav:
             from musicgpt.render import render_wav
@@ -176,7 +196,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("midi", type=Path, help="input .mid/.midi file")
     p.add_argument("-o", "--output", type=Path, help="WAV file to write (default: beside the MIDI file)")
     p.add_argument("--soundfont", type=Path, help="a .sf2 soundfont (default: pretty_midi's bundled General MIDI one)")
-    p.add_argument("--sample-rate", type=int, default=44100, help="samples per second (default 44100)")
+    p.add_argument("--sample-rate", type=int, default=44100, help="samples per second (default %(default)s)")
     p.set_defaults(func=_run_render)
 
 
@@ -201,14 +221,14 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("midi", type=Path, help="input .mid/.midi file (a generated sample works too)")
     p.add_argument("-o", "--output", type=Path, required=True, help="file to write: .png, .svg or .html")
     p.add_argument("--checkpoint", help="run folder or .safetensors (default: the newest run, else the shipped model)")
-    p.add_argument("--layer", type=int, default=-1, help="layer from 0; negative counts from the end (default -1: last)")
+    p.add_argument("--layer", type=int, default=-1, help="layer from 0; negative counts from the end (default %(default)s: the last)")
     p.add_argument("--heads", help="comma-separated heads from 0, e.g. 0,3 (default: all)")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--query-note", type=int, metavar="INDEX", help="query note, by index in onset order from 0 "
                    "(default: one late in the excerpt)")
     q.add_argument("--query-time", type=float, metavar="SECONDS", help="query the note starting nearest this time")
-    p.add_argument("--top-k", type=int, default=5, help="arcs per head: its K most attended notes (default 5)")
-    p.add_argument("--threshold", type=float, default=0.02, help="hide arcs lighter than this weight (default 0.02)")
+    p.add_argument("--top-k", type=int, default=5, help="arcs per head: its K most attended notes (default %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.02, help="hide arcs lighter than this weight (default %(default)s)")
     p.add_argument("--max-tokens", type=int, help="tokens of the piece the model reads (default: its context "
                    "or 512, whichever is smaller)")
     p.add_argument("--grid", action="store_true", help="draw every layer's and head's attention matrix instead")
@@ -243,10 +263,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
     p.add_argument("--checkpoint", metavar="CKPT", help="run folder, .safetensors file or 'default' "
                    "(default: the newest run, else the shipped model)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out, as in training (default 0.1)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out, as in training (default %(default)s)")
     p.add_argument("--all", dest="all_files", action="store_true", help="evaluate every file, not the validation split")
     p.add_argument("--seq-len", type=int, metavar="N", help="window length in tokens (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(func=_run_eval)

@@ -29,7 +29,7 @@ import numpy as np
 import pretty_midi
 
 from musicgpt.errors import MusicGPTError
-from musicgpt.midi_io import load_midi, read_notes, write_midi
+from musicgpt.midi_io import Notes, load_midi, read_notes, write_midi
 from musicgpt.vocab import (
     DEFAULT_VELOCITY, NOTE_OFF, NUM_PITCHES, TIME_SHIFT, CodecConfig, id_names, name_ids,
 )
@@ -78,11 +78,12 @@ class _StepNotes:
 # ---------------------------------------------------------------- encode
 
 
-def encode(midi: str | os.PathLike | pretty_midi.PrettyMIDI,
+def encode(midi: str | os.PathLike | pretty_midi.PrettyMIDI | Notes,
            config: CodecConfig | None = None) -> np.ndarray:
-    """Tokens (int16, no EOS) of a MIDI file path or PrettyMIDI object; MidiReadError if bad."""
+    """Tokens (int16, no EOS) of a MIDI file path, PrettyMIDI object or notes already read by
+    `read_notes`; MidiReadError if the file is bad."""
     cfg = config or _DEFAULT
-    notes = read_notes(midi)
+    notes = midi if isinstance(midi, Notes) else read_notes(midi)
     per_step = 1000.0 / cfg.step_ms
     return _tokens(_StepNotes(
         notes.pitch,

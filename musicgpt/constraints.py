@@ -30,16 +30,13 @@ from torch import Tensor
 from musicgpt import codec
 from musicgpt.vocab import NOTE_OFF, NUM_PITCHES, TIME_SHIFT, CodecConfig
 
-NO_LIMIT = 2**40
-
-
 @dataclass
 class RowState:
-    """One row so far: steps of music, steps since its last NOTE_ON, and the keys sounding
-    (key -> the step it was struck at)."""
+    """One row so far: steps of music, steps since its last NOTE_ON (infinite before a piece from
+    silence has its first note), and the keys sounding (key -> the step it was struck at)."""
 
     elapsed: int = 0
-    quiet: int = 0
+    quiet: float = 0
     struck: dict[int, int] = field(default_factory=dict)
 
     def copy(self) -> RowState:
@@ -52,12 +49,12 @@ class Rules:
 
     max_new_tokens: int
     eos_id: int | None  # None: EOS does not end a row
-    max_steps: int | None  # the music's length limit (max_seconds in integer steps)
+    max_steps: float  # the music's length limit in steps (math.inf: none)
     config: CodecConfig
     banned: list[int]  # token ids never to emit
     start: RowState  # the state after the prompt
-    max_quiet: int = NO_LIMIT
-    max_held: int = NO_LIMIT
+    max_quiet: float = math.inf  # steps without a new note (math.inf: no limit)
+    max_held: float = math.inf  # steps a note may sound (math.inf: no limit)
 
     def __post_init__(self):
         self.steps = shift_steps(self.config)  # [V] steps each token moves time on
@@ -69,12 +66,13 @@ class Rules:
     def initial(self, rows: int) -> list[RowState]:
         return [self.start.copy() for _ in range(rows)]
 
-    def allowed(self, logits: Tensor, rows: list[RowState]) -> Tensor:
+    def mask_logits(self, logits: Tensor, rows: list[RowState]) -> Tensor:
         """Logits with every token the rules forbid for each row set to -inf."""
         n, mask = self.config.max_shift_steps, None
         for i, row in enumerate(rows):
             oldest = row.elapsed - min(row.struck.values()) if row.struck else -1
-            room = min(self.max_quiet - row.quiet, self.max_held - oldest)  # steps a pause may take
+            quiet_room = self.max_quiet - row.quiet if row.quiet < self.max_quiet else 0
+            room = min(quiet_room, self.max_held - oldest)  # steps a pause may take
             if room >= n and oldest < self.max_held:
                 continue  # most steps: only the fixed bans
             if mask is None:
@@ -109,9 +107,7 @@ class Rules:
         or tensors of candidates)."""
         # (no EOS rule: `tokens < 0` is False in the type of `tokens`, int or tensor)
         ended = tokens == self.eos_id if self.eos_id is not None else tokens < 0
-        if self.max_steps is not None:
-            ended = ended | (elapsed >= self.max_steps)
-        return ended
+        return ended | (elapsed >= self.max_steps)
 
 
 def seconds_to_steps(seconds: float, config: CodecConfig) -> int:

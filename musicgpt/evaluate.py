@@ -2,7 +2,7 @@
 
 The validation files are chosen exactly as training chooses them (`data.split_files` on the
 file names), cut into non-overlapping windows of the model's context, and every real target is
-scored once with `train.evaluate`, the same loss loop training reports.
+scored once with `mean_loss`, the loss loop training reports its validation loss with.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from musicgpt import data
+from musicgpt.devices import pick_device
 from musicgpt.errors import MusicGPTError
 
 
@@ -47,6 +49,24 @@ class EvalResult:
         return {**asdict(self), "bits": self.bits, "perplexity": self.perplexity}
 
 
+@torch.no_grad()
+def mean_loss(model, batches, device: str, autocast=None) -> float:
+    """Mean cross-entropy in nats per token over (inputs, targets) `batches`, every real target
+    counted once; under `autocast` if given (training's bf16), else in fp32."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast or nullcontext():
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                                 ignore_index=data.IGNORE_INDEX, reduction="sum")
+        total, count = total + float(loss), count + int((y != data.IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(1, count)
+
+
 def check_options(*, val_fraction: float = 0.1, seq_len: int | None = None, batch_size: int = 8) -> None:
     """Reject option values that are wrong whatever the model and data, before anything is read."""
     if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
@@ -71,13 +91,11 @@ def choose_pieces(pieces: list[data.Piece], val_fraction: float, all_files: bool
 def loss_on_pieces(model, pieces: list[data.Piece], codec_config, *, seq_len: int, batch_size: int = 8,
                    device: str = "cpu", progress: bool = True) -> tuple[float, int, int]:
     """(nats/token, targets scored, windows) over non-overlapping seq_len windows of `pieces`."""
-    from musicgpt.train import evaluate
-
     batches = data.eval_batches(pieces, seq_len, codec_config, batch_size)
     tokens = sum(int((y != data.IGNORE_INDEX).sum()) for _, y in batches)
     bar = tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False)
     # fp32 everywhere: a reported figure should not depend on the device's autocast.
-    nats = evaluate(model, bar, device, nullcontext())
+    nats = mean_loss(model, bar, device)
     return nats, tokens, sum(len(x) for x, _ in batches)
 
 
@@ -91,14 +109,13 @@ def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike |
     the newest run is used, else the shipped default model (`choose_checkpoint`).
     """
     from musicgpt.checkpoint import choose_checkpoint, load_model
-    from musicgpt.generate import pick_device
 
     check_options(val_fraction=val_fraction, seq_len=seq_len, batch_size=batch_size)
     files = data.find_midi_files(data_dir)  # a bad folder fails before any weights are read
     device = pick_device(device)
-    path, note = choose_checkpoint(checkpoint, runs_dir)
-    if note:
-        print(f"musicgpt: {note}", file=sys.stderr)
+    path, why = choose_checkpoint(checkpoint, runs_dir)
+    if why:
+        print(f"musicgpt: {why}", file=sys.stderr)
     model, ckpt = load_model(path, device)
     mcfg = ckpt.model_config
     seq_len = seq_len or mcfg.context_len

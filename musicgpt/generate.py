@@ -1,13 +1,8 @@
-"""Sampling: logit filters and greedy / sampled / beam decoding over the KV cache (files: `sample`).
+"""Sampling: logit filters and greedy / sampled / beam decoding (files and primers: `sample`).
 
-Every strategy runs the model on the new token only (`MusicGPT.decode_step`). A relative-attention
-model keeps going past its window with the cache's sliding window (distances, not positions, are
-what it knows, so this is exact with respect to `forward(..., attn_window=window)`). An
-absolute-position model cannot slide: when its cache is full, the most recent half context is
-re-encoded at positions 0.. and decoding continues from there, one re-encoding every
-context_len / 2 tokens instead of a full recompute per token. On CUDA a relative model steps
-through `fast_attention.GraphDecoder` instead: the same attention on a fixed-shape ring cache, one
-CUDA graph replay per token, since batch-1 sampling on a GPU is bound by kernel launches.
+Every strategy runs the model on the new token only, through a stepper (`musicgpt.steppers`):
+the growing KV cache, or on CUDA for a relative model the CUDA-graph decoder. The musical rules
+of what a row may emit are `musicgpt.constraints`.
 """
 
 from __future__ import annotations
@@ -15,72 +10,18 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+
 
 import torch
 from torch import Tensor
 
-from musicgpt.constraints import NO_LIMIT, Rules, prompt_state, seconds_to_steps
+from musicgpt.constraints import Rules, prompt_state, seconds_to_steps
 from musicgpt.errors import MusicGPTError
-from musicgpt.fast_attention import GraphDecoder
 from musicgpt.model import MusicGPT
+from musicgpt.steppers import CachedStepper, GraphStepper, RecomputeStepper, Stepper
+from musicgpt.sampling import SamplingConfig
+from musicgpt.validate import is_integer
 from musicgpt.vocab import CodecConfig
-
-_FLAGS = {"num_beams": "--beams"}  # options whose CLI flag is not the field name with dashes
-
-
-# ----------------------------------------------------------------------------- configuration
-
-@dataclass
-class SamplingConfig:
-    """How each next token is chosen; a filter left at its neutral value (0 or 1.0) is off.
-
-    Greedy and beam search are deterministic and use only the repetition penalty (and, for
-    beams, length_penalty); sampling applies every filter in `filter_logits`'s order.
-    """
-
-    greedy: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # keep the k most likely tokens (ties at the k-th value all kept)
-    top_p: float = 0.95  # nucleus: smallest set holding this much probability
-    typical_p: float = 1.0  # locally typical set holding this much probability
-    min_p: float = 0.0  # keep tokens with p >= min_p * p_max
-    repetition_penalty: float = 1.0  # CTRL penalty on tokens in the model's view
-    num_beams: int = 1  # > 1: beam search
-    length_penalty: float = 1.0  # beam hypothesis score = sum log p / length ** length_penalty
-
-    def validate(self) -> SamplingConfig:
-        """Raise a one-line MusicGPTError naming the first invalid option; return self."""
-        _check(self, "temperature", _real(self.temperature) and self.temperature > 0, "> 0")
-        _check(self, "top_k", _integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)")
-        _check(self, "top_p", _real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]")
-        _check(self, "typical_p", _real(self.typical_p) and 0 < self.typical_p <= 1, "in (0, 1]")
-        _check(self, "min_p", _real(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)")
-        _check(self, "repetition_penalty", _real(self.repetition_penalty) and self.repetition_penalty > 0, "> 0")
-        _check(self, "num_beams", _integer(self.num_beams) and self.num_beams >= 1, "an integer >= 1")
-        _check(self, "length_penalty", _real(self.length_penalty), "a finite number")
-        if self.greedy and self.num_beams > 1:
-            raise MusicGPTError("choose --greedy or --beams, not both")
-        return self
-
-    @property
-    def deterministic(self) -> bool:
-        return self.greedy or self.num_beams > 1
-
-
-def _real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check(cfg: SamplingConfig, name: str, ok: bool, rule: str) -> None:
-    if not ok:
-        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
-        raise MusicGPTError(f"{flag} must be {rule}, got {getattr(cfg, name)!r}")
-
 
 # ----------------------------------------------------------------------------- logit filters
 
@@ -127,87 +68,6 @@ def _keep_smallest_set(logits: Tensor, key: Tensor, mass: float) -> Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
 
 
-# ----------------------------------------------------------------------------- model steppers
-
-def _reach(model: MusicGPT, window: int) -> int:
-    """Prompt tokens that can still influence the next ones: the receptive field of the stack."""
-    if model.config.attention == "absolute":
-        return model.config.context_len
-    return model.config.n_layer * (window - 1) + 1
-
-
-class _CachedStepper:
-    """Feeds the model one new token per step through a KV cache."""
-
-    def __init__(self, model: MusicGPT, window: int):
-        self.model, self.window = model, window
-        self.full_at = model.config.context_len if model.config.attention == "absolute" else None
-
-    def start(self, prompt: Tensor, batch: int) -> Tensor:
-        """Encode the prompt [1, P] once and copy its cache to `batch` rows; logits [batch, V]."""
-        self.cache = self.model.new_cache(1, window=self.window)
-        logits = self._prefill(prompt[:, -_reach(self.model, self.window):])
-        if batch > 1:
-            self.cache.reorder(torch.zeros(batch, dtype=torch.long, device=prompt.device))
-        return logits.expand(batch, -1)
-
-    def _prefill(self, tokens: Tensor) -> Tensor:
-        # Window-sized chunks keep each attention matrix at most window x 2 * window.
-        for chunk in tokens.split(self.window, dim=1):
-            logits = self.model.decode_step(chunk, self.cache)
-        return logits[:, -1]
-
-    def step(self, seq: Tensor, pos: int) -> Tensor:
-        """Logits [B, V] for the token after seq[:, pos], which the cache has not seen yet."""
-        if self.full_at is not None and self.cache.length >= self.full_at:
-            keep = max(1, self.full_at // 2)  # absolute positions cannot slide: re-encode
-            self.cache = self.model.new_cache(seq.size(0), window=self.window)
-            return self._prefill(seq[:, pos + 1 - keep:pos + 1])
-        return self.model.decode_step(seq[:, pos:pos + 1], self.cache)[:, -1]
-
-    def reorder(self, rows: Tensor) -> None:
-        self.cache.reorder(rows)
-
-
-class _GraphStepper:
-    """Feeds one new token per step through `fast_attention.GraphDecoder`: a ring cache of fixed
-    shape whose step is replayed as one CUDA graph (graph=None: on CUDA; False runs it eagerly)."""
-
-    def __init__(self, model: MusicGPT, window: int, graph: bool | None = None):
-        self.model, self.window, self.graph = model, window, graph
-
-    def start(self, prompt: Tensor, batch: int) -> Tensor:
-        """Encode the prompt [1, P] once into every row's ring; logits [batch, V]."""
-        self.decoder = GraphDecoder(self.model, batch, window=self.window, graph=self.graph)
-        return self.decoder.prefill(prompt[:, -_reach(self.model, self.window):]).expand(batch, -1)
-
-    def step(self, seq: Tensor, pos: int) -> Tensor:
-        return self.decoder.step(seq[:, pos])
-
-    def reorder(self, rows: Tensor) -> None:
-        self.decoder.reorder(rows)
-
-
-class _RecomputeStepper:
-    """The slow reference: re-runs the model over the whole visible context every step."""
-
-    def __init__(self, model: MusicGPT, window: int):
-        self.model, self.window = model, window
-        self.reach = _reach(model, window)
-
-    def start(self, prompt: Tensor, batch: int) -> Tensor:
-        return self._run(prompt[:, -self.reach:]).expand(batch, -1)
-
-    def step(self, seq: Tensor, pos: int) -> Tensor:
-        return self._run(seq[:, max(0, pos + 1 - self.reach):pos + 1])
-
-    def _run(self, tokens: Tensor) -> Tensor:
-        return self.model(tokens, attn_window=self.window)[0][:, -1]
-
-    def reorder(self, rows: Tensor) -> None:
-        pass  # nothing cached; the caller reorders the token buffer
-
-
 # ----------------------------------------------------------------------------- decoding loops
 
 def _progress_bar(enabled: bool, total: int):
@@ -216,7 +76,7 @@ def _progress_bar(enabled: bool, total: int):
     return tqdm(total=total, unit="tok", desc="sampling", disable=not enabled, file=sys.stderr, leave=False)
 
 
-def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules, batch: int,
+def _sample(stepper: Stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules, batch: int,
             seed: int, progress: bool) -> list[Tensor]:
     """Greedy or sampled decoding of `batch` rows from one prompt; rows stop at EOS or time."""
     P, N = prompt.size(1), rules.max_new_tokens
@@ -231,7 +91,7 @@ def _sample(stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules, batch: i
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos = P + t
-            logits = rules.allowed(logits, rows)
+            logits = rules.mask_logits(logits, rows)
             seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
             if cfg.greedy:
                 if penalize:
@@ -260,7 +120,7 @@ def _strip_eos(tokens: Tensor, eos_id: int | None) -> Tensor:
     return tokens.cpu()
 
 
-def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules, progress: bool) -> Tensor:
+def _beam_search(stepper: Stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules, progress: bool) -> Tensor:
     """Beam search as in Hugging Face: hypotheses end at EOS or at max_seconds, score / len ** lp.
 
     Per step the B * V continuations are ranked; the best B that do not end become the new
@@ -281,7 +141,7 @@ def _beam_search(stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules, pro
     with _progress_bar(progress, N) as bar:
         for t in range(N):
             pos, norm = P + t, (t + 1) ** cfg.length_penalty
-            logits = rules.allowed(logits, state)
+            logits = rules.mask_logits(logits, state)
             if cfg.repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, seq[:, max(0, pos - stepper.window):pos], cfg.repetition_penalty)
             cand = (scores[:, None] + logits.log_softmax(-1)).view(-1)
@@ -322,14 +182,14 @@ def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampling
     the output on a given device; `sampling.num_beams > 1` runs `beam_search` (one sequence).
     Options: codec_config (default CodecConfig()), max_seconds, stop_at_eos=True, ban_eos=False (True: never emit EOS),
     start_with_note=False (True: no TIME_SHIFT before a row's first NOTE_ON), max_pause_seconds
-    and max_note_seconds (musicgpt.constraints: None, no limit), window (default
+    and max_note_seconds (musicgpt.constraints; math.inf, the default: no limit), window (default
     the context length), progress=False, use_cache=True (False recomputes the whole visible
     context every step: the slow reference for tests and benchmarks), static_cache=None (the
     fixed-shape ring cache replayed as a CUDA graph: None picks it for relative models on CUDA,
     True forces it, run eagerly off CUDA; False keeps `decode_step`'s cache).
     """
     cfg = (sampling or SamplingConfig()).validate()
-    if not _integer(num_samples) or num_samples < 1:
+    if not is_integer(num_samples) or num_samples < 1:
         raise MusicGPTError(f"num_samples must be a positive integer, got {num_samples!r}")
     if cfg.num_beams > 1:
         if num_samples > 1:
@@ -352,35 +212,24 @@ def beam_search(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampl
 
 @contextmanager
 def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: CodecConfig | None = None,
-             max_seconds: float | None = None, stop_at_eos: bool = True, use_cache: bool = True,
+             max_seconds: float = math.inf, stop_at_eos: bool = True, use_cache: bool = True,
              window: int | None = None, progress: bool = False, ban_eos: bool = False,
-             start_with_note: bool = False, max_pause_seconds: float | None = None,
-             max_note_seconds: float | None = None, static_cache: bool | None = None):
+             start_with_note: bool = False, max_pause_seconds: float = math.inf,
+             max_note_seconds: float = math.inf, static_cache: bool | None = None):
     """Check the request, build the stepper and the decoding rules, and run in eval + inference mode."""
     codec_config = codec_config or CodecConfig()
     if model.config.vocab_size != codec_config.vocab_size:
         raise MusicGPTError(f"model vocabulary ({model.config.vocab_size}) does not match the codec's "
                             f"({codec_config.vocab_size})")
-    if not _integer(max_new_tokens) or max_new_tokens < 1:
+    if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise MusicGPTError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     device = model.wte.weight.device
     prompt = torch.as_tensor(prompt).to(device=device, dtype=torch.long).reshape(1, -1)
     if prompt.size(1) == 0:
         raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
-    banned = [codec_config.pad_id]  # padding is never music
-    if ban_eos:
-        banned.append(codec_config.eos_id)  # a length was asked for: the piece goes on to it
-    limits = {}
-    for name, seconds in (("max_pause_seconds", max_pause_seconds), ("max_note_seconds", max_note_seconds)):
-        if seconds is not None and not (_real(seconds) and seconds > 0):
-            raise MusicGPTError(f"{name} must be a positive number, got {seconds!r}")
-        limits[name] = NO_LIMIT if seconds is None else max(seconds_to_steps(seconds, codec_config), 1)
-    max_steps = None if max_seconds is None else seconds_to_steps(max_seconds, codec_config)
-    start = prompt_state(prompt[0].cpu().numpy(), codec_config)
-    if start_with_note:  # from silence: the piece begins with a note, not a pause
-        start.quiet = limits["max_pause_seconds"]
-    rules = Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,
-                 banned, start, max_quiet=limits["max_pause_seconds"], max_held=limits["max_note_seconds"])
+    rules = _rules(prompt, max_new_tokens, codec_config, max_seconds=max_seconds, stop_at_eos=stop_at_eos,
+                   ban_eos=ban_eos, start_with_note=start_with_note, max_pause_seconds=max_pause_seconds,
+                   max_note_seconds=max_note_seconds)
     window = window or model.config.context_len
     relative = model.config.attention == "relative"
     if static_cache and not (use_cache and relative):
@@ -388,9 +237,9 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
     if static_cache is None:
         static_cache = use_cache and relative and device.type == "cuda"
     if static_cache:
-        stepper = _GraphStepper(model, window, graph=device.type == "cuda")
+        stepper = GraphStepper(model, window, graph=device.type == "cuda")
     else:
-        stepper = (_CachedStepper if use_cache else _RecomputeStepper)(model, window)
+        stepper = (CachedStepper if use_cache else RecomputeStepper)(model, window)
     was_training = model.training
     model.eval()  # dropout off while sampling; the caller's mode comes back afterwards
     try:
@@ -400,20 +249,28 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
         model.train(was_training)
 
 
-# ----------------------------------------------------------------------------- devices
+def _steps(seconds: float, config: CodecConfig) -> float:
+    """Codec time steps covering `seconds`; math.inf stays infinite (no limit)."""
+    return seconds_to_steps(seconds, config) if math.isfinite(seconds) else math.inf
 
-def pick_device(name: str) -> str:
-    """'auto' (CUDA if present, else CPU), 'cpu', 'cuda[:N]' or 'mps', checked to be available."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return name
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MusicGPTError(f"--device {name} was asked for but CUDA is not available")
-        return name
-    if name == "mps":
-        if not torch.backends.mps.is_available():
-            raise MusicGPTError("--device mps was asked for but MPS is not available")
-        return name
-    raise MusicGPTError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
+
+def _rules(prompt: Tensor, max_new_tokens: int, codec_config: CodecConfig, *, max_seconds: float,
+           stop_at_eos: bool, ban_eos: bool, start_with_note: bool, max_pause_seconds: float,
+           max_note_seconds: float) -> Rules:
+    """The decoding rules of one request (musicgpt.constraints), its limits checked."""
+    banned = [codec_config.pad_id]  # padding is never music
+    if ban_eos:
+        banned.append(codec_config.eos_id)  # a length was asked for: the piece goes on to it
+    limits = {}
+    for name, seconds in (("max_pause_seconds", max_pause_seconds), ("max_note_seconds", max_note_seconds)):
+        if not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise MusicGPTError(f"{name} must be a positive number of seconds (math.inf: no limit), got {seconds!r}")
+        limits[name] = max(_steps(seconds, codec_config), 1)
+    if not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise MusicGPTError(f"max_seconds must be a positive number (math.inf: no limit), got {max_seconds!r}")
+    max_steps = _steps(max_seconds, codec_config)
+    start = prompt_state(prompt[0].cpu().numpy(), codec_config)
+    if start_with_note:  # from silence: the piece begins with a note, not a pause
+        start.quiet = math.inf
+    return Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,
+                 banned, start, max_quiet=limits["max_pause_seconds"], max_held=limits["max_note_seconds"])

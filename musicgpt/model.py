@@ -1,12 +1,12 @@
 """The musicgpt decoder: a GPT-2-style transformer with Music-Transformer relative attention.
 
 One file, in the spirit of nanoGPT: a `ModelConfig`, named presets, the attention layer, the
-model with a training `forward` and a KV-cached `decode_step` for sampling.
+model with a training `forward` and a KV-cached `decode_step` for sampling. The attention kernels
+and caches live in `musicgpt.attention`; this file chooses a plan per call and runs the layers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from musicgpt import fast_attention
+from musicgpt.attention import AttentionPlan, KeyValueCache, KVCache
+from musicgpt.attention.eager import decode_backends
+from musicgpt.attention.plan import band, distances, sequence_plan
 from musicgpt.errors import MusicGPTError
 
 ATTENTION_KINDS = ("relative", "absolute")
@@ -35,22 +36,21 @@ class ModelConfig:
     mlp_dim: int = 512
     context_len: int = 256
     dropout: float = 0.1  # on embeddings, residual branches and the MLP
-    attn_dropout: float | None = None  # on attention weights; None: the same as `dropout`
+    # On attention weights. None (and configs saved before it existed) means the same as
+    # `dropout`; it is resolved when the config is built, so a built config holds a number.
+    attn_dropout: float | None = None
     max_rel_dist: int = 256
     attention: str = "relative"
     bias: bool = True
 
     def __post_init__(self) -> None:
         self._validate()
+        if self.attn_dropout is None:
+            self.attn_dropout = self.dropout
 
     @property
     def d_head(self) -> int:
         return self.n_embd // self.n_head
-
-    @property
-    def attention_dropout(self) -> float:
-        """Dropout on the attention weights (`attn_dropout`, or `dropout` when unset)."""
-        return self.dropout if self.attn_dropout is None else self.attn_dropout
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,94 +93,29 @@ class ModelConfig:
             raise MusicGPTError(f"model config: bias must be true or false, got {self.bias!r}")
 
 
-PRESETS: dict[str, ModelConfig] = {
+# Named model sizes; every other field keeps its ModelConfig default unless overridden.
+PRESETS: dict[str, dict[str, int]] = {
     # Trains on a 2-core CPU in minutes.
-    "tiny": ModelConfig(n_layer=3, n_head=4, n_embd=128, mlp_dim=512, context_len=256,
-                        max_rel_dist=256),
-    "small": ModelConfig(n_layer=4, n_head=8, n_embd=256, mlp_dim=1024, context_len=1024,
-                         max_rel_dist=1024),
+    "tiny": dict(n_layer=3, n_head=4, n_embd=128, mlp_dim=512, context_len=256, max_rel_dist=256),
+    "small": dict(n_layer=4, n_head=8, n_embd=256, mlp_dim=1024, context_len=1024,
+                  max_rel_dist=1024),
     # The Music Transformer piano model (Huang et al. 2018): 6 layers, 8 heads, width 512.
-    "base": ModelConfig(n_layer=6, n_head=8, n_embd=512, mlp_dim=2048, context_len=2048,
-                        max_rel_dist=2048),
+    "base": dict(n_layer=6, n_head=8, n_embd=512, mlp_dim=2048, context_len=2048,
+                 max_rel_dist=2048),
 }
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """A copy of preset `name` with some fields replaced, e.g. `preset("tiny", dropout=0.0)`."""
+    """The config of preset `name` with some fields replaced, e.g. `preset("tiny", dropout=0.0)`."""
     if name not in PRESETS:
         raise MusicGPTError(f"unknown model preset {name!r} (choose from {', '.join(PRESETS)})")
     try:
-        return dataclasses.replace(PRESETS[name], **overrides)
+        return ModelConfig(**{**PRESETS[name], **overrides})
     except TypeError as e:  # an unknown field name
         raise MusicGPTError(f"model preset {name!r}: {e}") from None
 
 
-# ----------------------------------------------------------------------------- attention core
-
-def relative_logits(q: Tensor, rel_emb: Tensor) -> Tensor:
-    """S_rel[b, h, i, j] = q[b, h, i] . rel_emb[h, min(i - j, R - 1)] for j <= i, via the skew.
-
-    q: [B, H, T, D]; rel_emb: [H, R, D], row r embeds distance r. Entries above the diagonal
-    are junk and must be masked by the caller.
-    """
-    T = q.size(-2)
-    # Column c of qe holds distance T-1-c (clipped to the furthest embedding, R-1), so that
-    # row i lists distances T-1 ... 0 left to right, the order the skew expects.
-    dist = (T - 1 - torch.arange(T, device=q.device)).clamp_(max=rel_emb.size(1) - 1)
-    qe = q @ rel_emb[:, dist].transpose(-1, -2)  # [B, H, T, T]
-    # The skew turns "column = distance" into "column = key position" without a gather.
-    # Example T=3, row i holds q_i.E[d] as i_d, columns are distances 2,1,0:
-    #
-    #   qe          pad one column left    reshape to (T+1) x T     drop the first row
-    #   a2 a1 a0    0 a2 a1 a0             0  a2 a1                 a0 .  .
-    #   b2 b1 b0    0 b2 b1 b0             a0 0  b2                 b1 b0 .
-    #   c2 c1 c0    0 c2 c1 c0             b1 b0 0                  c2 c1 c0
-    #                                      c2 c1 c0
-    #
-    # Now entry [i, j] is q_i.E[i - j] for every j <= i; "." marks junk above the diagonal.
-    B, H = qe.shape[:2]
-    return F.pad(qe, (1, 0)).reshape(B, H, T + 1, T)[:, :, 1:]
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, bias: Tensor | None,
-           is_causal: bool, dropout_p: float, need_weights: bool) -> tuple[Tensor, Tensor | None]:
-    """softmax(q k^T / sqrt(D) + bias, restricted to `mask`) @ v; also the weights if asked.
-
-    mask: bool [Tq, Tk], True where a query may see a key (None: all keys, or the plain
-    causal square when `is_causal`); bias: additive logits [B, H, Tq, Tk] or None.
-    """
-    if bias is not None and mask is not None:
-        bias = bias.masked_fill(~mask, float("-inf"))  # keeps the dtype SDPA wants
-        mask = None
-    if not need_weights:
-        # Fused kernels: the softmax weights are never materialised here.
-        attn_mask = bias if bias is not None else mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                           is_causal=is_causal and attn_mask is None)
-        return y, None
-    scores = (q @ k.transpose(-1, -2)) * q.size(-1) ** -0.5
-    if bias is not None:
-        scores = scores + bias
-    if is_causal and mask is None and bias is None:
-        Tq, Tk = scores.shape[-2:]
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril_()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = scores.softmax(dim=-1)
-    return F.dropout(weights, dropout_p) @ v, weights
-
-
-class _Plan(NamedTuple):
-    """What every layer needs for one call, computed once: masks and relative-distance indices."""
-
-    mask: Tensor | None      # bool [Tq, Tk] or None
-    is_causal: bool          # mask is None and the plain causal square applies
-    rel_index: Tensor | None  # clipped distances [Tq, Tk] for the gather path (decode)
-    need_weights: bool
-    cache_slots: tuple[int, int, int] | None  # (write_at, first_key, end) in the KV cache
-    block_mask: object | None = None  # a FlexAttention BlockMask: take the fused relative path
-    triton: bool = False  # take musicgpt.triton_attention's fused causal kernel
-
+# ----------------------------------------------------------------------------- layers
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with optional learned relative-position logits.
@@ -198,42 +133,20 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.attn_dropout = cfg.attention_dropout
+        self.attn_dropout = cfg.attn_dropout
         self.rel_emb = (nn.Parameter(torch.zeros(cfg.n_head, cfg.max_rel_dist, cfg.d_head))
                         if cfg.attention == "relative" else None)
 
-    def forward(self, x: Tensor, plan: _Plan, cache: KVCache | None = None,
+    def forward(self, x: Tensor, plan: AttentionPlan, cache: KeyValueCache | None = None,
                 layer: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Output [B, T, C] and the attention weights when the plan asks for them."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
-            k, v = cache._write(layer, k, v, plan.cache_slots)
-        w = None
-        if plan.triton:  # fused: the relative term is computed tile by tile in the kernel
-            from musicgpt.triton_attention import relative_triton_attention
-
-            y = relative_triton_attention(q, k, v, self.rel_emb)
-        elif plan.block_mask is not None:  # fused: the relative term is added inside the kernel
-            y = fast_attention.relative_flex_attention(q, k, v, self.rel_emb, plan.block_mask)
-        else:
-            y, w = self._attend(q, k, v, plan)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), w
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, plan: _Plan
-                ) -> tuple[Tensor, Tensor | None]:
-        """The eager path: relative logits by the skew (or a gather when decoding), then SDPA."""
-        B = q.size(0)
-        bias = None
-        if self.rel_emb is not None:
-            # Scale q once here so the bias is already in SDPA's 1/sqrt(D) units.
-            qs = q * self.d_head ** -0.5
-            if plan.rel_index is None:
-                bias = relative_logits(qs, self.rel_emb)
-            else:  # decode: queries against cached keys, pick E_r rows by distance directly
-                qe = qs @ self.rel_emb.transpose(-1, -2)  # [B, H, Tq, R]
-                bias = qe.gather(-1, plan.rel_index.expand(B, self.n_head, -1, -1))
+            k, v = cache.write(layer, k, v)
         dropout_p = self.attn_dropout if self.training else 0.0
-        return attend(q, k, v, plan.mask, bias, plan.is_causal, dropout_p, plan.need_weights)
+        y, w = plan.attend(q, k, v, self.rel_emb, dropout_p)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), w
 
 
 class MLP(nn.Module):
@@ -257,116 +170,30 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, plan: _Plan, cache: KVCache | None = None,
+    def forward(self, x: Tensor, plan: AttentionPlan, cache: KeyValueCache | None = None,
                 layer: int = 0) -> tuple[Tensor, Tensor | None]:
         a, w = self.attn(self.ln1(x), plan, cache, layer)
         x = x + a
         return x + self.mlp(self.ln2(x)), w
 
 
-# ----------------------------------------------------------------------------- KV cache
-
-class KVCache:
-    """Keys and values of the most recent tokens for `MusicGPT.decode_step`, oldest first.
-
-    Layout: one buffer [n_layer, B, n_head, capacity, d_head] each for keys and values, slots
-    0..held-1 holding positions length-held .. length-1 in order. Capacity is the window plus
-    some room; when a step does not fit, the newest window-1 keys move to the front (one copy
-    every `room` tokens, so per-token cost stays flat) and a prefill chunk too large for the
-    room grows the buffers. Keeping keys in time order (not a ring) keeps the returned
-    attention rows readable and each step's keys one contiguous slice.
-    """
-
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, d_head: int, window: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        if window <= 0:
-            raise MusicGPTError(f"KV cache window must be positive, got {window}")
-        self.window = window
-        self.room = max(64, window // 4)
-        shape = (n_layer, batch_size, n_head, window - 1 + self.room, d_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0  # tokens seen so far
-        self.held = 0    # tokens whose keys are in slots [0, held)
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.size(1)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.size(3)
-
-    def reorder(self, batch_indices: Tensor) -> None:
-        """Row b becomes old row batch_indices[b] (beam search); the batch may grow or shrink."""
-        idx = batch_indices.to(self.k.device)
-        self.k = self.k.index_select(1, idx)
-        self.v = self.v.index_select(1, idx)
-
-    def _begin(self, n_new: int) -> tuple[int, int, int]:
-        """Make room for n_new tokens; return (write_at, first_key, end) slots for this step."""
-        if self.held + n_new > self.capacity:
-            keep = min(self.held, self.window - 1)  # all the first new query can still see
-            if keep + n_new > self.capacity:
-                self._grow(keep + n_new + self.room)
-            # clone: source and destination slices may overlap
-            self.k[:, :, :, :keep] = self.k[:, :, :, self.held - keep:self.held].clone()
-            self.v[:, :, :, :keep] = self.v[:, :, :, self.held - keep:self.held].clone()
-            self.held = keep
-        first = max(0, self.held - (self.window - 1))
-        return self.held, first, self.held + n_new
-
-    def _grow(self, capacity: int) -> None:
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:3], capacity, old.size(4))
-            new[:, :, :, :self.held] = old[:, :, :, :self.held]
-            setattr(self, name, new)
-
-    def _write(self, layer: int, k: Tensor, v: Tensor,
-               slots: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
-        """Store one layer's new keys/values; return the keys/values the new queries see."""
-        write_at, first, end = slots
-        self.k[layer, :, :, write_at:end] = k
-        self.v[layer, :, :, write_at:end] = v
-        return self.k[layer, :, :, first:end], self.v[layer, :, :, first:end]
-
-    def _commit(self, n_new: int) -> None:
-        self.held += n_new
-        self.length += n_new
-
-
 # ----------------------------------------------------------------------------- the model
 
-def _decode_backends(device: torch.device):
-    """SDPA backends for a KV-cache step: not cuDNN on CUDA, which builds a plan per new shape
-    (pytorch#191576 measured tens of ms), and each step brings a new key length; elsewhere all."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
+class ModelOutput(NamedTuple):
+    """What `MusicGPT.forward` returns: logits [B, T, V] and the loss (None without targets)."""
 
-
-def _distances(offset: int, n_query: int, n_key: int, device: torch.device) -> Tensor:
-    """[n_query, n_key] of query position minus key position, the first key `offset` back."""
-    return (offset + torch.arange(n_query, device=device)[:, None]
-            - torch.arange(n_key, device=device)[None, :])
-
-
-def _band(dist: Tensor, window: int | None) -> Tensor:
-    """Causal (0 <= dist) and, with a window, only the `window` most recent keys."""
-    return (dist >= 0) & (dist < window) if window is not None else dist >= 0
+    logits: Tensor
+    loss: Tensor | None
 
 
 class MusicGPT(nn.Module):
     """Decoder-only transformer over codec tokens, with tied input/output embeddings.
 
-    `attn_impl` picks how `forward` computes relative attention: "auto" (the default) uses
-    FlexAttention on CUDA for sequences longer than 2048 tokens unless attention-weight dropout is
-    active (the measured crossover, `fast_attention.FLEX_MIN_LEN`), "eager" the skew + SDPA
-    reference, "flex" forces FlexAttention, "triton" the fused Triton kernel (causal only: with
-    `attn_window` it uses FlexAttention). A plain attribute, not saved with the weights;
-    decode_step and return_attention always take the eager path.
+    `attn_impl` picks how `forward` computes relative attention (`attention.choose_kernel`):
+    "auto" (the default: FlexAttention on CUDA for long sequences without attention-weight
+    dropout), "eager" (the skew + SDPA reference), "flex", or "triton" (the fused Triton kernel;
+    causal only, so with `attn_window` it uses FlexAttention). A plain attribute, not saved with
+    the weights; decoding and the attention weights always take the eager path.
     """
 
     def __init__(self, config: ModelConfig):
@@ -400,8 +227,23 @@ class MusicGPT(nn.Module):
         """Number of parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def _run_blocks(self, x: Tensor, plan: _Plan, cache: KVCache | None
-                    ) -> tuple[Tensor, list[Tensor]]:
+    # The two halves of every call, public for decoders that drive the layers themselves
+    # (musicgpt.steppers.GraphDecoder): embed the tokens, then run the stack under one plan.
+
+    def embed(self, idx: Tensor, start: int = 0) -> Tensor:
+        """Token embeddings [B, T, C] (plus positions start.. for an absolute model), dropped out."""
+        x = self.wte(idx)
+        if self.wpe is not None:
+            end = start + idx.size(1)
+            if end > self.config.context_len:
+                raise MusicGPTError(f"sequence of {end} tokens is longer than the absolute-attention "
+                                    f"model's context of {self.config.context_len}")
+            x = x + self.wpe(torch.arange(start, end, device=idx.device))
+        return self.drop(x)
+
+    def run_blocks(self, x: Tensor, plan: AttentionPlan, cache: KeyValueCache | None = None
+                   ) -> tuple[Tensor, list[Tensor]]:
+        """Logits [B, T, V] from embeddings, and each layer's weights if the plan returns them."""
         attentions = []
         for i, block in enumerate(self.blocks):
             x, w = block(x, plan, cache, i)
@@ -410,45 +252,37 @@ class MusicGPT(nn.Module):
         # Tied output embedding: logits reuse wte's weights (no separate lm_head parameter).
         return F.linear(self.ln_f(x), self.wte.weight), attentions
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
-                attn_window: int | None = None, return_attention: bool = False):
-        """Logits [B, T, V] and the cross-entropy loss (None without targets; -100 ignored).
-
-        attn_window=W: each query sees only keys 0 <= i - j < W, the reference for
-        sliding-window decoding. With return_attention, also a list per layer of [B, H, T, T]
-        softmax weights.
-        """
+    def _sequence(self, idx: Tensor, attn_window: int | None, need_weights: bool
+                  ) -> tuple[Tensor, list[Tensor]]:
         T = idx.size(1)
         if attn_window is not None and attn_window <= 0:
             raise MusicGPTError(f"attention window must be positive, got {attn_window}")
-        x = self.wte(idx)
-        relative = self.wpe is None
-        if not relative:
-            if T > self.config.context_len:
-                raise MusicGPTError(f"sequence of {T} tokens is longer than the absolute-attention "
-                                    f"model's context of {self.config.context_len}")
-            x = x + self.wpe(torch.arange(T, device=idx.device))
         if attn_window is not None and attn_window >= T:
             attn_window = None  # a window covering everything is plain causal attention
-        attn_dropout = self.training and self.config.attention_dropout > 0
-        kernel = (fast_attention.fused_kernel(self.attn_impl, idx.device, attn_dropout, T)
-                  if relative and not return_attention else None)
-        if kernel == "triton" and attn_window is None:
-            plan = _Plan(None, False, None, False, None, triton=True)
-        elif kernel is not None and fast_attention.flex_attention is not None:
-            plan = _Plan(None, False, None, False, None,
-                         fast_attention.causal_block_mask(T, attn_window, idx.device))
-        elif relative or attn_window is not None:
-            plan = _Plan(_band(_distances(0, T, T, idx.device), attn_window), False, None,
-                         return_attention, None)
-        else:
-            plan = _Plan(None, True, None, return_attention, None)
-        logits, attentions = self._run_blocks(self.drop(x), plan, None)
+        x = self.embed(idx)
+        plan = sequence_plan(self.attn_impl, T, idx.device, relative=self.wpe is None,
+                             window=attn_window, need_weights=need_weights,
+                             attn_dropout=self.training and self.config.attn_dropout > 0)
+        return self.run_blocks(x, plan)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
+                attn_window: int | None = None) -> ModelOutput:
+        """Logits [B, T, V] and the cross-entropy loss (None without targets; -100 ignored).
+
+        attn_window=W: each query sees only keys 0 <= i - j < W, the reference for
+        sliding-window decoding.
+        """
+        logits, _ = self._sequence(idx, attn_window, need_weights=False)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
                                    targets.reshape(-1), ignore_index=-100)
-        return (logits, loss, attentions) if return_attention else (logits, loss)
+        return ModelOutput(logits, loss)
+
+    def forward_with_attention(self, idx: Tensor, *, attn_window: int | None = None
+                               ) -> tuple[Tensor, list[Tensor]]:
+        """Logits [B, T, V] and, per layer, the softmax weights [B, H, T, T] (eager path)."""
+        return self._sequence(idx, attn_window, need_weights=True)
 
     def new_cache(self, batch_size: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None, window: int | None = None) -> KVCache:
@@ -459,34 +293,37 @@ class MusicGPT(nn.Module):
                        device or p.device, dtype or p.dtype)
 
     @torch.no_grad()
-    def decode_step(self, idx_new: Tensor, cache: KVCache, return_attention: bool = False):
+    def decode_step(self, idx_new: Tensor, cache: KVCache) -> Tensor:
         """Logits [B, T_new, V] for tokens following those in `cache`, which it then holds.
 
         Equals `forward(all_tokens, attn_window=cache.window)` at these positions for any
-        chunking. With return_attention also a list per layer of [B, H, T_new, T_keys] weights,
-        whose key axis covers the last T_keys positions, ending at the newest token.
+        chunking.
         """
+        return self._decode(idx_new, cache, need_weights=False)[0]
+
+    @torch.no_grad()
+    def decode_step_with_attention(self, idx_new: Tensor, cache: KVCache
+                                   ) -> tuple[Tensor, list[Tensor]]:
+        """`decode_step`'s logits and, per layer, [B, H, T_new, T_keys] weights whose key axis
+        covers the last T_keys positions, ending at the newest token."""
+        return self._decode(idx_new, cache, need_weights=True)
+
+    def _decode(self, idx_new: Tensor, cache: KVCache, need_weights: bool
+                ) -> tuple[Tensor, list[Tensor]]:
         B, T = idx_new.shape
         if B != cache.batch_size:
             raise ValueError(f"batch of {B} does not match the cache's {cache.batch_size}")
-        start = cache.length
-        x = self.wte(idx_new)
-        if self.wpe is not None:
-            if start + T > self.config.context_len:
-                raise MusicGPTError(f"absolute-attention model cannot decode past its context of "
-                                    f"{self.config.context_len} tokens; recompute instead")
-            x = x + self.wpe(torch.arange(start, start + T, device=idx_new.device))
-        x = self.drop(x)
-        slots = cache._begin(T)
-        write_at, first, end = slots
-        dist = _distances(write_at - first, T, end - first, idx_new.device)
+        if self.wpe is not None and cache.length + T > self.config.context_len:
+            raise MusicGPTError(f"absolute-attention model cannot decode past its context of "
+                                f"{self.config.context_len} tokens; recompute instead")
+        x = self.embed(idx_new, start=cache.length)
+        write_at, first, end = cache.begin(T)
+        dist = distances(write_at - first, T, end - first, idx_new.device)
         # A single new token sees exactly the keys kept for it, so it needs no mask.
-        mask = _band(dist, cache.window) if T > 1 else None
-        rel_index = None
-        if self.wpe is None:
-            rel_index = dist.clamp(0, self.config.max_rel_dist - 1)
-        plan = _Plan(mask, False, rel_index, return_attention, slots)
-        with _decode_backends(idx_new.device):
-            logits, attentions = self._run_blocks(x, plan, cache)
-        cache._commit(T)
-        return (logits, attentions) if return_attention else logits
+        mask = band(dist, cache.window) if T > 1 else None
+        rel_index = dist.clamp(0, self.config.max_rel_dist - 1) if self.wpe is None else None
+        plan = AttentionPlan.eager(mask, rel_index=rel_index, need_weights=need_weights)
+        with decode_backends(idx_new.device):
+            out = self.run_blocks(x, plan, cache)
+        cache.commit(T)
+        return out

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,9 +22,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from musicgpt import checkpoint, data, fast_attention
+from musicgpt import checkpoint, data
+from musicgpt.attention import choose_kernel
+from musicgpt.attention.flex import FLEX_MIN_LEN
+from musicgpt.devices import pick_device
 from musicgpt.errors import MusicGPTError
+from musicgpt.evaluate import mean_loss
 from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset
+from musicgpt.vocab import CodecConfig
 
 
 @dataclass
@@ -103,7 +108,7 @@ def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
         raise MusicGPTError(f"--attention must be relative or absolute, got {out.attention}")
     if out.attn_impl is not None:  # can this device run the kernel asked for?
         try:
-            fast_attention.fused_kernel(out.attn_impl, torch.device(device), False, out.seq_len)
+            choose_kernel(out.attn_impl, torch.device(device), False, out.seq_len)
         except MusicGPTError as e:
             raise MusicGPTError(f"--attn-impl: {e}") from None
     return out
@@ -146,7 +151,9 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 @dataclass
-class _Dist:
+class Ranks:
+    """Where this process sits in a torchrun launch (one process: rank 0 of 1)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -156,35 +163,103 @@ class _Dist:
         return self.rank == 0
 
 
-def _setup_distributed(device: str) -> _Dist:
+def join_process_group(device: str) -> Ranks:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return _Dist()
+        return Ranks()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        wants_cuda = device != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _pick_device(name: str, d: _Dist) -> str:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MusicGPTError("--device cuda was asked for but CUDA is not available")
-        if d.world > 1 or os.environ.get("LOCAL_RANK"):
-            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    elif name != "cpu" and name != "mps":
-        raise MusicGPTError(f"--device must be auto, cpu, cuda or mps, got {name}")
-    return name
+def training_device(name: str, ranks: Ranks) -> str:
+    """`pick_device`, with each torchrun process on the GPU of its local rank."""
+    device = pick_device(name)
+    if device.startswith("cuda") and (ranks.world > 1 or os.environ.get("LOCAL_RANK")):
+        device = f"cuda:{ranks.local_rank}"
+    return device
 
 
-def _build_model(cfg: TrainConfig, codec_config, resume_ckpt, init) -> tuple[MusicGPT, ModelConfig]:
+@dataclass
+class RunState:
+    """How far a run has come; saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: float | None = None
+    elapsed_s: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> RunState:
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+
+
+@dataclass
+class Corpus:
+    """The encoded training and validation pieces, and the codec that encoded them."""
+
+    codec_config: CodecConfig
+    train: list[data.Piece]
+    val: list[data.Piece]
+
+
+@dataclass
+class Run:
+    """Everything one training run holds while its loop runs."""
+
+    cfg: TrainConfig
+    ranks: Ranks
+    device: str
+    run_dir: Path
+    codec_config: CodecConfig
+    model: MusicGPT
+    optimizer: torch.optim.Optimizer
+    state: RunState
+    log: RunLog
+    step_model: torch.nn.Module | None = None  # the model as compiled / wrapped in DDP
+    autocast: object = field(default_factory=nullcontext)
+
+    def save(self, name: str, with_optimizer: bool) -> None:
+        """Write checkpoint `name` (rank 0 only); `last` carries what --resume needs."""
+        if not self.ranks.main:
+            return
+        # A pause point belongs to one session, not to the run: a resumed run goes on to max_steps.
+        stored = {k: v for k, v in asdict(self.cfg).items() if k not in ("resume", "init", "stop_at")}
+        checkpoint.save_checkpoint(self.run_dir / name, self.model, self.codec_config,
+                                   state={**asdict(self.state), "train_config": stored},
+                                   optimizer=self.optimizer if with_optimizer else None)
+
+
+def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, tuple | None]:
+    """With --resume, the stored run's options (except those a session may change) and its `last`
+    checkpoint as `load_checkpoint` reads it; otherwise `cfg` unchanged and None."""
+    if not cfg.resume:
+        return cfg, None
+    run_dir = Path(cfg.resume)
+    resumed = checkpoint.load_checkpoint(run_dir / "last.safetensors")
+    stored = resumed[1].state.get("train_config", {})
+    names = {f.name for f in fields(cfg)}
+    merged = {k: v for k, v in stored.items() if k in names}
+    merged.update({k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) is not None})
+    return TrainConfig(**{**merged, "resume": cfg.resume, "out": str(run_dir)}), resumed
+
+
+def load_corpus(cfg: TrainConfig, codec_config, progress: bool) -> Corpus:
+    """Encode the data folder (with the codec of the run or model we continue, if any) and split it."""
+    encoded = data.encode_folder(cfg.data_dir, codec_config, progress=progress)
+    train_pieces, val_pieces = data.split_files(encoded.pieces, cfg.val_fraction)
+    if not val_pieces:
+        val_pieces = train_pieces  # a one-file corpus: validate on it rather than not at all
+    return Corpus(encoded.config, train_pieces, val_pieces)
+
+
+def _build_model(cfg: TrainConfig, codec_config, resumed, init) -> MusicGPT:
     """A fresh model for a resumed run (its weights are restored later), the `init` checkpoint's
     model (the corpus was encoded with its codec), or a new model from the preset."""
-    if resume_ckpt is not None:
-        mcfg = resume_ckpt.model_config
-        return MusicGPT(mcfg), mcfg
+    if resumed is not None:
+        return MusicGPT(resumed[1].model_config)
     if init is not None:
         model, mcfg = checkpoint.build_model(*init), init[1].model_config
         if cfg.seq_len > mcfg.context_len:
@@ -193,9 +268,8 @@ def _build_model(cfg: TrainConfig, codec_config, resume_ckpt, init) -> tuple[Mus
                                     "only a relative-attention model can be extended")
             # Relative attention has no per-position weights, so a longer context is just a
             # longer window: the same weights, fine-tuned on longer sequences.
-            mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})
-            model.config = mcfg
-        return model.train(), mcfg
+            model.config = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})
+        return model.train()
     overrides = {"vocab_size": codec_config.vocab_size}
     if cfg.attention:
         overrides["attention"] = cfg.attention
@@ -205,32 +279,55 @@ def _build_model(cfg: TrainConfig, codec_config, resume_ckpt, init) -> tuple[Mus
     mcfg = preset(cfg.preset, **overrides)
     if cfg.seq_len > mcfg.context_len:
         mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})
-    return MusicGPT(mcfg), mcfg
+    return MusicGPT(mcfg)
 
 
-@torch.no_grad()
-def evaluate(model: MusicGPT, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str, autocast) -> float:
-    """Mean cross-entropy in nats per token over `batches`, counting every real target once."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast:
-            logits, _ = model(x)
-        n = int((y != data.IGNORE_INDEX).sum())
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=data.IGNORE_INDEX, reduction="sum"
-        )
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    return total / max(1, count)
+def start_run(cfg: TrainConfig, corpus: Corpus, resumed, init, device: str, ranks: Ranks) -> Run:
+    """The model and optimizer (restored on resume), the run folder and its log."""
+    model = _build_model(cfg, corpus.codec_config, resumed, init)
+    run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if ranks.main:  # only now: a bad data folder or option leaves no empty run folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temp_files(run_dir)  # what a killed run was writing
+    model.to(device)
+    model.attn_impl = cfg.attn_impl or "auto"
+    optimizer = make_optimizer(model, cfg, device)
+    state = RunState()
+    if resumed is not None:
+        checkpoint.restore_training(*resumed, model, optimizer)
+        state = RunState.from_checkpoint(resumed[1].state)
+    if init is not None and ranks.main:
+        print(f"musicgpt: fine-tuning from {cfg.init}", file=sys.stderr)
+    return Run(cfg, ranks, device, run_dir, corpus.codec_config, model, optimizer, state,
+               RunLog(run_dir, ranks.main))
 
 
-def _val_batches(pieces, cfg: TrainConfig, codec_config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    # A fixed, evenly spread subset keeps evaluation quick and comparable between evaluations.
-    return data.eval_batches(pieces, cfg.seq_len, codec_config, cfg.batch_size,
-                             limit=cfg.eval_batches * cfg.batch_size)
+def wrap_model(run: Run) -> None:
+    """Compile and wrap in DDP as asked, and choose the autocast of the forward passes."""
+    cfg, cuda = run.cfg, run.device.startswith("cuda")
+    step_model = torch.compile(run.model) if cfg.compile else run.model
+    if run.ranks.world > 1:
+        step_model = DistributedDataParallel(step_model, device_ids=[run.ranks.local_rank] if cuda else None)
+    run.step_model = step_model
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    run.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and cuda else nullcontext()
+
+
+def make_loader(run: Run, pieces: list) -> torch.utils.data.DataLoader:
+    """The training batches from the run's current step on, this rank's share of each."""
+    cfg, cuda = run.cfg, run.device.startswith("cuda")
+    dataset = data.TokenWindowDataset(pieces, cfg.seq_len, run.codec_config,
+                                      augment=data.Augment() if cfg.augment else None, seed=cfg.seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=StepBatches(cfg, run.state.step, run.ranks.rank, run.ranks.world),
+        collate_fn=data.collate,
+        num_workers=cfg.workers if cfg.workers is not None else (4 if cuda else 0),
+        pin_memory=cuda,
+        # Its own generator: a loader drawing its base seed from the global RNG would shift the
+        # dropout stream of a resumed run away from the uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 class RunLog:
@@ -259,166 +356,126 @@ class RunLog:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Train a model as `cfg` says and return the run folder holding its checkpoints."""
-    d = _setup_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    device = _pick_device(cfg.device, d)
+    ranks = join_process_group(cfg.device)
+    device = training_device(cfg.device, ranks)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-
-    resume_tensors, resume_ckpt = None, None
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        resume_tensors, resume_ckpt = checkpoint.load_checkpoint(run_dir / "last.safetensors")
-        stored = resume_ckpt.state.get("train_config", {})
-        # The stored run's options win, except those that may change between sessions.
-        names = {f.name for f in fields(cfg)}
-        merged = {k: v for k, v in stored.items() if k in names}
-        merged.update({k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) is not None})
-        cfg = TrainConfig(**{**merged, "resume": cfg.resume, "out": str(run_dir)})
+    cfg, resumed = resume_config(cfg)
     cfg = resolve(cfg, device)
-    run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + d.rank)
-    init = checkpoint.load_checkpoint(cfg.init) if cfg.init and resume_ckpt is None else None
-    codec_config = resume_ckpt.codec_config if resume_ckpt else init[1].codec_config if init else None
-    corpus = data.encode_folder(cfg.data_dir, codec_config, progress=progress and d.main)
-    codec_config = corpus.config
-    train_pieces, val_pieces = data.split_files(corpus.pieces, cfg.val_fraction)
-    if not val_pieces:
-        val_pieces = train_pieces  # a one-file corpus: validate on it rather than not at all
+    torch.manual_seed(cfg.seed + ranks.rank)
+    init = checkpoint.load_checkpoint(cfg.init) if cfg.init and resumed is None else None
+    continued = resumed or init  # the corpus is encoded with the codec of what we continue
+    corpus = load_corpus(cfg, continued[1].codec_config if continued else None, progress and ranks.main)
+    run = start_run(cfg, corpus, resumed, init, device, ranks)
+    wrap_model(run)
+    announce(run, corpus)
+    return run_loop(run, corpus, progress)
 
-    model, mcfg = _build_model(cfg, codec_config, resume_ckpt, init)
-    if d.main:  # only now: a bad data folder or option leaves no empty run folder behind
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_temp_files(run_dir)  # what a killed run was writing
-    model.to(device)
-    model.attn_impl = cfg.attn_impl or "auto"
-    optimizer = make_optimizer(model, cfg, device)
-    state = {"step": 0, "tokens_seen": 0, "best_val": None, "elapsed_s": 0.0}
-    if resume_ckpt is not None:
-        checkpoint.restore_training(resume_tensors, resume_ckpt, model, optimizer)
-        state.update({k: resume_ckpt.state[k] for k in state if k in resume_ckpt.state})
-    if init is not None and d.main:
-        print(f"musicgpt: fine-tuning from {cfg.init}", file=sys.stderr)
 
-    train_model = model
-    if cfg.compile:
-        train_model = torch.compile(model)
-    if d.world > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.startswith("cuda"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and device.startswith("cuda") else nullcontext()
+def announce(run: Run, corpus: Corpus) -> None:
+    """One line on what is trained, on what, where (rank 0), and a hint if a kernel is ruled out."""
+    if not run.ranks.main:
+        return
+    mcfg, cfg = run.model.config, run.cfg
+    print(f"musicgpt: training {mcfg.n_layer}-layer {mcfg.attention} model "
+          f"({run.model.num_params() / 1e6:.2f}M params) on {len(corpus.train)} files "
+          f"({sum(len(p.tokens) for p in corpus.train):,} tokens), validating on {len(corpus.val)}; "
+          f"device {run.device}; run folder {run.run_dir}", file=sys.stderr)
+    if (run.device.startswith("cuda") and mcfg.attention == "relative" and mcfg.attn_dropout > 0
+            and cfg.seq_len >= FLEX_MIN_LEN):
+        print(f"musicgpt: attention dropout {mcfg.attn_dropout} keeps {cfg.seq_len}-token training on the "
+              f"eager path (L x L tensors per layer); --attn-dropout 0 uses the fused FlexAttention kernel",
+              file=sys.stderr)
 
-    dataset = data.TokenWindowDataset(
-        train_pieces, cfg.seq_len, codec_config, augment=data.Augment() if cfg.augment else None, seed=cfg.seed
-    )
-    workers = cfg.workers if cfg.workers is not None else (4 if device.startswith("cuda") else 0)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=StepBatches(cfg, state["step"], d.rank, d.world),
-        collate_fn=data.collate,
-        num_workers=workers,
-        pin_memory=device.startswith("cuda"),
-        # Its own generator: a loader drawing its base seed from the global RNG would shift the
-        # dropout stream of a resumed run away from the uninterrupted one.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    val_batches = _val_batches(val_pieces, cfg, codec_config)
-    log = RunLog(run_dir, d.main)
-    # A pause point belongs to one session, not to the run: a resumed run goes on to max_steps.
-    stored_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "init", "stop_at")}
 
-    def save(name: str, with_optimizer: bool) -> None:
-        if d.main:
-            checkpoint.save_checkpoint(
-                run_dir / name, model, codec_config,
-                state={**state, "train_config": stored_cfg}, optimizer=optimizer if with_optimizer else None,
-            )
-
-    if d.main:
-        print(
-            f"musicgpt: training {mcfg.n_layer}-layer {mcfg.attention} model ({model.num_params() / 1e6:.2f}M params) "
-            f"on {len(train_pieces)} files ({sum(len(p.tokens) for p in train_pieces):,} tokens), "
-            f"validating on {len(val_pieces)}; device {device}; run folder {run_dir}",
-            file=sys.stderr,
-        )
-        if (device.startswith("cuda") and mcfg.attention == "relative" and mcfg.attention_dropout > 0
-                and cfg.seq_len >= fast_attention.FLEX_MIN_LEN):
-            print(f"musicgpt: attention dropout {mcfg.attention_dropout} keeps {cfg.seq_len}-token training on the "
-                  f"eager path (L x L tensors per layer); --attn-dropout 0 uses the fused FlexAttention kernel",
-                  file=sys.stderr)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", unit="step", disable=not (progress and d.main))
+def run_loop(run: Run, corpus: Corpus, progress: bool) -> Path:
+    """Step until max_steps (or --stop-at), evaluating and saving as it goes; Ctrl-C saves `last`."""
+    cfg, state = run.cfg, run.state
+    # A fixed, evenly spread subset keeps evaluation quick and comparable between evaluations.
+    val_batches = data.eval_batches(corpus.val, cfg.seq_len, run.codec_config, cfg.batch_size,
+                                    limit=cfg.eval_batches * cfg.batch_size)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="training", unit="step",
+               disable=not (progress and run.ranks.main))
     stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
-    batches = iter(loader)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world
-    t_last, step_time = time.time(), None
+    batches = iter(make_loader(run, corpus.train))
     try:
-        while state["step"] < stop:
-            step = state["step"]
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = d.world == 1 or micro == cfg.grad_accum - 1
-                with (nullcontext() if sync else train_model.no_sync()), autocast:
-                    _, loss = train_model(x, y)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach())
-            train_loss = loss_sum / cfg.grad_accum
-            if not math.isfinite(train_loss):
-                raise MusicGPTError(
-                    f"training diverged: loss is {train_loss} at step {step}; the last good checkpoint "
-                    f"is kept in {run_dir} (try a lower --lr)"
-                )
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            now = time.time()
-            step_time, t_last = now - t_last, now
-            state["step"] = step + 1
-            state["tokens_seen"] += tokens_per_step
-            state["elapsed_s"] += step_time
-            tok_s = tokens_per_step / max(step_time, 1e-9)
-            bar.update()
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            if state["step"] % cfg.log_interval == 0:
-                log.write(step=state["step"], split="train", loss=train_loss, lr=lr, tokens_per_s=tok_s,
-                          tokens_seen=state["tokens_seen"], time_s=state["elapsed_s"])
-            if state["step"] % cfg.eval_interval == 0 or state["step"] == cfg.max_steps:
-                _evaluate_and_save(model, val_batches, device, autocast, state, log, save, bar)
-                t_last = time.time()  # evaluation time is not training time
+        while state.step < stop:
+            train_step(run, batches, bar)
+            if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
+                evaluate_and_save(run, val_batches, bar)
     except KeyboardInterrupt:
-        save("last", with_optimizer=True)
+        run.save("last", with_optimizer=True)
         bar.close()
-        if d.main:
-            print(f"musicgpt: interrupted at step {state['step']}; resume with --resume {run_dir}", file=sys.stderr)
-        return run_dir
-    if state["step"] % cfg.eval_interval and state["step"] != cfg.max_steps:
-        _evaluate_and_save(model, val_batches, device, autocast, state, log, save, bar)
+        if run.ranks.main:
+            print(f"musicgpt: interrupted at step {state.step}; resume with --resume {run.run_dir}", file=sys.stderr)
+        return run.run_dir
+    if state.step % cfg.eval_interval and state.step != cfg.max_steps:
+        evaluate_and_save(run, val_batches, bar)
     bar.close()
-    if d.main:
-        best = state["best_val"]
-        print(f"musicgpt: stopped at step {state['step']}; best validation loss {best:.4f} nats/token "
-              f"({best / math.log(2):.4f} bits); checkpoints in {run_dir}", file=sys.stderr)
-    if d.world > 1:
-        dist.barrier()
-    return run_dir
+    finish(run)
+    return run.run_dir
 
 
-def _evaluate_and_save(model, val_batches, device, autocast, state, log, save, bar) -> None:
-    val = evaluate(model, val_batches, device, autocast)
+def train_step(run: Run, batches, bar: tqdm) -> None:
+    """One optimizer step over grad_accum micro-batches; logs its loss, learning rate and speed."""
+    cfg, state, ranks = run.cfg, run.state, run.ranks
+    t_start = time.time()
+    lr = lr_at(state.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = next(batches)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        sync = ranks.world == 1 or micro == cfg.grad_accum - 1
+        with (nullcontext() if sync else run.step_model.no_sync()), run.autocast:
+            _, loss = run.step_model(x, y)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += float(loss.detach())
+    train_loss = loss_sum / cfg.grad_accum
+    if not math.isfinite(train_loss):
+        raise MusicGPTError(f"training diverged: loss is {train_loss} at step {state.step}; the last good "
+                            f"checkpoint is kept in {run.run_dir} (try a lower --lr)")
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    step_time = time.time() - t_start  # the batch wait counts, evaluation does not
+    tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum * ranks.world
+    state.step += 1
+    state.tokens_seen += tokens
+    state.elapsed_s += step_time
+    tok_s = tokens / max(step_time, 1e-9)
+    bar.update()
+    bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+    if state.step % cfg.log_interval == 0:
+        run.log.write(step=state.step, split="train", loss=train_loss, lr=lr, tokens_per_s=tok_s,
+                      tokens_seen=state.tokens_seen, time_s=state.elapsed_s)
+
+
+def evaluate_and_save(run: Run, val_batches: list, bar: tqdm) -> None:
+    """Validation loss, logged and drawn; `best` if it is the lowest yet, and `last` always."""
+    state = run.state
+    val = mean_loss(run.model, val_batches, run.device, run.autocast)
     if not math.isfinite(val):
-        raise MusicGPTError(f"training diverged: validation loss is {val} at step {state['step']}")
-    log.write(step=state["step"], split="val", loss=val, bits=val / math.log(2), tokens_seen=state["tokens_seen"],
-              time_s=state["elapsed_s"])
-    if log.enabled:
-        bar.write(f"step {state['step']}: val loss {val:.4f} nats/token ({val / math.log(2):.4f} bits)")
-    if state["best_val"] is None or val < state["best_val"]:
-        state["best_val"] = val
-        save("best", with_optimizer=False)
-    save("last", with_optimizer=True)
-    log.draw()
+        raise MusicGPTError(f"training diverged: validation loss is {val} at step {state.step}")
+    run.log.write(step=state.step, split="val", loss=val, bits=val / math.log(2), tokens_seen=state.tokens_seen,
+                  time_s=state.elapsed_s)
+    if run.log.enabled:
+        bar.write(f"step {state.step}: val loss {val:.4f} nats/token ({val / math.log(2):.4f} bits)")
+    if state.best_val is None or val < state.best_val:
+        state.best_val = val
+        run.save("best", with_optimizer=False)
+    run.save("last", with_optimizer=True)
+    run.log.draw()
+
+
+def finish(run: Run) -> None:
+    """Say where the run stopped and what it reached; wait for every rank."""
+    if run.ranks.main:
+        best = run.state.best_val
+        print(f"musicgpt: stopped at step {run.state.step}; best validation loss {best:.4f} nats/token "
+              f"({best / math.log(2):.4f} bits); checkpoints in {run.run_dir}", file=sys.stderr)
+    if run.ranks.world > 1:
+        dist.barrier()

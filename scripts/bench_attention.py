@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from musicgpt import fast_attention
-from musicgpt.generate import SamplingConfig
+from musicgpt.attention import AttentionPlan, flex
 from musicgpt.generate import generate as musicgpt_generate
-from musicgpt.model import CausalSelfAttention, MusicGPT, _Plan, preset
+from musicgpt.model import CausalSelfAttention, MusicGPT, preset
+from musicgpt.sampling import SamplingConfig
 
 VARIANTS = ("eager", "flex", "triton", "sdpa", "peer")
 LABELS = {"eager": "eager skew + SDPA mask", "flex": "FlexAttention", "triton": "fused Triton",
@@ -61,11 +61,11 @@ def label(variant: str) -> str:
 def use_triton(variant: str) -> None:
     """Set the Triton kernel's tile size and backward mode for `variant` (model.py reads the
     module attributes at each call)."""
-    from musicgpt import triton_attention
+    from musicgpt.attention import triton_kernel
 
     tiles, _, one_pass = variant[6:].partition("-")
-    triton_attention.BLOCK = int(tiles) if tiles else 64
-    triton_attention.ONE_PASS_BACKWARD = one_pass == "1p"
+    triton_kernel.BLOCK = int(tiles) if tiles else 64
+    triton_kernel.ONE_PASS_BACKWARD = one_pass == "1p"
 
 
 SAMPLERS = ("cache", "graph", "peer")
@@ -163,9 +163,8 @@ def model_config(args, variant: str, max_len: int):
 
 def use_compiled_flex_on_cpu() -> None:
     """Forward-only timing on CPU should see inductor's fused CPU kernel, not the unfused
-    reference that the library uses off CUDA (model.py calls this module attribute)."""
-    fast_attention.relative_flex_attention = functools.partial(
-        fast_attention.relative_flex_attention, compiled=True)
+    reference that the library uses off CUDA (AttentionPlan calls this module attribute)."""
+    flex.relative_flex_attention = functools.partial(flex.relative_flex_attention, compiled=True)
 
 
 def layer_workload(args, variant: str, n: int, device: torch.device, train: bool):
@@ -181,16 +180,14 @@ def layer_workload(args, variant: str, n: int, device: torch.device, train: bool
     else:
         layer = CausalSelfAttention(cfg).to(device)
         if variant == "eager":
-            plan = _Plan(torch.ones(n, n, dtype=torch.bool, device=device).tril_(), False, None,
-                         False, None)
+            plan = AttentionPlan.eager(torch.ones(n, n, dtype=torch.bool, device=device).tril_())
         elif variant == "flex":
-            plan = _Plan(None, False, None, False, None,
-                         fast_attention.causal_block_mask(n, None, device))
+            plan = AttentionPlan.flex(flex.causal_block_mask(n, None, device))
         elif variant.startswith("triton"):
-            plan = _Plan(None, False, None, False, None, triton=True)
+            plan = AttentionPlan.triton()
             use_triton(variant)
         else:
-            plan = _Plan(None, True, None, False, None)
+            plan = AttentionPlan.eager(causal=True)
         run = lambda: layer(x, plan)[0]
     layer.train(train)
     return lambda: run().float().square().mean()
@@ -212,7 +209,7 @@ def model_workload(args, variant: str, n: int, device: torch.device, train: bool
             model.attn_impl = "triton"
         elif variant != "sdpa":
             model.attn_impl = variant
-        run = lambda: model(x, y)[1]
+        run = lambda: model(x, y).loss
     model.train(train)
     return run
 

@@ -30,7 +30,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import bench_attention  # noqa: E402
-from musicgpt.model import CausalSelfAttention, MusicGPT, _Plan  # noqa: E402
+from musicgpt.attention import AttentionPlan  # noqa: E402
+from musicgpt.model import CausalSelfAttention, MusicGPT  # noqa: E402
 
 VARIANTS = ("sdpa", "triton", "eager")
 META = torch.device("meta")
@@ -91,21 +92,21 @@ def workload(args, variant: str, scope: str, n: int):
         module = CausalSelfAttention(cfg).to(META, torch.bfloat16)
         x = torch.randn(B, n, cfg.n_embd, device=META, dtype=torch.bfloat16, requires_grad=True)
         causal = torch.ones(n, n, dtype=torch.bool, device=META).tril_()
-        plan = {"sdpa": _Plan(None, True, None, False, None),
-                "eager": _Plan(causal, False, None, False, None),
-                "triton": _Plan(None, False, None, False, None, triton=True)}[variant]
+        plan = {"sdpa": AttentionPlan.eager(causal=True),
+                "eager": AttentionPlan.eager(causal),
+                "triton": AttentionPlan.triton()}[variant]
         return lambda: module(x, plan)[0].float().square().mean(), module
     module = MusicGPT(cfg).to(META, torch.bfloat16)
     module.attn_impl = "eager" if variant == "sdpa" else variant
     idx = torch.zeros(B, n + 1, dtype=torch.long, device=META)
-    return lambda: module(idx[:, :-1], idx[:, 1:])[1], module
+    return lambda: module(idx[:, :-1], idx[:, 1:]).loss, module
 
 
 def count(args, variant: str, scope: str, n: int) -> float | None:
     if variant == "triton":
-        from musicgpt import triton_attention
+        from musicgpt.attention import triton_kernel
 
-        if not triton_attention.available():
+        if not triton_kernel.available():
             return None
     run, module = workload(args, variant, scope, n)
     with sdpa_as_flash():

@@ -66,9 +66,9 @@ def train_steps(args: argparse.Namespace, attention: str, seq_len: int) -> dict:
     if attention == "relative":
         model.attn_impl = args.attn_impl
     if args.triton_one_pass:
-        from musicgpt import triton_attention
+        from musicgpt.attention import triton_kernel
 
-        triton_attention.ONE_PASS_BACKWARD = True
+        triton_kernel.ONE_PASS_BACKWARD = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(0)

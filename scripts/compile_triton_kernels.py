@@ -24,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from musicgpt import triton_attention as ta  # noqa: E402
+from musicgpt.attention import triton_kernel as ta  # noqa: E402
 
 STRIDES = ("sqb", "sqh", "sqt", "sob", "soh", "sot")
 
@@ -63,17 +63,17 @@ def main() -> None:
     dt = f"*{args.dtype}"
     data = {n: dt for n in ("Q", "K", "V", "E", "O", "DO", "DQ", "DK", "DV")}
     data.update(LSE="*fp32", DELTA="*fp32", DE="*fp32")
-    kernels = [("forward", ta._forward, data, {}),
-               ("dq / dE_r pass", ta._backward_dq_de, data, {"KV": False}),
-               ("dq / dE_r + dk / dv, one pass", ta._backward_dq_de,
+    kernels = [("forward", ta.forward_kernel, data, {}),
+               ("dq / dE_r pass", ta.backward_dq_de_kernel, data, {"KV": False}),
+               ("dq / dE_r + dk / dv, one pass", ta.backward_dq_de_kernel,
                 {**data, "DK": "*fp32", "DV": "*fp32"}, {"KV": True}),
-               ("dk / dv pass", ta._backward_dk_dv, data, {})]
+               ("dk / dv pass", ta.backward_dk_dv_kernel, data, {})]
     target = GPUTarget("cuda", args.arch, 32)
     print(f"Triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head width {args.head_dim}\n")
     print("| kernel | block | warps | stages | registers / thread | stack (spill) bytes / thread |")
     print("|---|---:|---:|---:|---:|---:|")
     for block in (int(b) for b in args.blocks.split(",")):
-        for warps in [int(w) for w in args.warps.split(",") if w] or [ta._warps(block)]:
+        for warps in [int(w) for w in args.warps.split(",") if w] or [ta.num_warps_for(block)]:
             for stages in [int(n) for n in args.stages.split(",") if n] or [None]:
                 options = {"num_warps": warps, **({"num_stages": stages} if stages else {})}
                 for name, kernel, pointers, extra in kernels:

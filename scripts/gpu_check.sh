@@ -45,13 +45,13 @@ PART=${1:-1}
 cat "$OUT/env.txt"
 
 case $PART in
-1)  step tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_attention.py
+1)  step tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_attention_flex.py tests/test_steppers.py
     # The training step as `musicgpt train` runs it on CUDA, base preset, bf16.
     step bench_train 130 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
         --seq-lens 2048 --batch-size 4 --steps 5 --warmup 2
     step bench_sample 110 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
         --batch 1 --lengths 2048 --repeats 1 --recompute-steps 3 ;;
-2)  step tests_fused 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_fast_attention.py \
+2)  step tests_fused 60 $PY -m pytest -q -rs -p no:cacheprovider tests/test_attention_flex.py tests/test_steppers.py \
         -k "fused or replay or generate"
     step bench_sample 110 $PY scripts/bench_sample.py --preset base --dtype bf16 --device cuda \
         --batch 1 --lengths 2048 --repeats 1 --recompute-steps 3
@@ -63,8 +63,8 @@ case $PART in
     # tests, the training step with it (two-pass and one-pass backward), the kernel tables
     # against FlexAttention and flash, and bench_sample again (KV-cache steps now kept off cuDNN
     # SDPA; the sampler's rules now on the host).
-    step tests_triton 140 $PY -m pytest -q -rs -p no:cacheprovider tests/test_triton_attention.py \
-        tests/test_fast_attention.py -k "not cpu"
+    step tests_triton 140 $PY -m pytest -q -rs -p no:cacheprovider tests/test_attention_triton.py \
+        tests/test_attention_flex.py tests/test_steppers.py -k "not cpu"
     step bench_train_triton 90 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
         --seq-lens 2048,8192 --batch-size 2 --steps 5 --warmup 2 --attn-impl triton
     step bench_train_triton_1p 90 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \

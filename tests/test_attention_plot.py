@@ -77,7 +77,7 @@ def test_arcs_point_back_and_equal_the_models_weights(loaded, piece, excerpt):
     tokens = np.concatenate([[ckpt.codec_config.eos_id], codec.encode(piece, ckpt.codec_config)])[:200]
     assert np.array_equal(excerpt.tokens, tokens)
     with torch.no_grad():
-        _, _, attentions = model(torch.as_tensor(tokens, dtype=torch.long)[None], return_attention=True)
+        _, attentions = model.forward_with_attention(torch.as_tensor(tokens, dtype=torch.long)[None])
     notes = codec.decode_notes(tokens, ckpt.codec_config)
     start, (on, _, _) = np.asarray(notes.start), _positions(notes)
     layer, n = model.config.n_layer - 1, len(on)

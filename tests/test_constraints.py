@@ -12,7 +12,7 @@ CFG = CodecConfig()
 
 
 def rules(start=None, **limits):
-    return Rules(100, CFG.eos_id, None, CFG, [CFG.pad_id], start or prompt_state(np.array([CFG.eos_id]), CFG),
+    return Rules(100, CFG.eos_id, math.inf, CFG, [CFG.pad_id], start or prompt_state(np.array([CFG.eos_id]), CFG),
                  **limits)
 
 
@@ -20,7 +20,7 @@ def allowed_after(r, tokens):
     rows = r.initial(1)
     for token in tokens:
         r.advance(rows, [token])
-    return set(np.flatnonzero(np.isfinite(r.allowed(torch.zeros(1, CFG.vocab_size), rows)[0].numpy())))
+    return set(np.flatnonzero(np.isfinite(r.mask_logits(torch.zeros(1, CFG.vocab_size), rows)[0].numpy())))
 
 
 def shift(steps):  # the TIME_SHIFT token of `steps` steps (10 ms each)
@@ -56,5 +56,5 @@ def test_a_prompt_leaves_its_sounding_notes_with_their_age():
     start = prompt_state(np.array([CFG.eos_id, 60, 64, shift(100), NOTE_OFF + 64, shift(30)]), CFG)
     assert start.struck == {60: -130} and start.elapsed == 0 and start.quiet == 130
     assert allowed_after(rules(start, max_held=130), []) == {NOTE_OFF + 60}
-    assert not math.isinf(rules(start, max_held=131).allowed(torch.zeros(1, CFG.vocab_size),
+    assert not math.isinf(rules(start, max_held=131).mask_logits(torch.zeros(1, CFG.vocab_size),
                                                              [start])[0, shift(1)])

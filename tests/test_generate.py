@@ -251,7 +251,7 @@ def test_same_seed_same_tokens_and_new_seed_new_tokens():
 class _EOSHappy(MusicGPT):
     """A model that likes ending pieces: EOS gets a fixed boost at every step."""
 
-    def decode_step(self, idx, cache, return_attention=False):
+    def decode_step(self, idx, cache):
         logits = super().decode_step(idx, cache)
         logits[..., EOS] += 2.0
         return logits

@@ -5,7 +5,8 @@ import torch
 
 from conftest import assert_compiles_to_the_same_step, make_model
 from musicgpt.errors import MusicGPTError
-from musicgpt.model import PRESETS, ModelConfig, MusicGPT, _Plan, preset, relative_logits
+from musicgpt.attention import AttentionPlan, relative_logits
+from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset
 
 N_TOKENS = 300
 
@@ -141,7 +142,7 @@ def test_returned_attention_is_causal_and_does_not_change_the_output(attention):
     idx = tokens(length=70)
     for window in (None, 20):
         plain, _ = model(idx, attn_window=window)
-        logits, _, atts = model(idx, attn_window=window, return_attention=True)
+        logits, atts = model.forward_with_attention(idx, attn_window=window)
         torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
         assert len(atts) == model.config.n_layer
         for w in atts:
@@ -156,11 +157,11 @@ def test_decode_attention_matches_full_forward_rows():
     model = make_model()
     idx = tokens(length=100)
     window = 32
-    _, _, full = model(idx, attn_window=window, return_attention=True)
+    _, full = model.forward_with_attention(idx, attn_window=window)
     cache = model.new_cache(2, window=window)
     t = 0
     for n in (40, 1, 1, 25, 1, 32):
-        logits, atts = model.decode_step(idx[:, t:t + n], cache, return_attention=True)
+        logits, atts = model.decode_step_with_attention(idx[:, t:t + n], cache)
         t += n
         for w, ref in zip(atts, full):
             n_keys = w.size(-1)  # the key axis ends at the newest token
@@ -234,15 +235,17 @@ def test_attention_dropout_is_its_own_knob():
     # Configs saved before attn_dropout existed drop attention weights at `dropout`, as before.
     old = ModelConfig.from_dict({k: v for k, v in ModelConfig(dropout=0.3).to_dict().items()
                                  if k != "attn_dropout"})
-    assert old.attention_dropout == 0.3
-    assert preset("base", attn_dropout=0.0).attention_dropout == 0.0
+    assert old.attn_dropout == 0.3
+    assert preset("base", attn_dropout=0.0).attn_dropout == 0.0
+    assert preset("base", dropout=0.2).attn_dropout == 0.2  # unset: follows dropout
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 1, 4, 16, 32).unbind(0)
+    x = torch.randn(1, 16, 128)
     attn = MusicGPT(preset("tiny", n_layer=1, dropout=0.9, attn_dropout=0.0)).train().blocks[0].attn
-    plan = _Plan(torch.ones(16, 16, dtype=torch.bool).tril_(), False, None, False, None)
-    torch.testing.assert_close(attn._attend(q, k, v, plan)[0], attn._attend(q, k, v, plan)[0])
+    attn.resid_drop.p = 0.0  # only attention-weight dropout could make two calls differ
+    plan = AttentionPlan.eager(torch.ones(16, 16, dtype=torch.bool).tril_())
+    torch.testing.assert_close(attn(x, plan)[0], attn(x, plan)[0])
     attn.attn_dropout = 0.5  # the same layer with attention dropout: two calls now differ
-    assert not torch.allclose(attn._attend(q, k, v, plan)[0], attn._attend(q, k, v, plan)[0])
+    assert not torch.allclose(attn(x, plan)[0], attn(x, plan)[0])
 
 
 def test_presets():
@@ -250,7 +253,7 @@ def test_presets():
     base = preset("base")
     assert (base.n_layer, base.n_head, base.n_embd, base.mlp_dim) == (6, 8, 512, 2048)
     assert base.context_len == base.max_rel_dist == 2048 and base.attention == "relative"
-    assert preset("tiny", n_layer=1).n_layer == 1 and PRESETS["tiny"].n_layer == 3
+    assert preset("tiny", n_layer=1).n_layer == 1 and PRESETS["tiny"]["n_layer"] == 3
     with pytest.raises(MusicGPTError, match="tiny, small, base"):
         preset("huge")
     with pytest.raises(MusicGPTError, match="divisible"):

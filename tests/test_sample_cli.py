@@ -1,13 +1,15 @@
 """`musicgpt sample` end to end with a tiny trained checkpoint: files, primer, seeds, errors."""
 
+import math
 from pathlib import Path
 
 import pretty_midi
+
 import pytest
 
 from musicgpt import checkpoint
 from musicgpt.cli import main
-from musicgpt.sample import sample_files
+from musicgpt.sample import SampleRequest, sample_files
 
 from conftest import make_piece
 
@@ -34,8 +36,8 @@ def test_three_samples_are_valid_distinct_midi_and_a_seed_repeats_them(tiny_run,
         notes = _notes(p)
         assert notes and max(n.end for n in notes) <= 4.0 + 1e-6  # --seconds is respected
     assert len({p.read_bytes() for p in paths}) == 3
-    again = sample_files(checkpoint=tiny_run, seconds=4, num_samples=3, seed=7, out_dir=tmp_path / "a",
-                         progress=False)
+    again = sample_files(SampleRequest(checkpoint=tiny_run, seconds=4, num_samples=3, seed=7,
+                                       out_dir=tmp_path / "a"), progress=False)
     assert set(again).isdisjoint(paths)  # a second run never overwrites the first
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
 
@@ -79,15 +81,16 @@ def test_pauses_and_generated_notes_are_capped_but_the_primer_is_not(tiny_run, t
     pm.write(str(primer))
 
     def generated(**limits):
-        [path] = sample_files(checkpoint=tiny_run, primer=primer, include_primer=True, seconds=20,
-                              seed=1, out_dir=tmp_path / "out", progress=False, **limits)
+        request = SampleRequest(checkpoint=tiny_run, primer=primer, include_primer=True, seconds=20,
+                                seed=1, out_dir=tmp_path / "out", **limits)
+        [path] = sample_files(request, progress=False)
         notes = _notes(path)
         assert any(n.pitch == 40 and n.start == 0 and abs(n.end - 3.0) < 1e-6 for n in notes)
         new = sorted((n for n in notes if n.start >= 3.0 - 1e-6), key=lambda n: n.start)
         onsets = [3.0] + [n.start for n in new]
         return max(n.end - n.start for n in new), max(b - a for a, b in zip(onsets, onsets[1:]))
 
-    longest_note, longest_pause = generated(max_note_seconds=0, max_pause_seconds=0)
+    longest_note, longest_pause = generated(max_note_seconds=math.inf, max_pause_seconds=math.inf)
     assert longest_note > 0.5 and longest_pause > 0.2  # what the barely trained model does
     longest_note, longest_pause = generated(max_note_seconds=0.5, max_pause_seconds=0.2)
     assert longest_note <= 0.5 + 1e-6 and longest_pause <= 0.2 + 1e-6

@@ -1,21 +1,20 @@
-"""Tests for musicgpt.fast_attention: FlexAttention relative attention and the graph decoder.
+"""Tests for musicgpt.attention.flex and the kernel choice: FlexAttention relative attention.
 
 On CPU, FlexAttention runs its unfused reference (the fused kernels are CUDA-only for training);
-the CUDA tests at the end check the compiled kernels and CUDA-graph replay on a GPU.
+the CUDA tests at the end check the compiled kernels on a GPU.
 """
 
 import pytest
 import torch
 
 from conftest import make_model as _make_model
-from musicgpt import fast_attention
+from musicgpt.attention import attend, choose_kernel, flex, relative_logits
+from musicgpt.attention.flex import causal_block_mask, relative_flex_attention
 from musicgpt.errors import MusicGPTError
-from musicgpt.fast_attention import GraphDecoder, causal_block_mask, relative_flex_attention
-from musicgpt.model import attend, relative_logits
 
 # On CPU the unfused FlexAttention is what these tests want; its performance warning is noise.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-needs_flex = pytest.mark.skipif(fast_attention.flex_attention is None,
+needs_flex = pytest.mark.skipif(flex.flex_attention is None,
                                 reason="FlexAttention needs torch >= 2.5")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="fused FlexAttention training kernels and CUDA graphs "
@@ -116,13 +115,13 @@ def test_model_with_flex_forced_matches_default_path(cpu_flex_backward, window):
 
 def spy_on_flex(monkeypatch) -> list:
     """Record every call the model makes to the fused path."""
-    calls, real = [], fast_attention.relative_flex_attention
+    calls, real = [], flex.relative_flex_attention
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fast_attention, "relative_flex_attention", spy)
+    monkeypatch.setattr(flex, "relative_flex_attention", spy)
     return calls
 
 
@@ -135,38 +134,17 @@ def test_default_path_on_cpu_is_the_eager_skew(monkeypatch):
 
 
 def test_auto_picks_flex_on_cuda_for_long_sequences_without_attention_dropout():
-    cpu, cuda, long = torch.device("cpu"), torch.device("cuda"), fast_attention.FLEX_MIN_LEN
-    pick = fast_attention.fused_kernel
-    assert pick("auto", cpu, False, long) is None
-    assert pick("auto", cuda, True, long) is None
-    assert pick("auto", cuda, False, long - 1) is None  # the eager skew measured faster there
-    assert pick("eager", cuda, False, long) is None
-    if fast_attention.flex_attention is not None:
+    cpu, cuda, long = torch.device("cpu"), torch.device("cuda"), flex.FLEX_MIN_LEN
+    pick = choose_kernel
+    assert pick("auto", cpu, False, long) == "eager"
+    assert pick("auto", cuda, True, long) == "eager"
+    assert pick("auto", cuda, False, long - 1) == "eager"  # the eager skew measured faster there
+    assert pick("eager", cuda, False, long) == "eager"
+    if flex.flex_attention is not None:
         assert pick("auto", cuda, False, long) == "flex"
         assert pick("flex", cpu, True, 16) == "flex"
     with pytest.raises(MusicGPTError, match="one of auto, eager, flex, triton"):
         pick("cudnn", cpu, False, long)
-
-
-# ----------------------------------------------------------------------------- graph decoding
-
-@pytest.mark.parametrize("prompt_len, window", [(10, 64), (100, 64), (5, 512)],
-                         ids=["short-prompt", "prompt-past-window", "window-past-everything"])
-def test_fixed_shape_decode_step_matches_windowed_forward(prompt_len, window):
-    model = make_model()  # graph=False on CPU: the same fixed-shape step, run eagerly
-    idx = tokens(length=150)
-    want, _ = model(idx, attn_window=window)
-    decoder = GraphDecoder(model, batch_size=2, window=window, graph=False)
-    got = [decoder.prefill(idx[:, :prompt_len])]
-    got += [decoder.step(idx[:, t]) for t in range(prompt_len, 150)]
-    torch.testing.assert_close(torch.stack(got, 1), want[:, prompt_len - 1:], rtol=0, atol=1e-5)
-
-
-def test_graph_decoder_rejects_absolute_and_training_models():
-    with pytest.raises(MusicGPTError, match="relative-attention"):
-        GraphDecoder(make_model(attention="absolute"), graph=False)
-    with pytest.raises(ValueError, match="eval mode"):
-        GraphDecoder(make_model().train(), graph=False)
 
 
 # ----------------------------------------------------------------------------- CUDA only
@@ -186,7 +164,7 @@ def test_fused_flex_kernel_matches_reference_on_cuda(T, window):
 @needs_cuda
 @needs_flex
 def test_model_on_cuda_auto_uses_flex_and_matches_eager_in_bf16(monkeypatch):
-    monkeypatch.setattr(fast_attention, "FLEX_MIN_LEN", 256)  # auto's threshold, below 300 here
+    monkeypatch.setattr(flex, "FLEX_MIN_LEN", 256)  # auto's threshold, below 300 here
     model = make_model().cuda()
     idx = tokens(length=300).cuda()
     losses, calls = {}, spy_on_flex(monkeypatch)
@@ -196,30 +174,3 @@ def test_model_on_cuda_auto_uses_flex_and_matches_eager_in_bf16(monkeypatch):
             _, losses[impl] = model(idx, idx.roll(-1, 1))
     assert len(calls) == model.config.n_layer  # auto took the fused path, eager did not
     torch.testing.assert_close(losses["auto"], losses["eager"], rtol=2e-2, atol=0)
-
-
-@needs_cuda
-def test_cuda_graph_replay_matches_eager_steps():
-    model = make_model().cuda()
-    idx = tokens(length=120).cuda()
-    runs = []
-    for graph in (False, True):
-        decoder = GraphDecoder(model, batch_size=2, window=64, graph=graph)
-        out = [decoder.prefill(idx[:, :20])] + [decoder.step(idx[:, t]) for t in range(20, 120)]
-        runs.append(torch.stack(out, 1))
-    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-4)
-
-
-@needs_cuda
-def test_generate_on_cuda_replays_the_graph_and_matches_the_kv_cache(monkeypatch):
-    from musicgpt.generate import SamplingConfig, generate
-
-    model = make_model().cuda()
-    replays = []
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay",
-                        lambda self, _replay=torch.cuda.CUDAGraph.replay: replays.append(1) or _replay(self))
-    runs = [generate(model, [389, 60], max_new_tokens=150, window=64, stop_at_eos=False,
-                     sampling=SamplingConfig(greedy=True, repetition_penalty=2.0),
-                     static_cache=static)[0].tolist() for static in (None, False)]
-    assert len(replays) == 149  # auto took the graph: one replay per token after the first
-    assert runs[0] == runs[1]

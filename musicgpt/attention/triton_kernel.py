@@ -1,6 +1,6 @@
 """Fused Music-Transformer relative attention in Triton: no L x L tensor and no [L, R] logits.
 
-FlexAttention (musicgpt.fast_attention) needs the relative logits R = q E_r^T as a real
+FlexAttention (musicgpt.attention.flex) needs the relative logits R = q E_r^T as a real
 [B, H, L, min(L, max_rel_dist)] tensor, saved for the backward, whose gradient it scatters with
 atomic adds. Here every tile computes its share of them itself. A query tile (rows m0..m0+BM-1)
 meets a key tile (columns n0..n0+BN-1) at distances m0 - n0 - (BN - 1) ... m0 - n0 + BM - 1, a
@@ -12,7 +12,7 @@ band of BM + BN - 1 consecutive rows of E_r. One tensor-core product q @ band^T 
     qe row a=1:  y0   y1    y2    -        S_rel = [[x1, x0],
                                                     [y2, y1]]
 
-which is the skew of model.relative_logits done inside a tile (`tl.gather`). The bands of
+which is the skew of eager.relative_logits done inside a tile (`tl.gather`). The bands of
 neighbouring key tiles overlap by half, so while a query tile walks its keys (forward, and the
 dq / dE_r pass of the backward) each key tile multiplies only BLOCK new rows; only the dk / dv
 pass, where the query tile changes, multiplies whole bands. The backward runs the shift the
@@ -45,14 +45,15 @@ try:
 except ImportError:  # pragma: no cover - depends on the installation
     triton = tl = None
 
-BLOCK = 64  # query and key tile size on the GPU: chosen by register spills, not yet by speed
-# Backward in one pass over query tiles, dk and dv added atomically per tile (8 tile products per
-# pair instead of 12, and 2 more atomic [BLOCK, D] adds), or in two (a dq / dE_r pass, then a
-# dk / dv pass over key tiles, no atomics for them). Which is faster is for a GPU to say.
+BLOCK = 64  # query and key tile size on the GPU, chosen by register spills (see num_warps_for)
+# Backward in one pass over query tiles, dk and dv added atomically per tile (8 backward tile
+# products per pair instead of 12, and 2 more atomic [BLOCK, D] adds), or in two (a dq / dE_r
+# pass, then a dk / dv pass over key tiles, no atomics for them). scripts/gpu_check.sh times both.
 ONE_PASS_BACKWARD = False
 
 
 def available() -> bool:
+    """Whether this installation can run the kernels (Triton with tl.gather, torch custom ops)."""
     return triton is not None and hasattr(tl, "gather") and hasattr(torch.library, "custom_op")
 
 
@@ -144,7 +145,7 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
     @triton.jit
-    def _forward(Q, K, V, E, O, LSE, H, T, R, scale, sqb, sqh, sqt, sob, soh, sot,
+    def forward_kernel(Q, K, V, E, O, LSE, H, T, R, scale, sqb, sqh, sqt, sob, soh, sot,
                  D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
         """Q, K, V share strides (sqb, sqh, sqt), O has its own (views of [B, H, T, D])."""
         start_m, bh = tl.program_id(0), tl.program_id(1)
@@ -198,7 +199,7 @@ if triton is not None:
         tl.atomic_add(DV + at, tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC), mask=ok)
 
     @triton.jit
-    def _backward_dq_de(Q, K, V, DO, LSE, DELTA, E, DQ, DE, DK, DV, H, T, R, scale,
+    def backward_dq_de_kernel(Q, K, V, DO, LSE, DELTA, E, DQ, DE, DK, DV, H, T, R, scale,
                         sqb, sqh, sqt, sob, soh, sot,
                         D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
                         KV: tl.constexpr):
@@ -263,7 +264,7 @@ if triton is not None:
                  (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
-    def _backward_dk_dv(Q, K, V, DO, LSE, DELTA, E, DK, DV, H, T, R, scale,
+    def backward_dk_dv_kernel(Q, K, V, DO, LSE, DELTA, E, DK, DV, H, T, R, scale,
                         sqb, sqh, sqt, sob, soh, sot,
                         D: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr):
         """dk and dv for one key tile over the query tiles that see it."""
@@ -312,10 +313,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _warps(block: int) -> int:
-    # Chosen by register spills as compiled for sm_90 (scripts/compile_triton_kernels.py, Triton
-    # 3.6): at block 64, 4 warps spill in every kernel (forward 560 bytes a thread, dq / dE_r
-    # 1,800) and 8 mostly in the dq / dE_r pass (288 now); 16 warps cap a thread at 128 registers.
+def num_warps_for(block: int) -> int:
+    """Warps per program for a tile size, chosen by register spills as compiled for sm_90
+    (scripts/compile_triton_kernels.py; figures in BENCHMARKS.md): at block 64, 4 warps spill in
+    every kernel and 8 far less, while 16 would cap a thread at 128 registers."""
     return 8 if block >= 64 else 4
 
 
@@ -342,9 +343,9 @@ if triton is not None and hasattr(torch.library, "custom_op"):
         B, H, T, D = q.shape
         o = _head_major(q)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        _forward[(triton.cdiv(T, block), B * H)](
+        forward_kernel[(triton.cdiv(T, block), B * H)](
             q, k, v, e.to(q.dtype), o, lse, H, T, e.size(1), D ** -0.5, *q.stride()[:3],
-            *o.stride()[:3], D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=_warps(block))
+            *o.stride()[:3], D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=num_warps_for(block))
         return o, lse
 
     @_attention_op.register_fake
@@ -366,18 +367,18 @@ if triton is not None and hasattr(torch.library, "custom_op"):
         e = e.to(q.dtype)  # tl.dot wants both operands in one dtype; dE_r stays in fp32
         grid = (triton.cdiv(T, block), B * H)
         args = (H, T, e.size(1), D ** -0.5, *q.stride()[:3], *o.stride()[:3])
-        meta = dict(D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=_warps(block))
+        meta = dict(D=D, BLOCK=block, PREC=_precision(q.dtype), num_warps=num_warps_for(block))
         if ONE_PASS_BACKWARD:  # dk, dv added per tile into fp32 buffers by the dq / dE_r pass
             dk32, dv32 = (torch.zeros(q.shape, device=q.device, dtype=torch.float32)
                           for _ in range(2))
-            _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, dk32, dv32, *args,
+            backward_dq_de_kernel[grid](q, k, v, do, lse, delta, e, dq, de, dk32, dv32, *args,
                                   KV=True, **meta)
             dk.copy_(dk32 * D ** -0.5)
             dv.copy_(dv32)
         else:
-            _backward_dq_de[grid](q, k, v, do, lse, delta, e, dq, de, dk, dv, *args, KV=False,
+            backward_dq_de_kernel[grid](q, k, v, do, lse, delta, e, dq, de, dk, dv, *args, KV=False,
                                   **meta)
-            _backward_dk_dv[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
+            backward_dk_dv_kernel[grid](q, k, v, do, lse, delta, e, dk, dv, *args, **meta)
         return dq, dk, dv, de.to(de_dtype)
 
     @_attention_backward_op.register_fake

@@ -22,7 +22,7 @@ if not CUDA and "triton" not in sys.modules:
 
 from conftest import assert_compiles_to_the_same_step, make_model  # noqa: E402
 from musicgpt.errors import MusicGPTError  # noqa: E402
-from musicgpt.model import attend, relative_logits  # noqa: E402
+from musicgpt.attention import attend, relative_logits  # noqa: E402
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install triton to run these tests under its CPU "
@@ -31,7 +31,7 @@ if importlib.util.find_spec("triton") is None:
 
 @pytest.fixture
 def kernels():
-    import musicgpt.triton_attention as module
+    import musicgpt.attention.triton_kernel as module
 
     if not module.available():
         pytest.skip("this Triton has no tl.gather (needs >= 3.2)")
