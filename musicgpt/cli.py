@@ -13,10 +13,50 @@ from pathlib import Path
 
 from musicgpt import __version__
 from musicgpt.errors import MusicGPTError
+from musicgpt.sampling import (DEFAULT_SECONDS, MAX_NOTE_SECONDS, MAX_PAUSE_SECONDS, TOKENS_PER_SECOND_CAP,
+                               SamplingConfig)
+
+
+CHECKPOINT_HELP = "run folder, .safetensors file or 'default' (default: the newest run, else the shipped model)"
+
+
+# Each subcommand: its line in `musicgpt --help`, and the description of its own --help.
+COMMANDS = {
+    "encode": ("turn a MIDI file into readable event tokens, one per line", None),
+    "decode": ("turn a token file (one event name per line) back into MIDI", None),
+    "train": ("train a model on a folder of MIDI files",
+              "Train a relative-attention GPT on every MIDI file under DATA_DIR. Options left out "
+              "take per-device defaults (CPU: the tiny preset, about ten minutes on 2 cores)."),
+    "sample": ("write new MIDI with a trained model, from silence or continuing a primer",
+               "Generate piano music with a trained model and write it as MIDI files (listed on stdout). "
+               "Without --checkpoint the newest run under runs/ is used, else the shipped default model. "
+               f"Sampling defaults: temperature {SamplingConfig.temperature:g}, top-p {SamplingConfig.top_p:g}, "
+               "other filters off."),
+    "render": ("render MIDI to a WAV file through FluidSynth (pip install 'musicgpt[audio]')", None),
+    "attention": ("draw which earlier notes a note attends to, as arcs over a piano roll",
+                  "Run a trained model once over the start of a MIDI file and draw its self-attention as "
+                  "arcs from a query note back to the notes it attends to, one colour per head. The output's "
+                  "extension picks the format: .png or .svg (a picture) or .html (an interactive, offline page). "
+                  "Layers, heads and notes are counted from 0."),
+    "eval": ("held-out loss of a trained model on a folder of MIDI files",
+             "Score a checkpoint on the validation files of DATA_DIR (the same files training holds "
+             "out) cut into non-overlapping windows of the model's context: cross-entropy in nats/token and "
+             "bits/token, and perplexity. --all scores every file, e.g. a folder the model never saw."),
+    "stats": ("compare musical statistics of MIDI files (e.g. samples) with a reference set",
+              "Pitch range, pitch-class histogram and entropy, polyphony, notes per second, inter-onset "
+              "intervals, note durations and velocities of SAMPLES against REFERENCE, with the overlapping area "
+              "(OA, 0..1) of each pair of histograms (Yang and Lerch 2020)."),
+}
+
+
+def _command(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand `name`, described as COMMANDS says."""
+    summary, description = COMMANDS[name]
+    return sub.add_parser(name, help=summary, description=description or summary)
 
 
 def _add_encode(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("encode", help="turn a MIDI file into readable event tokens, one per line")
+    p = _command(sub, "encode")
     p.add_argument("midi", type=Path, help="input .mid/.midi file")
     p.add_argument("-o", "--output", type=Path, help="token file to write (default: stdout)")
     p.set_defaults(func=_run_encode)
@@ -40,7 +80,7 @@ def _run_encode(args: argparse.Namespace) -> int:
 
 
 def _add_decode(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("decode", help="turn a token file (one event name per line) back into MIDI")
+    p = _command(sub, "decode")
     p.add_argument("tokens", type=Path, help="token file written by `musicgpt encode`")
     p.add_argument("-o", "--output", type=Path, required=True, help="MIDI file to write")
     p.set_defaults(func=_run_decode)
@@ -61,41 +101,44 @@ def _run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# Training options that default to None: `musicgpt.train.resolve` fills them in per device.
+_TRAIN_OPTIONS = (
+    ("--preset", str, "model size: tiny, small or base"),
+    ("--out", str, "run folder for checkpoints and metrics (default runs/<timestamp>)"),
+    ("--max-steps", int, "optimizer steps in the whole run (the schedule's length)"),
+    ("--stop-at", int, "pause at this step; continue later with --resume"),
+    ("--batch-size", int, "sequences per micro-batch"),
+    ("--seq-len", int, "tokens per training sequence"),
+    ("--lr", float, "peak learning rate"),
+    ("--warmup", int, "linear warmup steps"),
+    ("--dropout", float, "dropout probability (overrides the preset)"),
+    ("--attn-dropout", float, "dropout on attention weights (default: --dropout); 0 lets CUDA training on "
+                              "long sequences use the fused FlexAttention kernel"),
+    ("--eval-interval", int, "steps between validation runs"),
+    ("--threads", int, "CPU threads for torch (1 is fastest on a busy machine)"),
+)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a model on a folder of MIDI files",
-        description="Train a relative-attention GPT on every MIDI file under DATA_DIR. Options left out "
-        "take per-device defaults (CPU: the tiny preset, about ten minutes on 2 cores).",
-    )
+    p = _command(sub, "train")
     p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
-    p.add_argument("--preset", help="model size: tiny, small or base")
-    p.add_argument("--out", help="run folder for checkpoints and metrics (default runs/<timestamp>)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps in the whole run (the schedule's length)")
-    p.add_argument("--stop-at", type=int, help="pause at this step; continue later with --resume")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
-    p.add_argument("--seq-len", type=int, help="tokens per training sequence")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup", type=int, help="linear warmup steps")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--dropout", type=float, help="dropout probability (overrides the preset)")
-    p.add_argument("--attn-dropout", type=float,
-                   help="dropout on attention weights (default: --dropout); 0 lets CUDA "
-                   "training on long sequences use the fused FlexAttention kernel")
+    for flag, kind, text in _TRAIN_OPTIONS:
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default %(default)s)")
     p.add_argument("--attn-impl", metavar="KERNEL",
                    help="relative attention kernel: auto (default: FlexAttention on CUDA for long "
                    "sequences), eager, flex, or triton (the fused kernel, CUDA, opt-in)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="bf16 autocast on CUDA by default")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast on CUDA by default")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--init", metavar="CKPT", help="fine-tune from a trained checkpoint ('default': the shipped model)")
     p.add_argument("--attention", choices=["relative", "absolute"], help="attention kind (overrides the preset)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default %(default)s)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no transposition or time stretch")
-    p.add_argument("--eval-interval", type=int, help="steps between validation runs")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out for validation (default %(default)s)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of files held out for validation (default %(default)s)")
     p.set_defaults(func=_run_train)
 
 
@@ -109,18 +152,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    from musicgpt.sampling import (DEFAULT_SECONDS, MAX_NOTE_SECONDS, MAX_PAUSE_SECONDS, TOKENS_PER_SECOND_CAP,
-                                   SamplingConfig)
-
     d = SamplingConfig()
-    p = sub.add_parser(
-        "sample",
-        help="write new MIDI with a trained model, from silence or continuing a primer",
-        description="Generate piano music with a trained model and write it as MIDI files (listed on stdout). "
-        "Without --checkpoint the newest run under runs/ is used, else the shipped default model. "
-        f"Sampling defaults: temperature {d.temperature:g}, top-p {d.top_p:g}, other filters off.",
-    )
-    p.add_argument("--checkpoint", metavar="CKPT", help="run folder, .safetensors file, or 'default' (the shipped model)")
+    p = _command(sub, "sample")
+    p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--primer", type=Path, metavar="MIDI", help="MIDI file to continue (default: start from silence)")
     p.add_argument("--primer-seconds", type=float, metavar="S", help="use only the primer's first S seconds")
     length = p.add_mutually_exclusive_group()
@@ -160,7 +194,6 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 
 def _run_sample(args: argparse.Namespace) -> int:
     from musicgpt.sample import SampleRequest, sample_files
-    from musicgpt.sampling import SamplingConfig
 
     names = ("greedy", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
              "num_beams", "length_penalty")
@@ -192,7 +225,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _add_render(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("render", help="render MIDI to a WAV file through FluidSynth (pip install 'musicgpt[audio]')")
+    p = _command(sub, "render")
     p.add_argument("midi", type=Path, help="input .mid/.midi file")
     p.add_argument("-o", "--output", type=Path, help="WAV file to write (default: beside the MIDI file)")
     p.add_argument("--soundfont", type=Path, help="a .sf2 soundfont (default: pretty_midi's bundled General MIDI one)")
@@ -210,17 +243,10 @@ def _run_render(args: argparse.Namespace) -> int:
 
 
 def _add_attention(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "attention",
-        help="draw which earlier notes a note attends to, as arcs over a piano roll",
-        description="Run a trained model once over the start of a MIDI file and draw its self-attention as "
-        "arcs from a query note back to the notes it attends to, one colour per head. The output's "
-        "extension picks the format: .png or .svg (a picture) or .html (an interactive, offline page). "
-        "Layers, heads and notes are counted from 0.",
-    )
+    p = _command(sub, "attention")
     p.add_argument("midi", type=Path, help="input .mid/.midi file (a generated sample works too)")
     p.add_argument("-o", "--output", type=Path, required=True, help="file to write: .png, .svg or .html")
-    p.add_argument("--checkpoint", help="run folder or .safetensors (default: the newest run, else the shipped model)")
+    p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--layer", type=int, default=-1, help="layer from 0; negative counts from the end (default %(default)s: the last)")
     p.add_argument("--heads", help="comma-separated heads from 0, e.g. 0,3 (default: all)")
     q = p.add_mutually_exclusive_group()
@@ -253,16 +279,9 @@ def _run_attention(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="held-out loss of a trained model on a folder of MIDI files",
-        description="Score a checkpoint on the validation files of DATA_DIR (the same files training holds "
-        "out) cut into non-overlapping windows of the model's context: cross-entropy in nats/token and "
-        "bits/token, and perplexity. --all scores every file, e.g. a folder the model never saw.",
-    )
+    p = _command(sub, "eval")
     p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
-    p.add_argument("--checkpoint", metavar="CKPT", help="run folder, .safetensors file or 'default' "
-                   "(default: the newest run, else the shipped model)")
+    p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out, as in training (default %(default)s)")
     p.add_argument("--all", dest="all_files", action="store_true", help="evaluate every file, not the validation split")
     p.add_argument("--seq-len", type=int, metavar="N", help="window length in tokens (default: the model's context)")
@@ -284,13 +303,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_stats(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "stats",
-        help="compare musical statistics of MIDI files (e.g. samples) with a reference set",
-        description="Pitch range, pitch-class histogram and entropy, polyphony, notes per second, inter-onset "
-        "intervals, note durations and velocities of SAMPLES against REFERENCE, with the overlapping area "
-        "(OA, 0..1) of each pair of histograms (Yang and Lerch 2020).",
-    )
+    p = _command(sub, "stats")
     p.add_argument("samples", type=Path, help="MIDI file or folder of MIDI files to describe (e.g. samples/)")
     p.add_argument("--reference", type=Path, required=True, metavar="DATA_DIR", help="MIDI file or folder to compare with")
     p.add_argument("-o", "--output", type=Path, help="also draw the histograms side by side into this .png or .svg")
