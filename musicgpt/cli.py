@@ -13,9 +13,13 @@ from pathlib import Path
 
 from musicgpt import __version__
 from musicgpt.errors import MusicGPTError
-from musicgpt.sampling import (DEFAULT_SECONDS, MAX_NOTE_SECONDS, MAX_PAUSE_SECONDS, TOKENS_PER_SECOND_CAP,
-                               SamplingConfig)
-
+from musicgpt.sampling import (
+    DEFAULT_SECONDS,
+    MAX_NOTE_SECONDS,
+    MAX_PAUSE_SECONDS,
+    TOKENS_PER_SECOND_CAP,
+    SamplingConfig,
+)
 
 CHECKPOINT_HELP = "run folder, .safetensors file or 'default' (default: the newest run, else the shipped model)"
 
@@ -163,7 +167,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                         f"{DEFAULT_SECONDS:g}; at most {TOKENS_PER_SECOND_CAP} tokens per second)")
     p.add_argument("--num-samples", type=int, default=1, metavar="K",
                    help="pieces to write, generated as one batch (default %(default)s)")
-    p.add_argument("--seed", type=int, metavar="N", help="random seed (default: a new one, printed so the run can be repeated)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="random seed (default: a new one, printed so the run can be repeated)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (deterministic)")
     filters = [
         ("--temperature", float, "T", f"divide logits by this; < 1 is safer, > 1 wilder (default {d.temperature:g})"),
@@ -177,7 +182,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     ]
     for flag, kind, metavar, text in filters:
         p.add_argument(flag, type=kind, metavar=metavar, help=text)
-    p.add_argument("--beams", type=int, dest="num_beams", metavar="B", help="beam search with this many beams (deterministic)")
+    p.add_argument("--beams", type=int, dest="num_beams", metavar="B",
+                   help="beam search with this many beams (deterministic)")
     p.add_argument("--length-penalty", type=float, metavar="L",
                    help=f"beam score = log-prob / length ** this (default {d.length_penalty:g})")
     p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default %(default)s/)")
@@ -187,7 +193,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-note", type=float, metavar="S",
                    help=f"end generated notes held longer than S seconds (default {MAX_NOTE_SECONDS:g}; 0: no limit)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for one or two samples, else torch's choice)")
-    p.add_argument("--wav", action="store_true", help="also render each sample to WAV beside it (needs musicgpt[audio])")
+    p.add_argument("--wav", action="store_true",
+                   help="also render each sample to WAV beside it (needs musicgpt[audio])")
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, mps or auto")
     p.set_defaults(func=_run_sample)
 
@@ -247,14 +254,17 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("midi", type=Path, help="input .mid/.midi file (a generated sample works too)")
     p.add_argument("-o", "--output", type=Path, required=True, help="file to write: .png, .svg or .html")
     p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
-    p.add_argument("--layer", type=int, default=-1, help="layer from 0; negative counts from the end (default %(default)s: the last)")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="layer from 0; negative counts from the end (default %(default)s: the last)")
     p.add_argument("--heads", help="comma-separated heads from 0, e.g. 0,3 (default: all)")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--query-note", type=int, metavar="INDEX", help="query note, by index in onset order from 0 "
                    "(default: one late in the excerpt)")
     q.add_argument("--query-time", type=float, metavar="SECONDS", help="query the note starting nearest this time")
-    p.add_argument("--top-k", type=int, default=5, help="arcs per head: its K most attended notes (default %(default)s)")
-    p.add_argument("--threshold", type=float, default=0.02, help="hide arcs lighter than this weight (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=5,
+                   help="arcs per head: its K most attended notes (default %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.02,
+                   help="hide arcs lighter than this weight (default %(default)s)")
     p.add_argument("--max-tokens", type=int, help="tokens of the piece the model reads (default: its context "
                    "or 512, whichever is smaller)")
     p.add_argument("--grid", action="store_true", help="draw every layer's and head's attention matrix instead")
@@ -282,10 +292,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "eval")
     p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
     p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of files held out, as in training (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of files held out, as in training (default %(default)s)")
     p.add_argument("--all", dest="all_files", action="store_true", help="evaluate every file, not the validation split")
     p.add_argument("--seq-len", type=int, metavar="N", help="window length in tokens (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward pass (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="windows per forward pass (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(func=_run_eval)
@@ -305,7 +317,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "stats")
     p.add_argument("samples", type=Path, help="MIDI file or folder of MIDI files to describe (e.g. samples/)")
-    p.add_argument("--reference", type=Path, required=True, metavar="DATA_DIR", help="MIDI file or folder to compare with")
+    p.add_argument("--reference", type=Path, required=True, metavar="DATA_DIR",
+                   help="MIDI file or folder to compare with")
     p.add_argument("-o", "--output", type=Path, help="also draw the histograms side by side into this .png or .svg")
     p.add_argument("--json", action="store_true", help="print every figure (histograms included) as JSON on stdout")
     p.set_defaults(func=_run_stats)

@@ -120,7 +120,8 @@ def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike |
     mcfg = ckpt.model_config
     seq_len = seq_len or mcfg.context_len
     if mcfg.attention == "absolute" and seq_len > mcfg.context_len:
-        raise MusicGPTError(f"--seq-len {seq_len} exceeds this absolute-attention model's context of {mcfg.context_len}")
+        raise MusicGPTError(f"--seq-len {seq_len} exceeds this absolute-attention model's context of "
+                            f"{mcfg.context_len}")
     corpus = data.encode_files(files, ckpt.codec_config, progress=progress)
     if not corpus.pieces:
         raise MusicGPTError(f"{data_dir}: none of the MIDI files could be read")

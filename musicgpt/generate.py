@@ -11,15 +11,14 @@ import math
 import sys
 from contextlib import contextmanager
 
-
 import torch
 from torch import Tensor
 
 from musicgpt.constraints import Rules, prompt_state, seconds_to_steps
 from musicgpt.errors import MusicGPTError
 from musicgpt.model import MusicGPT
-from musicgpt.steppers import CachedStepper, GraphStepper, RecomputeStepper, Stepper
 from musicgpt.sampling import SamplingConfig
+from musicgpt.steppers import CachedStepper, GraphStepper, RecomputeStepper, Stepper
 from musicgpt.validate import is_integer
 from musicgpt.vocab import CodecConfig
 

@@ -56,7 +56,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "") -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str = "") -> ModelConfig:
         """Build a config from `to_dict()` output; `source` (e.g. a file name) prefixes errors."""
         prefix = f"{source}: " if source else ""
         known = {f.name for f in dataclasses.fields(cls)}

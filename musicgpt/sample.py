@@ -22,10 +22,16 @@ from musicgpt.devices import pick_device
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.generate import generate
 from musicgpt.midi_io import Notes, read_notes
-from musicgpt.sampling import (DEFAULT_SECONDS, MAX_NOTE_SECONDS, MAX_PAUSE_SECONDS, TOKENS_PER_SECOND_CAP,
-                               SamplingConfig)
+from musicgpt.sampling import (
+    DEFAULT_SECONDS,
+    MAX_NOTE_SECONDS,
+    MAX_PAUSE_SECONDS,
+    TOKENS_PER_SECOND_CAP,
+    SamplingConfig,
+)
 from musicgpt.validate import is_integer, is_real
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
+
 
 @dataclass
 class SampleRequest:

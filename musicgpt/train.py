@@ -70,7 +70,8 @@ class TrainConfig:
 
 # Defaults per device: the CPU ones train `tiny` on midi_data/ in about ten minutes on 2 cores.
 CPU_DEFAULTS = dict(preset="tiny", max_steps=1200, batch_size=16, seq_len=256, lr=2e-3, warmup=100, eval_interval=100)
-CUDA_DEFAULTS = dict(preset="small", max_steps=5000, batch_size=32, seq_len=1024, lr=6e-4, warmup=200, eval_interval=250)
+CUDA_DEFAULTS = dict(preset="small", max_steps=5000, batch_size=32, seq_len=1024, lr=6e-4, warmup=200,
+                     eval_interval=250)
 
 
 # What a resumed run may change: more steps, a new pause point, another device or data path.
@@ -85,7 +86,8 @@ def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
         if values[k] is None:
             values[k] = v
     out = TrainConfig(**values)
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval", "threads"):
+    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval",
+                 "threads"):
         if getattr(out, name) is not None and getattr(out, name) < 1:
             raise MusicGPTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(out, name)}")
     if not (out.lr > 0 and math.isfinite(out.lr)):

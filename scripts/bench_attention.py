@@ -450,7 +450,7 @@ def report(args, best: dict) -> str:
     for mode in args.modes.split(","):
         for scope in args.scopes.split(","):
             what = "one attention layer" if scope == "layer" else "whole model"
-            def get(v, n):
+            def get(v, n, mode=mode, scope=scope):
                 job = dict(mode=mode, scope=scope, variant=v, n=n)
                 return best.get(key(job), {"error": unsupported(args, job) or "not run"})
             for field, unit, spec in (("tokens_per_s", "tokens/s", ",.0f"),

@@ -26,10 +26,10 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the model pick "triton" off CUDA
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_attention  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import bench_attention  # noqa: E402
 from musicgpt.attention import AttentionPlan  # noqa: E402
 from musicgpt.model import CausalSelfAttention, MusicGPT  # noqa: E402
 

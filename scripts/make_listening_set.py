@@ -3,7 +3,8 @@ README's attention picture (`musicgpt attention` over the first piece) and sampl
 
 Each piece is made by the real CLI (`musicgpt sample ...`), so the command in the table is
 exactly what produced the file; primers are held-out GiantMIDI-Piano performances (files the
-default model never trained on) and a Bach chorale from the music21 part of the corpus, and some pieces start from silence.
+default model never trained on) and a Bach chorale from the music21 part of the corpus, and some
+pieces start from silence.
 
     python scripts/make_listening_set.py
 """
@@ -66,9 +67,11 @@ def main() -> None:
         made = ROOT / buf.getvalue().split()[0]
         final = OUT / f"{name}.mid"
         made.replace(final)
-        plot_piano_roll(final, OUT / f"{name}.png", title=f"{name}  (primer: {Path(primer).stem if primer else 'silence'})")
+        title = f"{name}  (primer: {Path(primer).stem if primer else 'silence'})"
+        plot_piano_roll(final, OUT / f"{name}.png", title=title)
         tokens = codec.encode(final)
-        rows.append((name, primer, extra, seed, codec.duration_seconds(tokens), " ".join(shlex.quote(a) for a in ["musicgpt", *args]), wall))
+        command = " ".join(shlex.quote(a) for a in ["musicgpt", *args])
+        rows.append((name, primer, extra, seed, codec.duration_seconds(tokens), command, wall))
         print(f"{final} ({wall:.1f} s)")
     # The README's picture of what the last layer attends to, over the first piece.
     first = OUT / f"{PIECES[0][0]}.mid"
@@ -94,7 +97,8 @@ def write_readme(rows) -> None:
     for name, primer, extra, seed, seconds, command, _ in rows:
         decoding = " ".join(extra) if extra else "default (temperature 1.0, top-p 0.95)"
         primer_cell = f"`{Path(primer).name}` (10 s)" if primer else "silence"
-        lines.append(f"| [{name}.mid]({name}.mid) | {primer_cell} | {seconds:.1f} | {decoding} | {seed} | `{command}` | ![]({name}.png) |")
+        lines.append(f"| [{name}.mid]({name}.mid) | {primer_cell} | {seconds:.1f} | {decoding} | {seed} "
+                     f"| `{command}` | ![]({name}.png) |")
     (OUT / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -6,8 +6,8 @@ the CUDA tests at the end check the compiled kernels on a GPU.
 
 import pytest
 import torch
-
 from conftest import make_model as _make_model
+
 from musicgpt.attention import attend, choose_kernel, flex, relative_logits
 from musicgpt.attention.flex import causal_block_mask, relative_flex_attention
 from musicgpt.errors import MusicGPTError

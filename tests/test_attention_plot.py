@@ -10,8 +10,8 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_piece
+
 from musicgpt import attention_plot as ap
 from musicgpt import codec
 from musicgpt.checkpoint import load_model
@@ -149,7 +149,8 @@ def _error(capsys, argv) -> str:
 
 def test_cli_errors_are_one_line(tiny_run, piece, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "x.png")
-    assert "checkpoint not found" in _error(capsys, ["attention", str(piece), "--checkpoint", str(tmp_path / "nope"), "-o", out])
+    args = ["attention", str(piece), "--checkpoint", str(tmp_path / "nope"), "-o", out]
+    assert "checkpoint not found" in _error(capsys, args)
     fake = tmp_path / "song.mid"
     fake.write_text("this is not a MIDI file")
     assert "song.mid" in _error(capsys, ["attention", str(fake), "--checkpoint", str(tiny_run), "-o", out])

@@ -21,8 +21,9 @@ if not CUDA and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conftest import assert_compiles_to_the_same_step, make_model  # noqa: E402
-from musicgpt.errors import MusicGPTError  # noqa: E402
+
 from musicgpt.attention import attend, relative_logits  # noqa: E402
+from musicgpt.errors import MusicGPTError  # noqa: E402
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (pip install triton to run these tests under its CPU "

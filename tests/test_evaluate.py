@@ -65,7 +65,8 @@ def test_without_checkpoint_the_newest_run_is_used(tiny_run, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert main(["eval", str(tiny_run.parent / "data"), "--all", "--json"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["checkpoint"] == str(tmp_path.joinpath("runs", "mine", "best.safetensors").relative_to(tmp_path))
+    best = tmp_path.joinpath("runs", "mine", "best.safetensors").relative_to(tmp_path)
+    assert json.loads(captured.out)["checkpoint"] == str(best)
     assert "newest run" in captured.err
 
 

@@ -243,7 +243,9 @@ def test_beam_search_refuses_several_samples():
 
 def test_same_seed_same_tokens_and_new_seed_new_tokens():
     model = _model()
-    run = lambda seed: [t.tolist() for t in generate(model, [EOS], max_new_tokens=50, num_samples=2, seed=seed)]
+    def run(seed):
+        return [t.tolist() for t in generate(model, [EOS], max_new_tokens=50, num_samples=2, seed=seed)]
+
     assert run(3) == run(3)
     assert run(3) != run(4)
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import assert_compiles_to_the_same_step, make_model
-from musicgpt.errors import MusicGPTError
+
 from musicgpt.attention import AttentionPlan, relative_logits
+from musicgpt.errors import MusicGPTError
 from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset
 
 N_TOKENS = 300

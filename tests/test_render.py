@@ -4,14 +4,15 @@ import builtins
 import wave
 
 import pytest
-
 from conftest import make_piece
+
 from musicgpt.cli import main
 from musicgpt.codec import load_midi
 from musicgpt.render import fluidsynth_available
 
 
-@pytest.mark.skipif(not fluidsynth_available(), reason="FluidSynth library or pyfluidsynth not installed ('musicgpt[audio]')")
+@pytest.mark.skipif(not fluidsynth_available(),
+                    reason="FluidSynth library or pyfluidsynth not installed ('musicgpt[audio]')")
 def test_render_writes_wav_of_the_pieces_length(tmp_path, capsys):
     midi = make_piece(tmp_path / "song.mid", seconds=4)
     assert main(["render", str(midi), "-o", str(tmp_path / "song.wav"), "--sample-rate", "22050"]) == 0

@@ -4,14 +4,12 @@ import math
 from pathlib import Path
 
 import pretty_midi
-
 import pytest
+from conftest import make_piece
 
 from musicgpt import checkpoint
 from musicgpt.cli import main
 from musicgpt.sample import SampleRequest, sample_files
-
-from conftest import make_piece
 
 
 def _sample(capsys, *args) -> tuple[int, list[Path], str]:

@@ -5,8 +5,8 @@ On CPU the same step runs eagerly (graph=False); the CUDA tests check graph repl
 
 import pytest
 import torch
-
 from conftest import make_model as _make_model
+
 from musicgpt.errors import MusicGPTError
 from musicgpt.steppers import GraphDecoder
 

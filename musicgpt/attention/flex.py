@@ -10,11 +10,10 @@ diagonal, and SDPA's fallback to its non-flash kernels for a float mask is avoid
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 from torch import Tensor
-
 
 try:  # FlexAttention arrived in torch 2.5; older versions keep the eager path.
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -46,7 +45,7 @@ def causal_block_mask(n: int, window: int | None, device: torch.device):
     return _block_mask(n, window, str(device))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled_flex():
     # One compiled wrapper for the process; torch.compile specialises it per shape itself.
     return torch.compile(flex_attention)
