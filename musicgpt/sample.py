@@ -75,7 +75,7 @@ class SampleRequest:
 
 
 def budget(tokens: int | None, seconds: float | None) -> tuple[int, float]:
-    """(max_new_tokens, max_seconds) from --tokens / --seconds; by default 30 s of music.
+    """(max_new_tokens, max_seconds) from --tokens / --seconds; by default DEFAULT_SECONDS of music.
 
     With --tokens alone the music's length is not limited (max_seconds is math.inf)."""
     if tokens is not None and (not is_integer(tokens) or tokens < 1):
