@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from musicgpt import checkpoint, data, fast_attention
+from musicgpt import atomic, checkpoint, data, fast_attention
 from musicgpt.errors import MusicGPTError
 from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset
 
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     model, mcfg = _build_model(cfg, codec_config, resume_ckpt, init)
     if d.main:  # only now: a bad data folder or option leaves no empty run folder behind
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_temp_files(run_dir)  # what a killed run was writing
+        atomic.remove_stale_temp_files(run_dir)  # what a killed run was writing
     model.to(device)
     model.attn_impl = cfg.attn_impl or "auto"
     optimizer = make_optimizer(model, cfg, device)
