@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musicgpt.atomic import atomic_write
 from musicgpt.codec import DecodedNotes
 from musicgpt.errors import MusicGPTError
 from musicgpt.vocab import NOTE_OFF
@@ -387,10 +388,8 @@ def write_html(data: dict, out: Path) -> Path:
     template = (Path(__file__).parent / "templates" / "attention.html").read_text()
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # cannot close the script tag
     page = template.replace("__TITLE__", _html_escape(data["piece"])).replace("/*__DATA__*/{}", blob)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    with atomic_write(out, "w") as f:
+        f.write(page)
     return out
 
 
@@ -409,7 +408,7 @@ class Rendered:
     query: int
     arcs: list[Arc]
     excerpt: Excerpt
-    note: str = ""
+    message: str = ""  # which checkpoint was chosen and why, when the user did not name one
 
 
 def render_attention(midi, out, *, checkpoint=None, layer: int = -1, heads: list[int] | None = None,
@@ -420,7 +419,7 @@ def render_attention(midi, out, *, checkpoint=None, layer: int = -1, heads: list
     from musicgpt.checkpoint import choose_checkpoint, load_model, peek_model_config
     from musicgpt.codec import load_midi
     from musicgpt.devices import pick_device
-    from musicgpt.plot import _save
+    from musicgpt.plot import save_figure
 
     out = Path(out)
     check_options(out, grid=grid, top_k=top_k, threshold=threshold, max_tokens=max_tokens)
@@ -436,10 +435,10 @@ def render_attention(midi, out, *, checkpoint=None, layer: int = -1, heads: list
     query = choose_query(excerpt, query_note, query_time)
     arcs = query_arcs(excerpt, query, layer, heads, top_k, threshold)
     if grid:
-        _save(draw_grid(excerpt), out, tight=False)
+        save_figure(draw_grid(excerpt), out, tight=False)
     elif out.suffix.lower() == ".html":
         write_html(html_data(excerpt, layer=layer, heads=heads, query=query, top_k=top_k,
                              threshold=threshold), out)
     else:
-        _save(draw_arcs(excerpt, query, layer, heads, arcs, top_k, threshold), out, tight=False)
+        save_figure(draw_arcs(excerpt, query, layer, heads, arcs, top_k, threshold), out, tight=False)
     return Rendered(out, layer, query, arcs, excerpt, why)

@@ -12,15 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from musicgpt.atomic import atomic_write
 from musicgpt.errors import CheckpointError, MusicGPTError
 from musicgpt.model import ModelConfig, MusicGPT
 from musicgpt.vocab import CodecConfig
@@ -40,24 +41,7 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict, repr=False)  # raw metadata: aliases, optimizer groups
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename over `path` so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; checkpoints are ordinary files
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+def content_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
     """SHA-256 of the metadata and every tensor's name, dtype, shape and bytes.
 
     safetensors checks a file's structure but not its contents, so a flipped bit in the weights
@@ -69,35 +53,6 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-# Temporary files of our atomic writers: `.NAME.PID.tmp` here, `.STEM.PID.tmp.png` in plot._save.
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp(\.\w+)?$")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's process, or a name we cannot judge: leave its file alone
-    return True
-
-
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed writer left in `folder`; return them.
-
-    They are never mistaken for checkpoints (only `*.safetensors` names are loaded), but a killed
-    run would otherwise leave a checkpoint-sized file behind at every kill.
-    """
-    removed = []
-    for p in Path(folder).glob(".*.tmp*"):
-        m = _TEMP_NAME.match(p.name)
-        if m and p.is_file() and not _process_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 def _unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -160,11 +115,13 @@ def save_checkpoint(
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    meta["sha256"] = _digest(tensors, json.loads(json.dumps(meta)))  # as a reader will parse it
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"musicgpt": json.dumps(meta)}))
+    meta["sha256"] = content_digest(tensors, json.loads(json.dumps(meta)))  # as a reader will parse it
+    with atomic_write(path) as f:
+        f.write(safetensors_bytes(tensors, metadata={"musicgpt": json.dumps(meta)}))
     info = {k: meta[k] for k in ("format", "model_config", "codec_config", "state")}
     info["weights"] = path.name
-    _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    with atomic_write(path.with_suffix(".json"), "w") as f:
+        f.write(json.dumps(info, indent=2) + "\n")
     return path
 
 
@@ -185,7 +142,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a musicgpt checkpoint (missing or unknown metadata)")
-    if "sha256" in meta and meta["sha256"] != _digest(tensors, meta):  # older files have no digest
+    if "sha256" in meta and meta["sha256"] != content_digest(tensors, meta):  # older files have no digest
         raise CheckpointError(f"{path}: checkpoint is damaged (its contents do not match the checksum saved with it)")
     return tensors, meta
 
@@ -292,13 +249,26 @@ def restore_training(
         torch.cuda.set_rng_state_all(cuda_states)
 
 
-def peek_model_config(path: str | os.PathLike) -> ModelConfig | None:
-    """The model configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
+def _header_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Our metadata from a checkpoint's safetensors header alone (no tensors read)."""
     from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["musicgpt"])
+
+
+def peek_model_config(path: str | os.PathLike) -> ModelConfig | None:
+    """The model configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return ModelConfig.from_dict(json.loads(f.metadata()["musicgpt"])["model_config"])
+        return ModelConfig.from_dict(_header_metadata(path)["model_config"])
+    except Exception:  # noqa: BLE001 - load_checkpoint then says exactly what is wrong with the file
+        return None
+
+
+def peek_codec_config(path: str | os.PathLike) -> CodecConfig | None:
+    """The codec configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
+    try:
+        return CodecConfig.from_dict(_header_metadata(path)["codec_config"])
     except Exception:  # noqa: BLE001 - load_checkpoint then says exactly what is wrong with the file
         return None
 

@@ -280,8 +280,8 @@ def _run_attention(args: argparse.Namespace) -> int:
         query_note=args.query_note, query_time=args.query_time, top_k=args.top_k, threshold=args.threshold,
         max_tokens=args.max_tokens, grid=args.grid, device=args.device,
     )
-    if r.note:
-        print(r.note, file=sys.stderr)
+    if r.message:
+        print(r.message, file=sys.stderr)
     what = ("every layer and head" if args.grid else
             f"layer {r.layer}, query {note_label(r.excerpt, r.query)}, {len(r.arcs)} arcs")
     print(f"{r.path}: {what} ({len(r.excerpt.tokens)} tokens)", file=sys.stderr)

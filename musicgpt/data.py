@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from musicgpt import codec
+from musicgpt.atomic import atomic_write
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.vocab import CodecConfig
 
@@ -111,15 +112,12 @@ def _read_cache(cache: Path, key: str) -> tuple[np.ndarray | None, str | None] |
 
 def _write_cache(cache: Path, key: str, tokens: np.ndarray | None, problem: str | None) -> None:
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        final = cache / (f"{key}.npy" if tokens is not None else f"{key}.err")
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         if tokens is not None:
-            with open(tmp, "wb") as f:
+            with atomic_write(cache / f"{key}.npy") as f:
                 np.save(f, tokens, allow_pickle=False)
         else:
-            tmp.write_text(problem or "unreadable")
-        os.replace(tmp, final)
+            with atomic_write(cache / f"{key}.err", "w") as f:
+                f.write(problem or "unreadable")
     except OSError:
         pass  # caching is an optimisation; a read-only cache folder must not stop training
 
@@ -191,7 +189,7 @@ class Augment:
     """Random augmentation of a training window: transposition and time stretch."""
 
     max_transpose: int = 3  # semitones up or down, as in the Music Transformer
-    max_stretch: float = 0.05  # time stretch factor in [1 - s, 1 + s]
+    max_stretch: float = codec.MAX_STRETCH  # time stretch factor in [1 - s, 1 + s]
 
     def __call__(self, tokens: np.ndarray, rng: np.random.Generator, config: CodecConfig) -> np.ndarray:
         k = int(rng.integers(-self.max_transpose, self.max_transpose + 1))

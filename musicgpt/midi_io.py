@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pretty_midi
 
+from musicgpt.atomic import atomic_write
 from musicgpt.errors import MidiReadError
 
 MAX_SECONDS = 2 * 3600  # longer "pieces" come from absurd tempos or corrupt delta times
@@ -61,22 +61,14 @@ def load_midi(path: str | os.PathLike) -> pretty_midi.PrettyMIDI:
 
 
 def write_midi(pm: pretty_midi.PrettyMIDI, path: str | os.PathLike) -> None:
-    """Write `pm` to `path` atomically (temp file in the same folder, then rename).
+    """Write `pm` to `path` atomically (`atomic.atomic_write`).
 
     Objects with one tempo and no lyrics or text events (everything `decode` makes) are
     written by `_smf_bytes`, ~20x faster than `pm.write`, which writes the rest.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            data = _smf_bytes(pm)
-            f.write(data) if data is not None else pm.write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = _smf_bytes(pm)
+    with atomic_write(path) as f:
+        f.write(data) if data is not None else pm.write(f)
 
 
 def apply_sustain(end: np.ndarray, cc_time: np.ndarray, cc_value: np.ndarray,

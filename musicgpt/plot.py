@@ -13,17 +13,21 @@ matplotlib.use("Agg")  # files only: works on servers and in CI with no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from musicgpt.atomic import atomic_write
 
-def _save(fig, path: Path, tight: bool = True) -> None:
+
+def save_figure(fig, path: str | os.PathLike, tight: bool = True) -> None:
     """Save a figure atomically (a reader never sees a half-written image) and close it.
 
-    tight=False keeps the figure's exact pixel size (figsize x dpi) instead of cropping to content.
+    The format follows the file's suffix. tight=False keeps the figure's exact pixel size
+    (figsize x dpi) instead of cropping to content.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight" if tight else None)
-    plt.close(fig)
-    os.replace(tmp, path)
+    path = Path(path)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format=path.suffix.lstrip(".").lower(), dpi=fig.dpi, bbox_inches="tight" if tight else None)
+    finally:
+        plt.close(fig)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -58,7 +62,7 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike
         best = min(val, key=lambda r: r["loss"])
         ax.set_title(f"best validation {best['loss']:.3f} nats/token at step {best['step']}", fontsize=10)
     out = Path(out_png)
-    _save(fig, out)
+    save_figure(fig, out)
     return out
 
 
@@ -101,5 +105,5 @@ def plot_piano_roll(midi_path: str | os.PathLike, out_png: str | os.PathLike, ti
     ax.set_title(title or Path(midi_path).name, fontsize=10)
     ax.grid(alpha=0.2)
     out = Path(out_png)
-    _save(fig, out)
+    save_figure(fig, out)
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from musicgpt.atomic import atomic_write
 from musicgpt.codec import load_midi
 from musicgpt.errors import MusicGPTError
 
@@ -51,12 +52,9 @@ def render_wav(
         audio = audio / peak * 0.9  # leave headroom; FluidSynth output level varies by soundfont
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
     out = Path(wav_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with wave.open(str(tmp), "wb") as w:
+    with atomic_write(out) as f, wave.open(f, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(sample_rate)
         w.writeframes(pcm.tobytes())
-    os.replace(tmp, out)
     return out

@@ -22,8 +22,9 @@ import numpy as np
 
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.midi_io import Notes, read_notes
+from musicgpt.vocab import CodecConfig
 
-GRID_S = 0.01  # onsets are grouped on the codec's 10 ms grid: a hand's chord is one onset
+GRID_S = CodecConfig().step_seconds  # onsets are grouped on the codec's grid: a hand's chord is one onset
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 _LOG_TIME_BINS = np.logspace(-2, 1, 31)  # 10 ms .. 10 s, 10 bins per decade
 
@@ -192,7 +193,7 @@ def format_table(report: dict) -> str:
 
 def plot_report(report: dict, out: str | os.PathLike) -> Path:
     """One panel per feature: the two histograms side by side, OA in the title."""
-    from musicgpt.plot import _save, plt
+    from musicgpt.plot import plt, save_figure
 
     feats = list(report["features"].items())
     cols, rows = 4, (len(feats) + 3) // 4
@@ -218,7 +219,7 @@ def plot_report(report: dict, out: str | os.PathLike) -> Path:
     axes.ravel()[0].legend(frameon=False, fontsize=8)
     fig.tight_layout()
     out = Path(out)
-    _save(fig, out)
+    save_figure(fig, out)
     return out
 
 

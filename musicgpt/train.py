@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from musicgpt import checkpoint, data
+from musicgpt import atomic, checkpoint, data
 from musicgpt.attention import choose_kernel
 from musicgpt.attention.flex import FLEX_MIN_LEN
 from musicgpt.devices import pick_device
@@ -290,7 +290,7 @@ def start_run(cfg: TrainConfig, corpus: Corpus, resumed, init, device: str, rank
     run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if ranks.main:  # only now: a bad data folder or option leaves no empty run folder behind
         run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale_temp_files(run_dir)  # what a killed run was writing
+        atomic.remove_stale_temp_files(run_dir)  # what a killed run was writing
     model.to(device)
     model.attn_impl = cfg.attn_impl or "auto"
     optimizer = make_optimizer(model, cfg, device)

@@ -38,6 +38,37 @@ def make_piece(path: Path, seed: int = 0, seconds: float = 12.0, pedal: bool = T
     return path
 
 
+def build_piece() -> pretty_midi.PrettyMIDI:
+    """Chords, overlapping same-key notes, velocities 1..127, pedal, long gaps and notes, drums."""
+    pm = pretty_midi.PrettyMIDI(resolution=480)
+    piano = pretty_midi.Instrument(program=0, name="Piano")
+    N = pretty_midi.Note
+    for i, p in enumerate((48, 52, 55, 60)):  # a chord, then a chord with mixed lengths
+        piano.notes.append(N(70 + i, p, 0.1013, 0.8031))
+        piano.notes.append(N(40 + 20 * i, p, 1.2047, 1.5077 + 0.3 * i))
+    piano.notes += [
+        N(90, 64, 2.0021, 3.0031), N(60, 64, 2.5037, 2.7043),  # nested: the inner ends first
+        N(80, 67, 2.0021, 2.9053), N(50, 67, 2.4061, 3.4087),  # partial overlap
+        N(100, 71, 3.5011, 3.5027),  # shorter than a step
+        N(64, 72, 5.1033, 8.4471),  # after a 1.6 s gap, 3.3 s long
+    ]
+    # Sustain: notes released while the pedal is down sound until it lifts (or the key re-sounds).
+    piano.notes += [N(70, 76, 9.0019, 9.2027), N(72, 79, 9.1031, 9.3043), N(74, 76, 9.8069, 9.9011)]
+    piano.control_changes += [pretty_midi.ControlChange(64, 100, 9.1509),
+                              pretty_midi.ControlChange(64, 0, 10.4033)]
+    for v in range(1, 128):  # every velocity, one note each, two keys alternating
+        t = 11.0 + 0.0517 * v
+        piano.notes.append(N(v, 36 + v % 2, t, t + 0.0253))
+    strings = pretty_midi.Instrument(program=48, name="Strings")
+    strings.notes += [N(55, 84, 0.5033, 4.2071), N(85, 86, 18.5049, 18.9037),
+                      N(75, 88, 18.7013, 19.6037)]
+    strings.control_changes += [pretty_midi.ControlChange(64, 127, 18.6011)]  # never lifted
+    drums = pretty_midi.Instrument(program=0, is_drum=True, name="Drums")
+    drums.notes += [N(100, 36, t / 2, t / 2 + 0.1) for t in range(30)]
+    pm.instruments += [piano, strings, drums]
+    return pm
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Token caches go to a temporary folder, never the user's home."""

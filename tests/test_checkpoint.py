@@ -80,3 +80,17 @@ def test_half_precision_weights_load_as_float(tmp_path):
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = torch.randint(0, 388, (1, 16))
     torch.testing.assert_close(loaded(x)[0], model(x)[0], atol=5e-2, rtol=0)
+
+
+def test_configs_can_be_peeked_from_the_header_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    model, codec_config = _model(), CodecConfig(step_ms=8, velocity_bins=64)
+    path = checkpoint.save_checkpoint(tmp_path / "best", model, codec_config)
+    assert checkpoint.peek_codec_config(path) == codec_config
+    assert checkpoint.peek_model_config(path) == model.config
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    for bad in ("other.safetensors", "junk.safetensors", "missing.safetensors"):
+        assert checkpoint.peek_codec_config(tmp_path / bad) is None
+        assert checkpoint.peek_model_config(tmp_path / bad) is None

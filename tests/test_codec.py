@@ -11,42 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from musicgpt import codec
-from musicgpt.errors import MidiReadError, MusicGPTError
+from musicgpt.errors import MusicGPTError
 from musicgpt.vocab import CodecConfig
+
+from conftest import build_piece
 
 MIDI_DATA = Path(__file__).resolve().parents[1] / "midi_data"
 DEFAULT = CodecConfig()
-
-
-def build_piece() -> pretty_midi.PrettyMIDI:
-    """Chords, overlapping same-key notes, velocities 1..127, pedal, long gaps and notes, drums."""
-    pm = pretty_midi.PrettyMIDI(resolution=480)
-    piano = pretty_midi.Instrument(program=0, name="Piano")
-    N = pretty_midi.Note
-    for i, p in enumerate((48, 52, 55, 60)):  # a chord, then a chord with mixed lengths
-        piano.notes.append(N(70 + i, p, 0.1013, 0.8031))
-        piano.notes.append(N(40 + 20 * i, p, 1.2047, 1.5077 + 0.3 * i))
-    piano.notes += [
-        N(90, 64, 2.0021, 3.0031), N(60, 64, 2.5037, 2.7043),  # nested: the inner ends first
-        N(80, 67, 2.0021, 2.9053), N(50, 67, 2.4061, 3.4087),  # partial overlap
-        N(100, 71, 3.5011, 3.5027),  # shorter than a step
-        N(64, 72, 5.1033, 8.4471),  # after a 1.6 s gap, 3.3 s long
-    ]
-    # Sustain: notes released while the pedal is down sound until it lifts (or the key re-sounds).
-    piano.notes += [N(70, 76, 9.0019, 9.2027), N(72, 79, 9.1031, 9.3043), N(74, 76, 9.8069, 9.9011)]
-    piano.control_changes += [pretty_midi.ControlChange(64, 100, 9.1509),
-                              pretty_midi.ControlChange(64, 0, 10.4033)]
-    for v in range(1, 128):  # every velocity, one note each, two keys alternating
-        t = 11.0 + 0.0517 * v
-        piano.notes.append(N(v, 36 + v % 2, t, t + 0.0253))
-    strings = pretty_midi.Instrument(program=48, name="Strings")
-    strings.notes += [N(55, 84, 0.5033, 4.2071), N(85, 86, 18.5049, 18.9037),
-                      N(75, 88, 18.7013, 19.6037)]
-    strings.control_changes += [pretty_midi.ControlChange(64, 127, 18.6011)]  # never lifted
-    drums = pretty_midi.Instrument(program=0, is_drum=True, name="Drums")
-    drums.notes += [N(100, 36, t / 2, t / 2 + 0.1) for t in range(30)]
-    pm.instruments += [piano, strings, drums]
-    return pm
 
 
 def reference_notes(pm: pretty_midi.PrettyMIDI, config: CodecConfig = DEFAULT):
@@ -134,33 +105,6 @@ def test_simultaneous_events_order():
         soft, "NOTE_ON_52", "TIME_SHIFT_200ms", "NOTE_OFF_52",
         "TIME_SHIFT_1000ms", "NOTE_ON_50", "TIME_SHIFT_1000ms", "TIME_SHIFT_500ms", "NOTE_OFF_50",
     ]
-
-
-def test_readers_agree_on_tricky_note_pairing(tmp_path):
-    """Overlaps of one key, a NOTE_OFF before or after a NOTE_ON on the same tick, a stray
-    NOTE_OFF, a note never ended, a tempo change: the file reader must see pretty_midi's notes."""
-    import mido
-
-    on = lambda p, t, v=80: (t, mido.Message("note_on", note=p, velocity=v))  # noqa: E731
-    off = lambda p, t: (t, mido.Message("note_on", note=p, velocity=0))  # noqa: E731
-    events = [
-        on(60, 0), on(60, 100), off(60, 200), off(60, 300),  # nested in the file's order
-        on(62, 0), off(62, 50), off(62, 400), on(62, 400), off(62, 500),  # stray off, then on
-        on(64, 0), on(64, 300), on(64, 420), off(64, 420), off(64, 600),  # on, off, same tick
-        on(65, 700), off(65, 700), on(65, 800), off(65, 900),  # a zero-length note
-        on(67, 0), on(67, 450), off(67, 900),  # one NOTE_OFF for two notes
-        on(69, 950),  # never ended
-        (480, mido.MetaMessage("set_tempo", tempo=700000)),
-    ]
-    mf = mido.MidiFile(ticks_per_beat=96)
-    track, now = mido.MidiTrack(), 0
-    for t, msg in sorted(events, key=lambda e: e[0]):  # stable: same-tick order as listed
-        track.append(msg.copy(time=t - now))
-        now = t
-    mf.tracks.append(track)
-    path = tmp_path / "tricky.mid"
-    mf.save(path)
-    np.testing.assert_array_equal(codec.encode(path), codec.encode(pretty_midi.PrettyMIDI(str(path))))
 
 
 def test_round_trip_file_and_readers_agree(tmp_path):
@@ -306,94 +250,3 @@ def test_measuring_and_truncating():
     kept = codec.decode_notes(primer)
     assert set(kept.start.round(2)) == set(notes.start[notes.start < 5.1033].round(2))
     assert len(codec.truncate_seconds(tokens, 0)) == 0
-
-
-def test_write_and_load_midi(tmp_path):
-    pm = codec.decode(codec.encode(build_piece()))
-    out = tmp_path / "new" / "folder" / "out.mid"
-    codec.write_midi(pm, out)
-    assert [p.name for p in out.parent.iterdir()] == ["out.mid"]  # no temp file left behind
-    back = codec.load_midi(out)
-    assert back.resolution == 480 and back.get_tempo_changes()[1][0] == pytest.approx(120)
-    assert back.instruments[0].name == "Piano" and back.instruments[0].program == 0
-    np.testing.assert_array_equal(codec.encode(out), codec.encode(pm))
-
-
-def _contents(pm: pretty_midi.PrettyMIDI):
-    return ([(i.name, i.program, i.is_drum, [(n.start, n.end, n.pitch, n.velocity) for n in i.notes],
-              [(c.time, c.number, c.value) for c in i.control_changes],
-              [(b.time, b.pitch) for b in i.pitch_bends]) for i in pm.instruments],
-            [(t.numerator, t.denominator, t.time) for t in pm.time_signature_changes],
-            [(k.key_number, k.time) for k in pm.key_signature_changes],
-            pm.get_tempo_changes()[1].tolist(), pm.resolution)
-
-
-@pytest.mark.parametrize("tempo_change", [False, True])
-def test_write_midi_matches_pretty_midi_writer(tmp_path, tempo_change):
-    pm = build_piece()
-    pm.instruments[1].pitch_bends += [pretty_midi.PitchBend(-8192, 1.0),
-                                      pretty_midi.PitchBend(8191, 2.0), pretty_midi.PitchBend(5, 2.0)]
-    pm.time_signature_changes += [pretty_midi.TimeSignature(3, 4, 0.0),
-                                  pretty_midi.TimeSignature(6, 8, 5.0)]
-    pm.instruments[0].control_changes += [pretty_midi.ControlChange(64, v, 12.0) for v in (0, 90)]
-    pm.key_signature_changes += [pretty_midi.KeySignature(k, 0.5 * k) for k in range(24)]
-    if tempo_change:  # written by pretty_midi itself: read one back that has a tempo change
-        pm.write(str(tmp_path / "tempo.mid"))
-        pm = pretty_midi.PrettyMIDI(str(tmp_path / "tempo.mid"))
-        pm.adjust_times([0, 5, 20], [0, 5, 25])
-    codec.write_midi(pm, tmp_path / "ours.mid")
-    pm.write(str(tmp_path / "theirs.mid"))
-    ours, theirs = (pretty_midi.PrettyMIDI(str(tmp_path / f)) for f in ("ours.mid", "theirs.mid"))
-    assert _contents(ours) == _contents(theirs)
-    assert len(ours.get_tempo_changes()[0]) == (2 if tempo_change else 1)
-
-
-def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
-    good = tmp_path / "good.mid"
-    build_piece().write(str(good))
-    data = good.read_bytes()
-    files = {
-        "missing": (tmp_path / "missing.mid", "file not found"),
-        "empty": (tmp_path / "empty.mid", "empty file"),
-        "text": (tmp_path / "notes.txt", "not a MIDI file"),
-        "truncated": (tmp_path / "cut.mid", "truncated"),
-        "undefined status byte": (tmp_path / "garbage.mid", "corrupt"),
-        "drums only": (tmp_path / "drums.mid", "no notes"),
-    }
-    files["empty"][0].write_bytes(b"")
-    files["text"][0].write_text("hello, I am not music\n")
-    files["truncated"][0].write_bytes(data[: len(data) // 2])
-    body = b"\x00\x90\x3c\x40\x00\xf4\x00"  # a NOTE_ON, then status 0xF4, which MIDI leaves undefined
-    files["undefined status byte"][0].write_bytes(
-        b"MThd" + (6).to_bytes(4, "big") + bytes([0, 0, 0, 1, 1, 224])
-        + b"MTrk" + len(body).to_bytes(4, "big") + body)
-    drums = pretty_midi.PrettyMIDI()
-    drums.instruments.append(build_piece().instruments[2])
-    drums.write(str(files["drums only"][0]))
-    return files
-
-
-def test_bad_files_raise_one_line_errors(tmp_path):
-    for path, problem in _bad_files(tmp_path).values():
-        with pytest.raises(MidiReadError) as e:
-            codec.encode(path)
-        assert str(e.value).startswith(f"{path}: ") and problem in str(e.value)
-        assert "\n" not in str(e.value)
-        if problem != "no notes":
-            with pytest.raises(MidiReadError, match=problem):
-                codec.load_midi(path)
-
-
-def test_absurd_timing_is_refused_quickly(tmp_path):
-    import mido
-
-    mf = mido.MidiFile(ticks_per_beat=1)
-    track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=0xFFFFFF, time=0)])
-    for _ in range(40):  # 40 maximal delta times at 16.7 s per tick: about 5 million hours
-        track += [mido.Message("note_on", note=60, velocity=80, time=0x0FFFFFFF),
-                  mido.Message("note_off", note=60, time=0x0FFFFFFF)]
-    mf.tracks.append(track)
-    path = tmp_path / "slow.mid"
-    mf.save(path)
-    with pytest.raises(MidiReadError, match="hour limit|absurd tempo"):
-        codec.encode(path)

@@ -229,20 +229,31 @@ def test_encode_decode_round_trip_on_random_notes(notes, drum_hits):
 # ----------------------------------------------------------------------------- killed training
 
 KILL_SCRIPT = """
-import os, sys, time, torch
+import contextlib, os, sys, time, torch
 torch.set_num_threads(1)
 from musicgpt import checkpoint, train as T
-real, calls = checkpoint.save_file, []
-def slow_save(tensors, filename, metadata=None):
-    real(tensors, filename, metadata=metadata)
-    if os.path.basename(str(filename)).startswith(".last."):
-        calls.append(filename)
-        if len(calls) == 2:  # the second `last`: half written when the kill comes, a good one exists
-            with open(filename, "r+b") as f:
-                f.truncate(os.path.getsize(filename) // 2)
-            print("WRITING", flush=True)
-            time.sleep(300)
-checkpoint.save_file = slow_save
+real, calls = checkpoint.atomic_write, []
+
+class HalfWriter:  # writes half of what it is given, then hangs: the kill comes mid-write
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        self.f.write(data[:len(data) // 2])
+        self.f.flush()
+        print("WRITING", flush=True)
+        time.sleep(300)
+
+@contextlib.contextmanager
+def slow_atomic_write(path, mode="wb"):
+    with real(path, mode) as f:
+        if os.path.basename(str(path)) == "last.safetensors":
+            calls.append(path)
+            if len(calls) == 2:  # the second `last`: half written when the kill comes, a good one exists
+                yield HalfWriter(f)
+                return
+        yield f
+
+checkpoint.atomic_write = slow_atomic_write
 T.train(T.TrainConfig(data_dir=sys.argv[1], out=sys.argv[2], max_steps=8, eval_interval=2, eval_batches=2,
         preset="tiny", batch_size=2, seq_len=32, lr=3e-3, warmup=1, device="cpu"), progress=False)
 """
@@ -252,8 +263,12 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_good_one(midi_
     run = tmp_path / "runs" / "killed"
     script = tmp_path / "killme.py"
     script.write_text(KILL_SCRIPT)
+    # The child imports the musicgpt under test, not whichever copy is installed.
+    here = str(Path(checkpoint.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, str(script), str(midi_folder), str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            stderr=subprocess.PIPE, text=True, env=env)
     watchdog = threading.Timer(240, proc.kill)  # a stuck child must not hang the suite
     watchdog.start()
     try:
@@ -357,7 +372,7 @@ def test_metadata_edited_so_shapes_mismatch_is_refused(tiny_run, tmp_path, capsy
     save_file(tensors, str(path), metadata={"musicgpt": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="damaged"):  # the checksum no longer matches
         checkpoint.load_model(path)
-    meta["sha256"] = checkpoint._digest(tensors, meta)  # as if saved that way
+    meta["sha256"] = checkpoint.content_digest(tensors, meta)  # as if saved that way
     save_file(tensors, str(path), metadata={"musicgpt": json.dumps(meta)})
     with pytest.raises(CheckpointError, match="do not match"):
         checkpoint.load_model(path)
