@@ -31,7 +31,13 @@ import pretty_midi
 from musicgpt.errors import MusicGPTError
 from musicgpt.midi_io import Notes, load_midi, read_notes, write_midi
 from musicgpt.vocab import (
-    DEFAULT_VELOCITY, NOTE_OFF, NUM_PITCHES, TIME_SHIFT, CodecConfig, id_names, name_ids,
+    DEFAULT_VELOCITY,
+    NOTE_OFF,
+    NUM_PITCHES,
+    TIME_SHIFT,
+    CodecConfig,
+    id_names,
+    name_ids,
 )
 
 __all__ = [

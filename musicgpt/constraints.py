@@ -30,6 +30,7 @@ from torch import Tensor
 from musicgpt import codec
 from musicgpt.vocab import NOTE_OFF, NUM_PITCHES, TIME_SHIFT, CodecConfig
 
+
 @dataclass
 class RowState:
     """One row so far: steps of music, steps since its last NOTE_ON (infinite before a piece from

@@ -18,7 +18,7 @@ v in 1..127 with (v - 1) * velocity_bins // 127 == b and decodes to the middle o
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -97,7 +97,7 @@ class CodecConfig:
         return _bin_centres(self.velocity_bins)[np.asarray(bins, dtype=np.int64)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bin_centres(bins: int) -> np.ndarray:
     v = np.arange(1, 128)
     b = (v - 1) * bins // 127
@@ -108,7 +108,7 @@ def _bin_centres(bins: int) -> np.ndarray:
     return (lo + hi) // 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def id_names(config: CodecConfig) -> tuple[str, ...]:
     """The readable name of every id, e.g. NOTE_ON_60, TIME_SHIFT_250ms, VELOCITY_19, EOS."""
     names = [f"NOTE_ON_{p}" for p in range(NUM_PITCHES)]
@@ -118,7 +118,7 @@ def id_names(config: CodecConfig) -> tuple[str, ...]:
     return tuple(names + ["PAD", "EOS"])
 
 
-@lru_cache(maxsize=None)
+@cache
 def name_ids(config: CodecConfig) -> dict[str, int]:
     """Upper-cased name -> id, the inverse of `id_names` used by the parser."""
     return {name.upper(): i for i, name in enumerate(id_names(config))}

@@ -18,13 +18,12 @@ import numpy as np
 import pretty_midi
 import pytest
 import torch
+from conftest import make_piece
 
 from musicgpt import atomic, attention_plot, checkpoint, codec, data, midi_io, plot, render
 from musicgpt.cli import main
 from musicgpt.model import MusicGPT, preset
 from musicgpt.vocab import CodecConfig
-
-from conftest import make_piece
 
 
 def _tiny_pm() -> pretty_midi.PrettyMIDI:

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pretty_midi
 import pytest
+from conftest import build_piece
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from musicgpt import codec
 from musicgpt.errors import MusicGPTError
 from musicgpt.vocab import CodecConfig
-
-from conftest import build_piece
 
 MIDI_DATA = Path(__file__).resolve().parents[1] / "midi_data"
 DEFAULT = CodecConfig()

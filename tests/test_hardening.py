@@ -23,6 +23,7 @@ import numpy as np
 import pretty_midi
 import pytest
 import torch
+from conftest import make_piece
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,8 +33,6 @@ from musicgpt.errors import CheckpointError, MidiReadError
 from musicgpt.plot import read_metrics
 from musicgpt.train import TrainConfig, train
 from musicgpt.vocab import CodecConfig
-
-from conftest import make_piece
 
 # ----------------------------------------------------------------------------- bad MIDI files
 
@@ -399,7 +398,8 @@ def test_only_safetensors_are_loaded_and_nothing_is_unpickled(tiny_run, tmp_path
     checkpoint.load_model(run)
     data = tiny_run.parent / "data"
     assert run_cli(capsys, ["eval", data, "--checkpoint", run])[0] == 0
-    assert run_cli(capsys, ["sample", "--checkpoint", run, "--seconds", 1, "--seed", 0, "--out", tmp_path / "s"])[0] == 0
+    sample = ["sample", "--checkpoint", run, "--seconds", 1, "--seed", 0, "--out", tmp_path / "s"]
+    assert run_cli(capsys, sample)[0] == 0
     assert run_cli(capsys, ["train", data, "--resume", run, "--max-steps", 8])[0] == 0
     assert checkpoint.load_checkpoint(run / "last.safetensors")[1].state["step"] == 8
 

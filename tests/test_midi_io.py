@@ -9,11 +9,10 @@ import mido
 import numpy as np
 import pretty_midi
 import pytest
+from conftest import build_piece
 
 from musicgpt import midi_io
 from musicgpt.errors import MidiReadError
-
-from conftest import build_piece
 
 N = pretty_midi.Note
 

@@ -6,12 +6,11 @@ import math
 import numpy as np
 import pretty_midi
 import pytest
+from conftest import make_piece
 
 from musicgpt import stats
 from musicgpt.cli import main
 from musicgpt.midi_io import read_notes
-
-from conftest import make_piece
 
 
 def write(path, notes, pedal=()):
