@@ -72,7 +72,10 @@ def _run_encode(args: argparse.Namespace) -> int:
     tokens = codec.encode(args.midi)
     text = "\n".join(codec.token_names(tokens)) + "\n"
     if args.output:
-        args.output.write_text(text)
+        from musicgpt.atomic import atomic_write
+
+        with atomic_write(args.output, "w") as f:
+            f.write(text)
     else:
         sys.stdout.write(text)
     print(

@@ -1,9 +1,13 @@
 """Training: `musicgpt train DATA_DIR` on one CPU, one GPU, or several under torchrun.
 
 The loop is nanoGPT's: AdamW (decay on matrices only), linear warmup then cosine decay,
-gradient accumulation and clipping, bf16 autocast on CUDA. Every figure goes to
-`RUN_DIR/metrics.jsonl`; `loss.png` is redrawn at each evaluation; `last` and `best`
-checkpoints are written atomically, and `--resume` continues a run exactly where it stopped.
+gradient accumulation and clipping, bf16 autocast on CUDA. `train` reads as its steps: join the
+process group and pick the device, take a resumed run's options (`resume_config`), encode the
+corpus (`load_corpus`), build the model and optimizer (`start_run`), compile / wrap in DDP
+(`wrap_model`), then the loop (`run_loop`: `train_step`, `evaluate_and_save`) and `finish`.
+Every figure goes to `RUN_DIR/metrics.jsonl`; `loss.png` is redrawn at each evaluation; `last`
+and `best` checkpoints are written atomically, and `--resume` continues a run exactly where it
+stopped (the `RunState` and the optimizer and random state travel in `last`).
 """
 
 from __future__ import annotations
