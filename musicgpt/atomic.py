@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from musicgpt.errors import MusicGPTError
+
 # Temp files are `.NAME.PID.RANDOM.tmp`: the random part (mkstemp's) makes the name impossible
 # to plant a symlink at in advance; the pid lets `remove_stale_temp_files` tell a dead writer's
 # leftovers from a live writer's file. Both are defined here so that they cannot drift apart.
@@ -50,9 +52,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=_TEMP_SUFFIX)
+    path = check_output_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=_TEMP_SUFFIX)
+    except OSError as e:
+        raise MusicGPTError(f"{path}: cannot write here ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
@@ -63,6 +68,35 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """`path` as a file musicgpt may write, or a one-line error: not a folder, and its nearest
+    existing ancestor a folder this process can write in (missing folders are made later)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MusicGPTError(f"{path}: is a folder; name a file to write")
+    _check_writable_ancestor(path.parent, path)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """`path` as a folder musicgpt may write files in, or a one-line error (it need not exist)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise MusicGPTError(f"{path}: exists and is not a folder")
+    _check_writable_ancestor(path, path)
+    return path
+
+
+def _check_writable_ancestor(folder: Path, target: Path) -> None:
+    ancestor = folder
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MusicGPTError(f"{target}: cannot be written, {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MusicGPTError(f"{target}: cannot be written, no permission to write in {ancestor}")
 
 
 def _process_alive(pid: int) -> bool:

@@ -19,6 +19,7 @@ and a query's weights over its keys sum to at most 1 (the rest sits on TIME_SHIF
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musicgpt.atomic import atomic_write
+from musicgpt.atomic import atomic_write, check_output_file
 from musicgpt.codec import DecodedNotes
 from musicgpt.errors import MusicGPTError
 from musicgpt.vocab import NOTE_OFF
@@ -100,6 +101,7 @@ def check_options(out: Path, *, grid: bool = False, top_k: int = 5, threshold: f
         raise MusicGPTError(f"--threshold must be between 0 and 1, got {threshold}")
     if max_tokens is not None and max_tokens < 2:
         raise MusicGPTError(f"--max-tokens must be at least 2, got {max_tokens}")
+    check_output_file(out)
 
 
 def check_model_options(config, layer: int, heads: list[int] | None, max_tokens: int | None) -> int:
@@ -334,19 +336,19 @@ def draw_grid(excerpt: Excerpt):
     vmax = float(np.quantile(pooled[..., ~future], 0.99))
     norm = PowerNorm(0.5, vmin=0.0, vmax=max(vmax, 1e-6))
     cmap = plt.get_cmap("magma").with_extremes(bad=t["panel"])
-    for l in range(L):
+    for layer in range(L):
         for h in range(H):
-            ax = axes[l, h]
-            ax.imshow(np.ma.masked_array(pooled[l, h], future), cmap=cmap, norm=norm, interpolation="antialiased")
+            ax = axes[layer, h]
+            ax.imshow(np.ma.masked_array(pooled[layer, h], future), cmap=cmap, norm=norm, interpolation="antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_color(head_colour(h))
                 s.set_linewidth(1.2)
-            if l == 0:
+            if layer == 0:
                 ax.set_title(f"head {h}", color=head_colour(h), fontsize=9, pad=4)
             if h == 0:
-                ax.set_ylabel(f"layer {l}", color=t["text"], fontsize=9)
+                ax.set_ylabel(f"layer {layer}", color=t["text"], fontsize=9)
     fig.text(0.5, top + 0.65 * (1 - top), excerpt.name, color=t["text"], fontsize=11, fontweight="bold", ha="center")
     fig.text(0.5, top + 0.35 * (1 - top), f"every layer and head over {len(excerpt.tokens)} tokens  ·  query down, "
              f"key across  ·  brightness grows with weight", color=t["muted"], fontsize=8, ha="center")
@@ -364,10 +366,10 @@ def html_data(excerpt: Excerpt, *, layer: int, heads: list[int] | None, query: i
     n, keep = excerpt.notes, max(top_k, 8)
     r3 = lambda a: [round(float(x), 3) for x in a]  # noqa: E731 - ms precision is plenty for pixels
     arcs = []
-    for l in range(excerpt.n_layer):
+    for at_layer in excerpt.attentions:
         per_head = []
         for h in range(excerpt.n_head):
-            w = note_weights(excerpt.attentions[l, h], n, excerpt.tokens)
+            w = note_weights(at_layer[h], n, excerpt.tokens)
             per_head.append([[v for a in top_arcs(w[q], q, h, keep, 0.001) for v in (a.key, round(a.weight, 3))]
                              for q in range(len(w))])
         arcs.append(per_head)
@@ -386,15 +388,21 @@ def html_data(excerpt: Excerpt, *, layer: int, heads: list[int] | None, query: i
 def write_html(data: dict, out: Path) -> Path:
     """Fill the page template with the data (inline JSON; the page loads nothing from anywhere)."""
     template = (Path(__file__).parent / "templates" / "attention.html").read_text()
-    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # cannot close the script tag
-    page = template.replace("__TITLE__", _html_escape(data["piece"])).replace("/*__DATA__*/{}", blob)
+    page = template.replace("__TITLE__", html.escape(data["piece"])).replace("/*__DATA__*/{}", script_json(data))
     with atomic_write(out, "w") as f:
         f.write(page)
     return out
 
 
-def _html_escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+# Inside <script>, "</script>" ends the element and "<!--" can swallow the page's own script: JSON
+# spells these characters as \u escapes, which the script reads back as the same string.
+_SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+                   0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def script_json(data) -> str:
+    """JSON that can stand inside an HTML <script> element whatever strings it holds."""
+    return json.dumps(data, separators=(",", ":")).translate(_SCRIPT_ESCAPES)
 
 
 # ----------------------------------------------------------------------------- one call for the CLI

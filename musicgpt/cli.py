@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from pathlib import Path
 
 from musicgpt import __version__
-from musicgpt.errors import MusicGPTError
+from musicgpt.errors import Interrupted, MusicGPTError
+from musicgpt.interrupts import raise_on_sigterm
 from musicgpt.sampling import (
     DEFAULT_SECONDS,
     MAX_NOTE_SECONDS,
@@ -68,12 +70,13 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
 
 def _run_encode(args: argparse.Namespace) -> int:
     from musicgpt import codec
+    from musicgpt.atomic import atomic_write, check_output_file
 
+    if args.output:
+        check_output_file(args.output)
     tokens = codec.encode(args.midi)
     text = "\n".join(codec.token_names(tokens)) + "\n"
     if args.output:
-        from musicgpt.atomic import atomic_write
-
         with atomic_write(args.output, "w") as f:
             f.write(text)
     else:
@@ -95,7 +98,9 @@ def _add_decode(sub: argparse._SubParsersAction) -> None:
 
 def _run_decode(args: argparse.Namespace) -> int:
     from musicgpt import codec
+    from musicgpt.atomic import check_output_file
 
+    check_output_file(args.output)
     try:
         lines = args.tokens.read_text().splitlines()  # keeps line numbers for errors
     except (OSError, UnicodeDecodeError) as e:
@@ -330,8 +335,12 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
 def _run_stats(args: argparse.Namespace) -> int:
     from musicgpt.stats import compare_sets, format_table, plot_report, report_json
 
-    if args.output is not None and args.output.suffix.lower() not in (".png", ".svg"):
-        raise MusicGPTError(f"{args.output}: output must end in .png or .svg")
+    if args.output is not None:
+        from musicgpt.atomic import check_output_file
+
+        if args.output.suffix.lower() not in (".png", ".svg"):
+            raise MusicGPTError(f"{args.output}: output must end in .png or .svg")
+        check_output_file(args.output)
     report = compare_sets(args.samples, args.reference)
     print(report_json(report) if args.json else format_table(report))
     if args.output is not None:
@@ -353,20 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `musicgpt` console script; returns the process exit status."""
+    """Entry point of the `musicgpt` console script; returns the process exit status.
+
+    Errors meant for the user are one line and exit 1; SIGINT and SIGTERM exit 130 and 143
+    (128 + the signal), after whatever the command does to stop cleanly.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with raise_on_sigterm():
+            return int(args.func(args) or 0)
     except MusicGPTError as e:
         print(f"musicgpt: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("musicgpt: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except Interrupted as e:
+        print(f"musicgpt: {e}", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

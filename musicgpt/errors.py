@@ -11,3 +11,13 @@ class MidiReadError(MusicGPTError):
 
 class CheckpointError(MusicGPTError):
     """A checkpoint is missing, truncated, tampered with or incompatible."""
+
+
+class Interrupted(BaseException):
+    """A job stopped by SIGINT or SIGTERM; the command line exits with 128 + the signal number.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

@@ -17,7 +17,7 @@ from torch import Tensor
 from musicgpt.constraints import Rules, prompt_state, seconds_to_steps
 from musicgpt.errors import MusicGPTError
 from musicgpt.model import MusicGPT
-from musicgpt.sampling import SamplingConfig
+from musicgpt.sampling import MAX_NEW_TOKENS, MAX_NUM_SAMPLES, SamplingConfig
 from musicgpt.steppers import CachedStepper, GraphStepper, RecomputeStepper, Stepper
 from musicgpt.validate import is_integer
 from musicgpt.vocab import CodecConfig
@@ -188,8 +188,8 @@ def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampling
     True forces it, run eagerly off CUDA; False keeps `decode_step`'s cache).
     """
     cfg = (sampling or SamplingConfig()).validate()
-    if not is_integer(num_samples) or num_samples < 1:
-        raise MusicGPTError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if not is_integer(num_samples) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise MusicGPTError(f"num_samples must be an integer from 1 to {MAX_NUM_SAMPLES}, got {num_samples!r}")
     if cfg.num_beams > 1:
         if num_samples > 1:
             raise MusicGPTError("beam search is deterministic: use --num-samples 1 with --beams")
@@ -220,8 +220,8 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
     if model.config.vocab_size != codec_config.vocab_size:
         raise MusicGPTError(f"model vocabulary ({model.config.vocab_size}) does not match the codec's "
                             f"({codec_config.vocab_size})")
-    if not is_integer(max_new_tokens) or max_new_tokens < 1:
-        raise MusicGPTError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise MusicGPTError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS:,}, got {max_new_tokens!r}")
     device = model.wte.weight.device
     prompt = torch.as_tensor(prompt).to(device=device, dtype=torch.long).reshape(1, -1)
     if prompt.size(1) == 0:

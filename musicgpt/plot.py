@@ -45,7 +45,8 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike
     """Draw training and validation loss (nats/token, with bits on the right axis) against step."""
     records = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for split, style in (("train", dict(color="#9bb7d4", lw=1.2)), ("val", dict(color="#d1495b", lw=2, marker="o", ms=3))):
+    styles = (("train", dict(color="#9bb7d4", lw=1.2)), ("val", dict(color="#d1495b", lw=2, marker="o", ms=3)))
+    for split, style in styles:
         rows = [r for r in records if r.get("split") == split]
         if rows:
             ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"{split} loss", **style)
@@ -66,7 +67,8 @@ def plot_loss_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike
     return out
 
 
-def draw_piano_roll(ax, pitch: np.ndarray, start: np.ndarray, end: np.ndarray, velocity: np.ndarray, *, cmap="Blues") -> None:
+def draw_piano_roll(ax, pitch: np.ndarray, start: np.ndarray, end: np.ndarray, velocity: np.ndarray, *,
+                    cmap="Blues") -> None:
     """Draw notes as rectangles (time across, pitch up) shaded by velocity onto `ax`."""
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musicgpt.atomic import atomic_write
+from musicgpt.atomic import atomic_write, check_output_file
 from musicgpt.codec import load_midi
 from musicgpt.errors import MusicGPTError
 
@@ -39,6 +39,7 @@ def render_wav(
     sample_rate: int = 44100,
 ) -> Path:
     """Synthesize `midi_path` to a 16-bit mono WAV at `sample_rate`, peak-normalised."""
+    check_output_file(wav_path)
     if soundfont is not None and not Path(soundfont).is_file():
         raise MusicGPTError(f"{soundfont}: soundfont not found")
     if not 8000 <= sample_rate <= 192000:

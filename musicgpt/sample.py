@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from musicgpt import codec
+from musicgpt.atomic import check_output_folder
 from musicgpt.checkpoint import choose_checkpoint, load_model, peek_codec_config
 from musicgpt.devices import pick_device
 from musicgpt.errors import MidiReadError, MusicGPTError
@@ -24,8 +25,11 @@ from musicgpt.generate import generate
 from musicgpt.midi_io import Notes, read_notes
 from musicgpt.sampling import (
     DEFAULT_SECONDS,
+    MAX_NEW_TOKENS,
     MAX_NOTE_SECONDS,
+    MAX_NUM_SAMPLES,
     MAX_PAUSE_SECONDS,
+    MAX_SECONDS,
     TOKENS_PER_SECOND_CAP,
     SamplingConfig,
 )
@@ -56,8 +60,9 @@ class SampleRequest:
         """Raise a one-line MusicGPTError naming the first invalid option; return self."""
         self.sampling.validate()
         budget(self.tokens, self.seconds)
-        if not is_integer(self.num_samples) or self.num_samples < 1:
-            raise MusicGPTError(f"--num-samples must be a positive integer, got {self.num_samples!r}")
+        if not is_integer(self.num_samples) or not 1 <= self.num_samples <= MAX_NUM_SAMPLES:
+            raise MusicGPTError(f"--num-samples must be an integer from 1 to {MAX_NUM_SAMPLES}, "
+                                f"got {self.num_samples!r}")
         if self.sampling.deterministic and self.num_samples > 1:
             raise MusicGPTError("--greedy and --beams are deterministic: they give one sample, "
                                 "use --num-samples 1")
@@ -71,6 +76,7 @@ class SampleRequest:
         for flag, value in (("--max-pause", self.max_pause_seconds), ("--max-note", self.max_note_seconds)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise MusicGPTError(f"{flag} must be a positive number of seconds, got {value!r}")
+        check_output_folder(self.out_dir)
         return self
 
 
@@ -78,10 +84,10 @@ def budget(tokens: int | None, seconds: float | None) -> tuple[int, float]:
     """(max_new_tokens, max_seconds) from --tokens / --seconds; by default DEFAULT_SECONDS of music.
 
     With --tokens alone the music's length is not limited (max_seconds is math.inf)."""
-    if tokens is not None and (not is_integer(tokens) or tokens < 1):
-        raise MusicGPTError(f"--tokens must be a positive integer, got {tokens!r}")
-    if seconds is not None and (not is_real(seconds) or seconds <= 0):
-        raise MusicGPTError(f"--seconds must be a positive number, got {seconds!r}")
+    if tokens is not None and (not is_integer(tokens) or not 1 <= tokens <= MAX_NEW_TOKENS):
+        raise MusicGPTError(f"--tokens must be an integer from 1 to {MAX_NEW_TOKENS:,}, got {tokens!r}")
+    if seconds is not None and (not is_real(seconds) or not 0 < seconds <= MAX_SECONDS):
+        raise MusicGPTError(f"--seconds must be a number above 0 and at most {MAX_SECONDS:g}, got {seconds!r}")
     if tokens is not None:
         return tokens, math.inf if seconds is None else seconds
     seconds = DEFAULT_SECONDS if seconds is None else seconds

@@ -16,6 +16,11 @@ TOKENS_PER_SECOND_CAP = 100  # --seconds S also stops after S * 100 tokens, far 
 # README gives the corpus figures they were chosen from.
 MAX_PAUSE_SECONDS = 4.0
 MAX_NOTE_SECONDS = 12.0
+# Upper bounds on a request: generous for music (a million tokens is hours of piano), but they
+# keep a typo from asking for tens of GB of token buffers and key/value caches.
+MAX_NEW_TOKENS = 1_000_000
+MAX_NUM_SAMPLES = 256
+MAX_SECONDS = MAX_NEW_TOKENS / TOKENS_PER_SECOND_CAP
 
 _FLAGS = {"num_beams": "--beams"}  # options whose CLI flag is not the field name with dashes
 

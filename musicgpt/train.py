@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -30,8 +31,9 @@ from musicgpt import atomic, checkpoint, data
 from musicgpt.attention import choose_kernel
 from musicgpt.attention.flex import FLEX_MIN_LEN
 from musicgpt.devices import pick_device
-from musicgpt.errors import MusicGPTError
+from musicgpt.errors import Interrupted, MusicGPTError
 from musicgpt.evaluate import mean_loss
+from musicgpt.interrupts import StopRequest, deferred_signals
 from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset
 from musicgpt.vocab import CodecConfig
 
@@ -288,10 +290,9 @@ def _build_model(cfg: TrainConfig, codec_config, resumed, init) -> MusicGPT:
     return MusicGPT(mcfg)
 
 
-def start_run(cfg: TrainConfig, corpus: Corpus, resumed, init, device: str, ranks: Ranks) -> Run:
+def start_run(cfg: TrainConfig, corpus: Corpus, resumed, init, device: str, ranks: Ranks, run_dir: Path) -> Run:
     """The model and optimizer (restored on resume), the run folder and its log."""
     model = _build_model(cfg, corpus.codec_config, resumed, init)
-    run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if ranks.main:  # only now: a bad data folder or option leaves no empty run folder behind
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_temp_files(run_dir)  # what a killed run was writing
@@ -371,10 +372,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed + ranks.rank)
+    run_dir = atomic.check_output_folder(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     init = checkpoint.load_checkpoint(cfg.init) if cfg.init and resumed is None else None
     continued = resumed or init  # the corpus is encoded with the codec of what we continue
     corpus = load_corpus(cfg, continued[1].codec_config if continued else None, progress and ranks.main)
-    run = start_run(cfg, corpus, resumed, init, device, ranks)
+    run = start_run(cfg, corpus, resumed, init, device, ranks, run_dir)
     wrap_model(run)
     announce(run, corpus)
     return run_loop(run, corpus, progress)
@@ -397,7 +399,11 @@ def announce(run: Run, corpus: Corpus) -> None:
 
 
 def run_loop(run: Run, corpus: Corpus, progress: bool) -> Path:
-    """Step until max_steps (or --stop-at), evaluating and saving as it goes; Ctrl-C saves `last`."""
+    """Step until max_steps (or --stop-at), evaluating and saving as it goes.
+
+    SIGINT / SIGTERM stop it between steps: the step in progress finishes, `last` is saved and
+    `Interrupted` is raised, so `--resume` continues exactly as if nothing had happened.
+    """
     cfg, state = run.cfg, run.state
     # A fixed, evenly spread subset keeps evaluation quick and comparable between evaluations.
     val_batches = data.eval_batches(corpus.val, cfg.seq_len, run.codec_config, cfg.batch_size,
@@ -406,22 +412,33 @@ def run_loop(run: Run, corpus: Corpus, progress: bool) -> Path:
                disable=not (progress and run.ranks.main))
     stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
     batches = iter(make_loader(run, corpus.train))
-    try:
-        while state.step < stop:
+    with deferred_signals() as request:
+        while state.step < stop and not stop_requested(request, run):
             train_step(run, batches, bar)
             if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
                 evaluate_and_save(run, val_batches, bar)
-    except KeyboardInterrupt:
-        run.save("last", with_optimizer=True)
-        bar.close()
-        if run.ranks.main:
-            print(f"musicgpt: interrupted at step {state.step}; resume with --resume {run.run_dir}", file=sys.stderr)
-        return run.run_dir
+        if stop_requested(request, run):
+            run.save("last", with_optimizer=True)
+            bar.close()
+            raise Interrupted(request.signum or signal.SIGINT,
+                              f"interrupted at step {state.step}; resume with --resume {run.run_dir}")
     if state.step % cfg.eval_interval and state.step != cfg.max_steps:
         evaluate_and_save(run, val_batches, bar)
     bar.close()
     finish(run)
     return run.run_dir
+
+
+def stop_requested(request: StopRequest, run: Run) -> bool:
+    """Whether any rank was asked to stop: every rank must stop after the same step, or the
+    others would wait forever in the next step's all-reduce."""
+    if run.ranks.world == 1:
+        return bool(request)
+    flag = torch.tensor([request.signum or 0], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and not request:
+        request.signum = int(flag.item())
+    return bool(flag.item())
 
 
 def train_step(run: Run, batches, bar: tqdm) -> None:
