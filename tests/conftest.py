@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,14 @@ def build_piece() -> pretty_midi.PrettyMIDI:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Token caches go to a temporary folder, never the user's home."""
     monkeypatch.setenv("MUSICGPT_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _subprocesses_import_this_checkout(monkeypatch):
+    """Python subprocesses a test starts (torchrun-style workers, scripts) import the musicgpt under test,
+    not one installed from another checkout, which sys.path would otherwise find first for them."""
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
 
 
 @pytest.fixture

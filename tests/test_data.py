@@ -3,18 +3,31 @@
 
 import numpy as np
 import pytest
-
 from conftest import make_piece
+
 from musicgpt import data
 from musicgpt.errors import MusicGPTError
 from musicgpt.vocab import CodecConfig
 
 
-def test_finds_midi_recursively_in_stable_order(midi_folder):
-    (midi_folder / "notes.txt").write_text("not music")
-    files = data.find_midi_files(midi_folder)
-    assert [f.name for f in files] == sorted(f.name for f in files) or len(files) == 6
-    assert len(files) == 6 and all(f.suffix.lower() in (".mid", ".midi") for f in files)
+def test_finds_midi_recursively_in_stable_order(tmp_path):
+    """Every file under the folder whose suffix is .mid or .midi in any case, at any depth, and
+    nothing else, sorted by path (so a sub-folder's files sit together, after `b.mid` here even
+    though `a0.mid` would come first by name)."""
+    root = tmp_path / "corpus"
+    wanted = ["b.mid", "c.MID", "d.midi", "e.Midi", "sub/a0.mid", "sub/deeper/f.MIDI", "z/a1.mid"]
+    for rel in ["z/a1.mid", "sub/deeper/f.MIDI", "e.Midi", "b.mid", "sub/a0.mid", "d.midi", "c.MID"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"MThd")  # finding files does not read them
+    for rel in ["notes.txt", "b.mid.bak", "sub/x.midi.txt", "sub/mid", "sub/readme.md"]:
+        (root / rel).write_text("not music")
+    (root / "folder.mid").mkdir()  # a folder named like a MIDI file is not a file
+    (root / "folder.mid" / "inside.mid").write_bytes(b"MThd")
+    wanted.insert(4, "folder.mid/inside.mid")
+    files = data.find_midi_files(root)
+    assert files == [root / rel for rel in wanted]
+    assert files == sorted(files)
+    assert data.find_midi_files(root) == files  # the same list every time
 
 
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
@@ -71,7 +84,7 @@ def test_split_is_by_file_deterministic_and_stable(midi_folder):
     train, val = data.split_files(corpus.pieces, 0.3)
     assert len(val) == 2 and len(train) == 4
     assert not {p.path for p in train} & {p.path for p in val}
-    train2, val2 = data.split_files(list(reversed(corpus.pieces)), 0.3)
+    _, val2 = data.split_files(list(reversed(corpus.pieces)), 0.3)
     assert {p.path for p in val2} == {p.path for p in val}
 
 

@@ -1,15 +1,22 @@
 """The trained default model ships inside the package and is used when no run exists."""
 
 import json
+import math
+import shutil
+from pathlib import Path
 
 import pretty_midi
 import torch
-
 from conftest import make_piece
+
 from musicgpt import checkpoint
 from musicgpt.cli import main
-from musicgpt.model import ModelConfig
-from musicgpt.vocab import CodecConfig
+from musicgpt.evaluate import evaluate_folder
+from musicgpt.model import ModelConfig, MusicGPT
+from musicgpt.vocab import NOTE_OFF, NOTE_ON, NUM_PITCHES, TIME_SHIFT, CodecConfig
+
+REAL_PIECE = Path(__file__).parents[1] / "midi_data" / "giantmidi-piano" / (
+    "Bach_Prelude_and_Fugue_in_A-flat_major_BWV862_gCL5Zvnt0TU_a.mid")
 
 
 def test_shipped_model_matches_codec_and_gives_finite_logits():
@@ -17,19 +24,50 @@ def test_shipped_model_matches_codec_and_gives_finite_logits():
     assert path == checkpoint.DEFAULT_MODEL_DIR / "model.safetensors"
     assert path.stat().st_size < 50e6
     model, ckpt = checkpoint.load_model("default")
-    assert ckpt.codec_config == CodecConfig()  # the codec it was trained with is today's default
-    assert ckpt.model_config.vocab_size == ckpt.codec_config.vocab_size
+    cc = ckpt.codec_config
+    assert cc == CodecConfig()  # the codec it was trained with is today's default
+    assert ckpt.model_config.vocab_size == cc.vocab_size
     info = json.loads(path.with_suffix(".json").read_text())
     assert ModelConfig.from_dict(info["model_config"]) == ckpt.model_config
     assert ckpt.model_config.attention_dropout == ckpt.model_config.dropout  # saved before attn_dropout
-    x = torch.tensor([[ckpt.codec_config.eos_id, 356 + 20, 60, 280, 188]])
+    # VELOCITY_20, NOTE_ON_60, TIME_SHIFT_250ms, NOTE_OFF_60 after the start-of-piece EOS.
+    x = torch.tensor([[cc.eos_id, cc.velocity_offset + 20, NOTE_ON + 60, TIME_SHIFT + 24, NOTE_OFF + 60]])
     with torch.no_grad():
         logits, _ = model(x)
-    assert torch.isfinite(logits).all() and logits.shape == (1, 5, ckpt.codec_config.vocab_size)
-    # Trained, not random: after a NOTE_ON the model expects some time to pass or more notes,
-    # and it never puts real mass on PAD.
-    probs = logits[0, -1].softmax(-1)
-    assert probs[ckpt.codec_config.pad_id] < 1e-3
+    assert torch.isfinite(logits).all() and logits.shape == (1, 5, cc.vocab_size)
+    assert logits[0, -1].softmax(-1)[cc.pad_id] < 1e-3  # PAD is never a target, so a trained model shuns it
+
+
+def test_shipped_model_releases_the_key_it_pressed():
+    """After one key goes down and time passes, the trained model expects that key to come up, far
+    more than any other key (none of which is down); an untrained model spreads NOTE_OFFs evenly."""
+    model, ckpt = checkpoint.load_model("default")
+    cc = ckpt.codec_config
+    pitches = [36, 55, 60, 64, 72, 84]
+    x = torch.tensor([[cc.eos_id, cc.velocity_offset + 20, NOTE_ON + p, TIME_SHIFT + 24] for p in pitches])
+    with torch.no_grad():
+        probs = model(x)[0][:, -1].softmax(-1)
+    for row, p in zip(probs, pitches):
+        off = row[NOTE_OFF:NOTE_OFF + NUM_PITCHES]
+        others = torch.cat([off[:p], off[p + 1:]])
+        assert off[p] > others.max() and off[p] > 20 * others.mean(), p
+
+
+def test_shipped_model_predicts_real_music_far_better_than_chance(tmp_path):
+    """On a real piano piece the shipped model's loss is about half the uniform ln(vocab_size), and an
+    untrained model of the same shape scores no better than uniform."""
+    folder = tmp_path / "real"
+    folder.mkdir()
+    shutil.copy(REAL_PIECE, folder / REAL_PIECE.name)
+    _, ckpt = checkpoint.load_model("default")
+    torch.manual_seed(0)
+    untrained = checkpoint.save_checkpoint(tmp_path / "untrained", MusicGPT(ckpt.model_config), ckpt.codec_config)
+    trained = evaluate_folder(folder, "default", all_files=True, progress=False)
+    fresh = evaluate_folder(folder, untrained, all_files=True, progress=False)
+    assert trained.tokens == fresh.tokens > 1000
+    uniform = math.log(ckpt.codec_config.vocab_size)
+    assert fresh.nats > 0.9 * uniform  # what an untrained model scores
+    assert trained.nats < 0.6 * uniform and trained.nats < fresh.nats - 2.0
 
 
 def test_sample_without_runs_uses_the_default_model(tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """`musicgpt train` end to end, exact resume, interruption safety, divergence, distributed."""
 
+import itertools
 import json
 import math
 import os
@@ -13,9 +14,12 @@ import torch
 from musicgpt import checkpoint
 from musicgpt.cli import main
 from musicgpt.errors import MusicGPTError
+from musicgpt.model import MusicGPT, preset
 from musicgpt.train import TrainConfig, lr_at, resolve, train
+from musicgpt.vocab import CodecConfig
 
-SMALL = dict(preset="tiny", batch_size=2, seq_len=32, lr=3e-3, warmup=2, device="cpu", eval_interval=5, eval_batches=2)
+SMALL = {"preset": "tiny", "batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup": 2, "device": "cpu",
+         "eval_interval": 5, "eval_batches": 2}
 
 
 def test_cli_train_end_to_end(midi_folder, tmp_path, capsys):
@@ -28,7 +32,7 @@ def test_cli_train_end_to_end(midi_folder, tmp_path, capsys):
     val = [r for r in records if r["split"] == "val"]
     assert [r["step"] for r in val] == [3, 6]
     assert all(math.isclose(r["bits"], r["loss"] / math.log(2)) for r in val)
-    model, ckpt = checkpoint.load_model(run)
+    _, ckpt = checkpoint.load_model(run)
     assert ckpt.state["step"] in (3, 6) and ckpt.model_config.attention == "relative"
 
 
@@ -47,12 +51,27 @@ def test_resume_continues_exactly(midi_folder, tmp_path):
     assert va["loss"] == vb["loss"]
 
 
-def test_fine_tune_from_checkpoint(midi_folder, tmp_path):
-    base = train(TrainConfig(data_dir=str(midi_folder), out=str(tmp_path / "base"), max_steps=3, **SMALL), progress=False)
-    tuned = train(TrainConfig(data_dir=str(midi_folder), out=str(tmp_path / "tuned"), max_steps=2, init=str(base),
-                              **{**SMALL, "preset": None}), progress=False)
-    _, c = checkpoint.load_checkpoint(tuned / "last.safetensors")
+def test_fine_tune_starts_from_the_init_weights_with_their_codec(midi_folder, tmp_path):
+    """--init takes the checkpoint's weights, model shape and codec, not the preset's and not a fresh start."""
+    codec = CodecConfig(velocity_bins=16)  # not today's default: the run can only have it from the checkpoint
+    shape = preset("tiny", vocab_size=codec.vocab_size, n_layer=1, n_embd=64, mlp_dim=96, context_len=64,
+                   max_rel_dist=64, dropout=0.0)
+    torch.manual_seed(7)
+    base = MusicGPT(shape)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)  # weights no fresh model would have
+    checkpoint.save_checkpoint(tmp_path / "base" / "best", base, codec, state={"step": 40})
+    tuned = train(TrainConfig(data_dir=str(midi_folder), out=str(tmp_path / "tuned"), init=str(tmp_path / "base"),
+                              max_steps=2, **{**SMALL, "preset": None, "lr": 1e-6, "warmup": 0}), progress=False)
+    model, c = checkpoint.load_model(tuned / "last.safetensors")
     assert c.state["step"] == 2
+    assert c.codec_config == codec and c.model_config == shape
+    start, end = base.state_dict(), model.state_dict()
+    assert start.keys() == end.keys()
+    # Two AdamW steps at lr 1e-6 move each weight by about 2e-6: the run began at the checkpoint's weights.
+    drift = max(float((end[k] - start[k]).abs().max()) for k in start)
+    assert 0 < drift < 1e-4
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(midi_folder, tmp_path, monkeypatch):
@@ -82,11 +101,42 @@ def test_options_out_of_range_fail_before_work():
         train(TrainConfig(data_dir="/nonexistent", preset="huge"), progress=False)
 
 
-def test_schedule_warms_up_then_decays():
-    cfg = resolve(TrainConfig(max_steps=100, warmup=10, lr=1.0), "cpu")
-    lrs = [lr_at(s, cfg) for s in range(100)]
-    assert lrs[0] < lrs[9] <= 1.0 and max(lrs) == lrs[10]
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] >= cfg.min_lr_ratio
+def _cosine(step: int, cfg: TrainConfig) -> float:
+    """The schedule lr_at promises after warmup: cosine from lr down to lr * min_lr_ratio at max_steps."""
+    progress = (step - cfg.warmup) / (cfg.max_steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_schedule_warms_up_linearly_then_decays_by_a_cosine():
+    cfg = resolve(TrainConfig(max_steps=110, warmup=10, lr=3e-3, min_lr_ratio=0.2), "cpu")
+    lrs = [lr_at(s, cfg) for s in range(cfg.max_steps + 1)]
+    # Warmup: a straight line rising to the peak, which is reached when warmup ends.
+    rises = [b - a for a, b in itertools.pairwise(lrs[:11])]
+    assert 0 < lrs[0] < lrs[9] < cfg.lr and all(math.isclose(r, rises[0], rel_tol=1e-9) for r in rises)
+    assert math.isclose(lrs[10], cfg.lr, rel_tol=1e-12) and max(lrs) == lrs[10]
+    # Then every step is on the cosine: the quarter point tells it from a straight line, the midpoint is
+    # halfway between peak and floor, and max_steps ends exactly on the floor.
+    for s in range(10, cfg.max_steps + 1):
+        assert math.isclose(lrs[s], _cosine(s, cfg), rel_tol=1e-12), s
+    assert math.isclose(lrs[35], cfg.lr * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4))), rel_tol=1e-12)
+    assert math.isclose(lrs[60], cfg.lr * (1 + 0.2) / 2, rel_tol=1e-12)
+    assert math.isclose(lrs[110], cfg.lr * 0.2, rel_tol=1e-12)
+    assert all(a > b for a, b in itertools.pairwise(lrs[10:]))  # strictly decreasing after the peak
+    # Without warmup the first step already runs at the peak.
+    cold = resolve(TrainConfig(max_steps=50, warmup=0, lr=1.0, min_lr_ratio=0.1), "cpu")
+    assert lr_at(0, cold) == 1.0 and math.isclose(lr_at(25, cold), 0.55) and math.isclose(lr_at(50, cold), 0.1)
+
+
+def test_training_runs_on_the_schedule(midi_folder, tmp_path):
+    """The learning rate each step logs is lr_at's, so the loop cannot drift from the schedule."""
+    cfg = TrainConfig(data_dir=str(midi_folder), out=str(tmp_path / "run"), max_steps=8, log_interval=1,
+                      **{**SMALL, "warmup": 3, "eval_interval": 8, "eval_batches": 1})
+    run = train(cfg, progress=False)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in logged if r["split"] == "train"}
+    resolved = resolve(cfg, "cpu")
+    assert lrs == {s + 1: lr_at(s, resolved) for s in range(8)}  # record "step n" is after update n
+    assert len(set(lrs.values())) == 8
 
 
 def _free_port() -> int:
