@@ -113,8 +113,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def make_model(attention="relative", std=0.1, **overrides):
-    """For the model and fast-attention tests: a tiny eval-mode model whose weights are large enough that attention is far from uniform,
-    so a wrong relative bias or a wrong key would show up in the logits."""
+    """For the model and attention tests: a tiny eval-mode model whose weights are large enough that
+    attention is far from uniform, so a wrong relative bias or a wrong key would show up in the logits."""
     cfg = dict(n_layer=2, n_head=4, n_embd=64, mlp_dim=128, context_len=512, max_rel_dist=48,
                dropout=0.0, attention=attention)
     cfg.update(overrides)

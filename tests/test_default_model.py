@@ -29,7 +29,7 @@ def test_shipped_model_matches_codec_and_gives_finite_logits():
     assert ckpt.model_config.vocab_size == cc.vocab_size
     info = json.loads(path.with_suffix(".json").read_text())
     assert ModelConfig.from_dict(info["model_config"]) == ckpt.model_config
-    assert ckpt.model_config.attention_dropout == ckpt.model_config.dropout  # saved before attn_dropout
+    assert ckpt.model_config.attn_dropout == ckpt.model_config.dropout  # saved before attn_dropout existed
     # VELOCITY_20, NOTE_ON_60, TIME_SHIFT_250ms, NOTE_OFF_60 after the start-of-piece EOS.
     x = torch.tensor([[cc.eos_id, cc.velocity_offset + 20, NOTE_ON + 60, TIME_SHIFT + 24, NOTE_OFF + 60]])
     with torch.no_grad():

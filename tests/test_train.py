@@ -37,8 +37,9 @@ def test_cli_train_end_to_end(midi_folder, tmp_path, capsys):
 
 
 def test_resume_continues_exactly(midi_folder, tmp_path):
-    whole = train(TrainConfig(data_dir=str(midi_folder), out=str(tmp_path / "a"), max_steps=10, **SMALL), progress=False)
-    train(TrainConfig(data_dir=str(midi_folder), out=str(tmp_path / "b"), max_steps=10, stop_at=5, **SMALL), progress=False)
+    data = str(midi_folder)
+    whole = train(TrainConfig(data_dir=data, out=str(tmp_path / "a"), max_steps=10, **SMALL), progress=False)
+    train(TrainConfig(data_dir=data, out=str(tmp_path / "b"), max_steps=10, stop_at=5, **SMALL), progress=False)
     resumed = train(TrainConfig(data_dir=str(midi_folder), resume=str(tmp_path / "b")), progress=False)
     a, ca = checkpoint.load_checkpoint(whole / "last.safetensors")
     b, cb = checkpoint.load_checkpoint(resumed / "last.safetensors")
@@ -46,8 +47,8 @@ def test_resume_continues_exactly(midi_folder, tmp_path):
     for k in a:
         if k.startswith(("model.", "optim.")):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    va = [json.loads(l) for l in (whole / "metrics.jsonl").read_text().splitlines() if '"val"' in l][-1]
-    vb = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines() if '"val"' in l][-1]
+    va = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines() if '"val"' in line][-1]
+    vb = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines() if '"val"' in line][-1]
     assert va["loss"] == vb["loss"]
 
 
@@ -152,7 +153,8 @@ def test_two_process_gloo_training_agrees(midi_folder, tmp_path):
         "import os, sys, torch, torch.distributed as dist\n"
         "from musicgpt import train as T\n"
         "rank = int(sys.argv[1])\n"
-        "os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[2])\n"
+        "os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',\n"
+        "                  MASTER_PORT=sys.argv[2])\n"
         "torch.set_num_threads(1)\n"
         "captured = {}\n"
         "real = T.DistributedDataParallel\n"
@@ -174,7 +176,7 @@ def test_two_process_gloo_training_agrees(midi_folder, tmp_path):
         for r in range(2)
     ]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     sums = [next(line for line in out.splitlines() if line.startswith("SUM")) for out, _ in outs]
     assert sums[0] == sums[1]
