@@ -164,3 +164,16 @@ def test_cli_errors_are_one_line(tiny_run, piece, tmp_path, capsys, monkeypatch)
     assert "--grid" in _error(capsys, run + [str(tmp_path / "x.html"), "--grid"])
     assert "--query-note" in _error(capsys, run + [out, "--query-note", "100000"])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_html_page_survives_hostile_strings_in_its_data(tmp_path):
+    """A file name such as `<!--<script>` must not end the data element or swallow the page's script."""
+    hostile = "</script><!--<script>&amp; \u2028 x.mid"
+    data = {"piece": hostile, "notes": {"names": [hostile]}}
+    page = ap.write_html(data, tmp_path / "page.html").read_text()
+    template = (ap.Path(ap.__file__).parent / "templates" / "attention.html").read_text()
+    for tag in ("<script", "</script", "<!--"):
+        assert page.count(tag) == template.count(tag), tag
+    blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(blob) == data
+    assert "<title>" not in hostile and "&lt;/script&gt;" in page  # the title is escaped as HTML

@@ -187,3 +187,65 @@ def test_sample_options_reach_the_library(monkeypatch, tmp_path, capsys):
     assert named["include_primer"] is False and named["seconds"] == 4.5 and named["primer_seconds"] is None
     assert main(["sample", "--greedy"]) == 0
     assert _received(calls[-1])[1]["greedy"] is True
+
+
+# ----------------------------------------------------------------------------- output paths
+
+def _one_line_error(capsys, argv: list) -> str:
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("musicgpt: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def piece_and_file(tmp_path):
+    """A real MIDI file, and a regular file that output paths try to use as a folder."""
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    return make_piece(tmp_path / "song.mid", seed=1, seconds=4), a_file
+
+
+def test_bad_output_paths_fail_in_one_line_before_any_work(piece_and_file, tmp_path, capsys, monkeypatch):
+    import musicgpt.codec
+    import musicgpt.data
+    import musicgpt.stats
+
+    piece, a_file = piece_and_file
+    # Any of these would be work done before the bad path is noticed.
+    for module, name in ((musicgpt.codec, "encode"), (musicgpt.stats, "compare_sets"),
+                         (musicgpt.data, "encode_folder")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("work began before the path was checked"))
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("EOS\n")
+    cases = [
+        (["encode", piece, "-o", tmp_path], "is a folder"),
+        (["encode", piece, "-o", a_file / "x.txt"], "is not a folder"),
+        (["decode", tokens, "-o", a_file / "x.mid"], "is not a folder"),
+        (["stats", piece, "--reference", piece, "-o", a_file / "x.png"], "is not a folder"),
+        (["attention", piece, "-o", a_file / "x.html", "--checkpoint", tmp_path / "missing"], "is not a folder"),
+        (["train", tmp_path, "--out", a_file / "run"], "is not a folder"),
+        (["train", tmp_path, "--out", a_file], "is not a folder"),
+        (["sample", "--out", a_file, "--checkpoint", tmp_path / "missing"], "is not a folder"),
+    ]
+    for argv, why in cases:
+        line = _one_line_error(capsys, argv)
+        assert why in line and str(argv[argv.index("-o" if "-o" in argv else "--out") + 1]) in line, line
+
+
+def test_encode_makes_missing_output_folders(piece_and_file, tmp_path, capsys):
+    piece, _ = piece_and_file
+    out = tmp_path / "missing" / "dir" / "song.txt"
+    assert main(["encode", str(piece), "-o", str(out)]) == 0
+    assert out.read_text().splitlines()[0].startswith(("VELOCITY", "NOTE_ON", "TIME_SHIFT"))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--tokens", "10000000000"], "--tokens"), (["--num-samples", "100000000"], "--num-samples"),
+    (["--seconds", "1e9"], "--seconds"),
+])
+def test_absurd_lengths_and_counts_fail_in_one_line(tmp_path, capsys, argv, flag):
+    line = _one_line_error(capsys, ["sample", "--checkpoint", tmp_path / "missing", *argv])
+    assert flag in line
