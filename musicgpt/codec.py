@@ -49,6 +49,7 @@ __all__ = [
 _DEFAULT = CodecConfig()
 TEMPO_BPM = 120.0  # decode writes at 120 bpm, 480 ticks per quarter: every DAW opens that
 RESOLUTION = 480
+QUOTE_CHARS = 40  # an error quotes this much of a bad line: a token file may hold one huge line
 MAX_STRETCH = 0.05  # time_stretch accepts factors in [1 - MAX_STRETCH, 1 + MAX_STRETCH]
 
 
@@ -239,7 +240,8 @@ def parse_token_names(names: Iterable[str], config: CodecConfig | None = None,
             continue
         token = ids.get(name.upper())
         if token is None:
-            raise MusicGPTError(f"{source or '<tokens>'}:{line_no}: unknown token {name!r}")
+            shown = name if len(name) <= QUOTE_CHARS else name[:QUOTE_CHARS] + "..."
+            raise MusicGPTError(f"{source or '<tokens>'}:{line_no}: unknown token {shown!r}")
         out.append(token)
     return np.array(out, dtype=np.int16)
 

@@ -12,8 +12,10 @@ changes program mid-track.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import warnings
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,9 @@ import pretty_midi
 from musicgpt.atomic import atomic_write
 from musicgpt.errors import MidiReadError
 
+# Real piano files are well under 1 MiB; at this size the reader still takes a few seconds and a
+# few hundred MB, and a bigger file (or a device like /dev/zero) is refused before it is read.
+MAX_FILE_BYTES = 16 << 20
 MAX_SECONDS = 2 * 3600  # longer "pieces" come from absurd tempos or corrupt delta times
 # Tempos real music uses lie far inside these (30..250 bpm in midi_data/); outside them a piece
 # is smeared over hours or crushed into one chord, so the file is refused, not encoded.
@@ -56,7 +61,8 @@ def read_notes(midi: str | os.PathLike | pretty_midi.PrettyMIDI) -> Notes:
 def load_midi(path: str | os.PathLike) -> pretty_midi.PrettyMIDI:
     """`pretty_midi.PrettyMIDI(path)` with a one-line MidiReadError for unreadable files."""
     path = Path(path)
-    _read_checked(path)
+    # Our scan first: it refuses what would stall pretty_midi (over-long variable-length numbers).
+    _scan_checked(_read_checked(path), path)
     return _pretty_midi_from_file(path)
 
 
@@ -78,84 +84,120 @@ def apply_sustain(end: np.ndarray, cc_time: np.ndarray, cc_value: np.ndarray,
     A pedal never lifted lifts at `piece_end`. Cutting a held note when its key is struck
     again is left to the codec, which does it for every note.
     """
+    zeros = np.zeros(len(end), dtype=np.int64)
+    return _sustain_by_part(end, zeros, np.zeros(len(cc_time), dtype=np.int64), cc_time, cc_value,
+                            np.array([piece_end], dtype=np.float64))
+
+
+# Parts are the instruments (PrettyMIDI) or (track, channel) pairs (files) the pedal applies to,
+# flattened so that a file with a million of them costs no more than one with a single part:
+# (group, pitch, start, end, velocity) per note, then (group, time, value) per CC64 event.
+Parts = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _finish(parts: Parts, source: str) -> Notes:
+    """Apply each part's pedal, merge the parts and check the result is a usable piece."""
+    group, pitch, start, end, vel, cc_group, cc_t, cc_v = parts
+    ok = (pitch >= 0) & (pitch < 128)  # only hand-built PrettyMIDI objects break this
+    if not ok.all():
+        group, pitch, start, end, vel = (a[ok] for a in (group, pitch, start, end, vel))
+    if len(pitch) == 0:
+        raise MidiReadError(f"{source}: no notes")
+    # Dense part numbers by a lookup table, not np.unique: no sort, and the order is kept.
+    present = np.zeros(int(max(group.max(), cc_group.max(initial=0))) + 1, dtype=bool)
+    present[group] = True
+    dense = np.cumsum(present) - 1
+    group = dense[group]
+    has_notes = present[cc_group]
+    cc_group, cc_t, cc_v = dense[cc_group[has_notes]], cc_t[has_notes], cc_v[has_notes]
+    piece_end = np.full(int(present.sum()), -np.inf)
+    np.maximum.at(piece_end, group, end)
+    np.maximum.at(piece_end, cc_group, cc_t)
+    has_cc = np.zeros(len(piece_end), dtype=bool)
+    has_cc[cc_group] = True
+    piece_end = np.where(has_cc, piece_end, np.maximum(piece_end, 0.0))
+    if not (np.isfinite(piece_end).all() and np.isfinite(start).all() and start.min() >= 0):
+        raise MidiReadError(f"{source}: corrupt timing (negative or missing note times)")
+    if piece_end.max() > MAX_SECONDS:
+        raise MidiReadError(
+            f"{source}: lasts {piece_end.max():.0f} s, over the {MAX_SECONDS // 3600} hour limit "
+            "(absurd tempo or corrupt delta times?)"
+        )
+    end = _sustain_by_part(np.maximum(end, start), group, cc_group, cc_t, cc_v, piece_end)
+    if len(group) > 1 and (group[1:] < group[:-1]).any():  # notes part by part, as they came
+        order = np.argsort(group, kind="stable")
+        pitch, start, end, vel = pitch[order], start[order], end[order], vel[order]
+    return Notes(pitch, start, end, vel)
+
+
+def _sustain_by_part(end: np.ndarray, group: np.ndarray, cc_group: np.ndarray, cc_time: np.ndarray,
+                    cc_value: np.ndarray, piece_end: np.ndarray) -> np.ndarray:
+    """`apply_sustain` for many parts at once: note i belongs to part group[i], pedal event j to
+    cc_group[j], and a pedal never lifted in part g lifts at piece_end[g]. Linear after one sort."""
     if len(cc_time) == 0:
         return end
-    order = np.argsort(cc_time, kind="stable")
-    t, down = cc_time[order], cc_value[order] >= 64
-    # Time of the first lift at or after each pedal event: a reverse running minimum.
-    lift = np.where(down, np.inf, t)
-    next_lift = np.minimum.accumulate(lift[::-1])[::-1]
-    next_lift[np.isinf(next_lift)] = piece_end
-    k = np.searchsorted(t, end, side="right") - 1  # last pedal event at or before each release
-    held = (k >= 0) & down[np.maximum(k, 0)]
-    return np.where(held, np.maximum(end, next_lift[np.maximum(k, 0)]), end)
+    order = np.lexsort((cc_time, cc_group))
+    g, t, down = cc_group[order], cc_time[order], cc_value[order] >= 64
+    n = len(t)
+    # Index of the first lift at or after each pedal event: a reverse running minimum; one found
+    # in a later part means this part's pedal never lifts.
+    nxt = np.minimum.accumulate(np.where(down, n, np.arange(n))[::-1])[::-1]
+    found = nxt < n
+    found[found] = g[nxt[found]] == g[found]
+    lift = np.where(found, t[np.minimum(nxt, n - 1)], piece_end[g])
+    # The last pedal event of the note's part at or before each release: merge releases into the
+    # sorted pedal events (pedal first on a tie) and carry the latest pedal index forward.
+    is_note = np.repeat([False, True], [n, len(end)])
+    merged = np.lexsort((is_note, np.concatenate([t, end]), np.concatenate([g, group])))
+    latest = np.maximum.accumulate(np.where(is_note[merged], -1, merged))
+    k = np.empty(len(end), dtype=np.int64)
+    k[merged[is_note[merged]] - n] = latest[is_note[merged]]
+    k_ok = np.maximum(k, 0)
+    held = (k >= 0) & (g[k_ok] == group) & down[k_ok]
+    return np.where(held, np.maximum(end, lift[k_ok]), end)
 
 
-# A "part" is one instrument: (pitch, start, end, velocity, cc64 times, cc64 values).
-Part = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-def _finish(parts: list[Part], source: str) -> Notes:
-    """Apply each part's pedal, merge the parts and check the result is a usable piece."""
-    merged = []
-    for pitch, start, end, vel, cc_t, cc_v in parts:
-        ok = (pitch >= 0) & (pitch < 128)  # only hand-built PrettyMIDI objects break this
-        pitch, start, end, vel = pitch[ok], start[ok], end[ok], vel[ok]
-        if len(pitch) == 0:
-            continue
-        piece_end = max(end.max(), cc_t.max() if len(cc_t) else 0.0)
-        if not (np.isfinite(piece_end) and np.isfinite(start).all() and start.min() >= 0):
-            raise MidiReadError(f"{source}: corrupt timing (negative or missing note times)")
-        if piece_end > MAX_SECONDS:
-            raise MidiReadError(
-                f"{source}: lasts {piece_end:.0f} s, over the {MAX_SECONDS // 3600} hour limit "
-                "(absurd tempo or corrupt delta times?)"
-            )
-        end = apply_sustain(np.maximum(end, start), cc_t, cc_v, piece_end)
-        merged.append((pitch, start, end, vel))
-    if not merged:
-        raise MidiReadError(f"{source}: no notes")
-    return Notes(*(np.concatenate(column) for column in zip(*merged)))
-
-
-def _parts_from_pretty_midi(pm: pretty_midi.PrettyMIDI) -> list[Part]:
+def _parts_from_pretty_midi(pm: pretty_midi.PrettyMIDI) -> Parts:
     if not any(i.notes for i in pm.instruments if not i.is_drum) and any(i.notes for i in pm.instruments):
         raise MidiReadError(f"{PM_SOURCE}: no notes (only drums, which are ignored)")
-    parts = []
-    for inst in pm.instruments:
+    notes, pedal = [], []
+    for k, inst in enumerate(pm.instruments):
         if inst.is_drum:
             continue  # drums are not piano music; the codec has no drum events
-        n = np.array([(x.pitch, x.velocity) for x in inst.notes], dtype=np.int64).reshape(-1, 2)
-        t = np.array([(x.start, x.end) for x in inst.notes], dtype=np.float64).reshape(-1, 2)
-        cc = [(c.time, c.value) for c in inst.control_changes if c.number == SUSTAIN_CC]
-        cc = np.array(cc, dtype=np.float64).reshape(-1, 2)
-        parts.append((n[:, 0], t[:, 0], t[:, 1], n[:, 1], cc[:, 0], cc[:, 1]))
-    return parts
+        notes += [(k, x.pitch, x.start, x.end, x.velocity) for x in inst.notes]
+        pedal += [(k, c.time, c.value) for c in inst.control_changes if c.number == SUSTAIN_CC]
+    n = np.array(notes, dtype=np.float64).reshape(-1, 5)
+    cc = np.array(pedal, dtype=np.float64).reshape(-1, 3)
+    as_int = n[:, [0, 1, 4]].astype(np.int64)
+    return (as_int[:, 0], as_int[:, 1], n[:, 2], n[:, 3], as_int[:, 2],
+            cc[:, 0].astype(np.int64), cc[:, 1], cc[:, 2])
 
 
-def _parts_from_smf(data: bytes, path: Path) -> list[Part]:
+def _parts_from_smf(data: bytes, path: Path) -> Parts:
     """Parts of a Standard MIDI File, one per (track, channel) that is not drums (channel 10)."""
+    tpq, tempos, notes, pedal = _scan_checked(data, path)
+    to_seconds = _tick_to_seconds_fn(tempos[:, 0], tempos[:, 1], tpq, path)
+    _check_tempos(tempos, int(notes[:, 2].max(initial=0)), path)
+    group = notes[:, 0] >> 14  # track * 16 + channel
+    drum = group % 16 == 9
+    if len(notes) and drum.all():
+        raise MidiReadError(f"{path}: no notes (only drums on channel 10, which are ignored)")
+    if drum.any():
+        notes, group = notes[~drum], group[~drum]
+    return (group, (notes[:, 0] >> 7) & 127, to_seconds(notes[:, 1]), to_seconds(notes[:, 2]), notes[:, 0] & 127,
+            pedal[:, 0] * 16 + pedal[:, 1], to_seconds(pedal[:, 2]), pedal[:, 3].astype(np.float64))
+
+
+def _scan_checked(data: bytes, path: Path) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """`_scan` as int64 arrays, every fault of the events a one-line MidiReadError naming `path`."""
     try:
         tpq, tempos, notes, pedal = _scan(data)
-        notes = np.array(notes, dtype=np.int64).reshape(-1, 5)  # track, key, on, off, velocity
-        pedal = np.array(pedal, dtype=np.int64).reshape(-1, 4)  # track, channel, tick, value
-        tempos = np.array(tempos, dtype=np.int64).reshape(-1, 2)  # tick, microseconds/quarter
-    except OverflowError:  # a variable-length value longer than MIDI's four bytes
-        raise MidiReadError(f"{path}: corrupt MIDI (a delta time or length is too large)") from None
     except (IndexError, KeyError, ValueError) as e:
         raise _corrupt(path, e) from None
-    to_seconds = _tick_to_seconds_fn(tempos[:, 0], tempos[:, 1], tpq, path)
-    _check_tempos(tempos, int(notes[:, 3].max(initial=0)), path)
-    note_group = notes[:, 0] * 16 + (notes[:, 1] >> 7)
-    if len(notes) and (note_group % 16 == 9).all():
-        raise MidiReadError(f"{path}: no notes (only drums on channel 10, which are ignored)")
-    pedal_group = pedal[:, 0] * 16 + pedal[:, 1]
-    parts = []
-    for g in np.unique(note_group[note_group % 16 != 9]):
-        n, cc = notes[note_group == g], pedal[pedal_group == g]
-        parts.append((n[:, 1] & 127, to_seconds(n[:, 2]), to_seconds(n[:, 3]), n[:, 4],
-                      to_seconds(cc[:, 2]), cc[:, 3].astype(np.float64)))
-    return parts
+    # Zero-copy views of the scanner's arrays: no second copy of a big file's notes.
+    return (tpq, np.frombuffer(tempos, dtype=np.int64).reshape(-1, 2),  # tick, microseconds/quarter
+            np.frombuffer(notes, dtype=np.int64).reshape(-1, 3),  # track, channel, key, velocity; on; off
+            np.frombuffer(pedal, dtype=np.int64).reshape(-1, 4))  # track, channel, tick, value
 
 
 def _check_tempos(tempos: np.ndarray, last_tick: int, path: Path) -> None:
@@ -173,18 +215,19 @@ _CHANNEL_DATA = {0x80: 2, 0x90: 2, 0xA0: 2, 0xB0: 2, 0xC0: 1, 0xD0: 1, 0xE0: 2}
 _SYSTEM_DATA = {0xF1: 1, 0xF2: 2, 0xF3: 1, 0xF6: 0, 0xF8: 0, 0xFA: 0, 0xFB: 0, 0xFC: 0, 0xFE: 0}
 
 
-def _scan(data: bytes) -> tuple[int, list, list, list]:
-    """(ticks per quarter, tempos of the first track, notes, CC64 events) of a checked file.
+def _scan(data: bytes) -> tuple[int, array, array, array]:
+    """(ticks per quarter, tempos of the first track, notes, CC64 events) of a checked file,
+    the last three flat int64 arrays (a Python tuple per event would take ten times the memory);
+    a note is (track << 18 | channel << 14 | key << 7 | velocity, on tick, off tick).
 
     A small parser of our own rather than symusic: symusic pairs overlapping notes of a key
     first-in first-out and hides the order of events on one tick, so it cannot reproduce
     pretty_midi's notes; this one follows mido/pretty_midi rule for rule, over 10x faster.
     """
-    header_len = struct.unpack(">I", data[4:8])[0]
-    tpq = struct.unpack(">H", data[12:14])[0]
-    tempos, notes, pedal = [], [], []
+    header_len, _, ntracks, tpq = struct.unpack(">IHHH", data[4:14])
+    tempos, notes, pedal = array("q"), array("q"), array("q")
     pos, track = 8 + header_len, 0
-    while pos + 8 <= len(data):
+    while track < ntracks:  # as mido: chunks after the header's count of tracks are not read
         length = struct.unpack(">I", data[pos + 4:pos + 8])[0]
         if data[pos:pos + 4] == b"MTrk":
             _scan_track(data, pos + 8, pos + 8 + length, track, tempos if track == 0 else None,
@@ -194,26 +237,25 @@ def _scan(data: bytes) -> tuple[int, list, list, list]:
     return tpq, tempos, notes, pedal
 
 
-def _scan_track(data: bytes, i: int, end: int, track: int, tempos: list | None,
-                notes: list, pedal: list) -> None:
+def _scan_track(data: bytes, i: int, end: int, track: int, tempos: array | None,
+                notes: array, pedal: array) -> None:
     """Append one track's notes (paired as pretty_midi pairs them), CC64 and tempo events."""
     tick, status, sounding = 0, None, {}
     while i < end:
         byte = data[i]
-        i += 1
-        delta = byte & 0x7F
-        while byte & 0x80:
-            byte = data[i]
+        if byte & 0x80:
+            delta, i = _varint(data, i)
+            tick += delta
+        else:  # a one-byte delta time, the usual case
+            tick += byte
             i += 1
-            delta = (delta << 7) | (byte & 0x7F)
-        tick += delta
         kind = data[i]
         if kind & 0x80:
             i += 1
             if kind == 0xFF:  # meta event; does not set the running status
                 meta, (length, i) = data[i], _varint(data, i + 1)
                 if meta == 0x51 and length >= 3 and tempos is not None:
-                    tempos.append((tick, (data[i] << 16) | (data[i + 1] << 8) | data[i + 2]))
+                    tempos.extend((tick, (data[i] << 16) | (data[i + 1] << 8) | data[i + 2]))
                 i += length
                 continue
             status = kind
@@ -230,7 +272,7 @@ def _scan_track(data: bytes, i: int, end: int, track: int, tempos: list | None,
                 raise ValueError("data byte above 127")
             if high == 0xB0:
                 if key == SUSTAIN_CC:
-                    pedal.append((track, kind & 15, tick, value))
+                    pedal.extend((track, kind & 15, tick, value))
                 continue
             key |= (kind & 15) << 7
             if high == 0x90 and value:
@@ -240,7 +282,7 @@ def _scan_track(data: bytes, i: int, end: int, track: int, tempos: list | None,
             if started is None:
                 continue
             if len(started) == 1 and started[0][0] != tick:
-                notes.append((track, key, started[0][0], tick, started[0][1]))
+                notes.extend((track << 18 | key << 7 | started[0][1], started[0][0], tick))
             else:
                 _end_notes(sounding, started, key, tick, track, notes)
         elif kind in (0xF0, 0xF7):  # sysex: skipped
@@ -256,25 +298,26 @@ def _scan_track(data: bytes, i: int, end: int, track: int, tempos: list | None,
 
 
 def _end_notes(sounding: dict, started: list, key: int, tick: int, track: int,
-               notes: list) -> None:
+               notes: array) -> None:
     """pretty_midi's NOTE_OFF rule: end every note of the key that began before this tick;
     the ones that began on this tick keep sounding if some note ended, else they are dropped."""
     ended = [(on, v) for on, v in started if on != tick]
     for on, velocity in ended:
-        notes.append((track, key, on, tick, velocity))
+        notes.extend((track << 18 | key << 7 | velocity, on, tick))
     if ended and len(ended) < len(started):
         sounding[key] = [(on, v) for on, v in started if on == tick]
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:
-    """(value, next index) of a MIDI variable-length quantity at data[i]."""
+    """(value, next index) of a MIDI variable-length quantity at data[i]: at most 4 bytes, as the
+    SMF specification says; an unbounded one would make a huge integer in quadratic time."""
     value = 0
-    while True:
-        byte = data[i]
-        i += 1
+    for k in range(i, i + 4):
+        byte = data[k]
         value = (value << 7) | (byte & 0x7F)
         if byte < 0x80:
-            return value, i
+            return value, k + 1
+    raise ValueError(f"a variable-length number at byte {i} is too large (longer than the 4 bytes MIDI allows)")
 
 
 def _tick_to_seconds_fn(tick: np.ndarray, mspq: np.ndarray, res: int, path: Path):
@@ -294,7 +337,9 @@ def _tick_to_seconds_fn(tick: np.ndarray, mspq: np.ndarray, res: int, path: Path
     seg_time = np.concatenate([[0.0], np.cumsum(seg_scale[:-1] * np.diff(seg_tick))])
 
     def to_seconds(ticks: np.ndarray) -> np.ndarray:
-        ticks = ticks.astype(np.int64)
+        ticks = ticks.astype(np.int64, copy=False)
+        if len(seg_tick) == 1:  # one tempo: the same floats without four temporary arrays
+            return seg_scale[0] * ticks
         k = np.searchsorted(seg_tick, ticks, side="right") - 1
         return seg_time[k] + seg_scale[k] * (ticks - seg_tick[k])
 
@@ -303,14 +348,7 @@ def _tick_to_seconds_fn(tick: np.ndarray, mspq: np.ndarray, res: int, path: Path
 
 def _read_checked(path: Path) -> bytes:
     """The bytes of a file that at least looks like complete MIDI, else a MidiReadError."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MidiReadError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise MidiReadError(f"{path}: is a folder, not a MIDI file") from None
-    except OSError as e:
-        raise MidiReadError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    data = _read_regular_file(path)
     if not data:
         raise MidiReadError(f"{path}: empty file (0 bytes)")
     if not data.startswith(b"MThd"):
@@ -318,6 +356,37 @@ def _read_checked(path: Path) -> bytes:
     problem = _structure_problem(data)
     if problem:
         raise MidiReadError(f"{path}: {problem}")
+    return data
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES: a device such as /dev/zero would be
+    read until memory runs out, and a FIFO would block, so those are refused after opening."""
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once (fstat then refuses it); on
+        # regular files it changes nothing. Checking the open descriptor leaves no race.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise MidiReadError(f"{path}: file not found") from None
+    except OSError as e:
+        raise MidiReadError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise MidiReadError(f"{path}: is a folder, not a MIDI file")
+        if not stat.S_ISREG(st.st_mode):
+            raise MidiReadError(f"{path}: not a regular file (a device, pipe or socket), not a MIDI file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise MidiReadError(f"{path}: {st.st_size} bytes, over the {MAX_FILE_BYTES >> 20} MiB limit "
+                                "for MIDI files")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+    except OSError as e:
+        raise MidiReadError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise MidiReadError(f"{path}: over the {MAX_FILE_BYTES >> 20} MiB limit for MIDI files")
     return data
 
 
@@ -364,6 +433,14 @@ def _corrupt(path: Path, e: BaseException) -> MidiReadError:
 
 # ---------------------------------------------------------------- writing
 
+# A delta time has at most 4 bytes (28 bits), 77 hours at decode's 960 ticks a second. A longer
+# gap is bridged by sequencer-specific meta events that carry MAX_DELTA ticks each, with the
+# manufacturer id 0x7D reserved for non-commercial use, so no sequencer takes one for its own:
+# DAWs skip them, pretty_midi ignores them, and a note-free event changes no note.
+MAX_DELTA = 0x0FFFFFFF
+_FILLER = b"\xff\xff\xff\x7f" + b"\xff\x7f\x01\x7d"  # delta MAX_DELTA, then the meta event
+MAX_WRITE_TICK = 1 << 40  # 4096 fillers at most; later events are left to pm.write
+
 
 def _smf_bytes(pm: pretty_midi.PrettyMIDI) -> bytes | None:
     """The file `pm.write` would write (same tracks, channels and events), or None when `pm`
@@ -390,8 +467,10 @@ def _smf_bytes(pm: pretty_midi.PrettyMIDI) -> bytes | None:
     meta.sort(key=lambda e: (e[0], e[1]))
     conductor = bytearray()
     last = 0
+    if meta[-1][0] > MAX_WRITE_TICK:
+        return None
     for tick, _, event in meta:
-        conductor += _varint_bytes(tick - last) + event
+        conductor += _delta_bytes(tick - last) + event
         last = tick
     tracks = [bytes(conductor) + b"\x01\xff\x2f\x00"]
 
@@ -424,7 +503,7 @@ def _channel_events(inst: pretty_midi.Instrument, channel: int, ticks) -> bytes 
     number, value = ccs[:, 1].astype(np.int64), ccs[:, 2].astype(np.int64)
     tick = np.concatenate([ticks(bends[:, 0]), ticks(ccs[:, 0]), ticks(notes[:, 1]),
                            ticks(notes[:, 0])])
-    if len(tick) and (tick.min() < 0 or tick.max() >= 1 << 28):
+    if len(tick) and (tick.min() < 0 or tick.max() > MAX_WRITE_TICK):
         return None  # pretty_midi raises its own error for these
     kind = np.repeat([0, 1, 2, 2], [len(bends), len(ccs), len(notes), len(notes)])
     status = np.array([0xE0, 0xB0, 0x90]) | channel
@@ -436,10 +515,24 @@ def _channel_events(inst: pretty_midi.Instrument, channel: int, ticks) -> bytes 
     order = np.lexsort((rank, kind, tick))
     tick, kind, data1, data2 = tick[order], kind[order], data1[order], data2[order]
     delta = np.diff(tick, prepend=0)
+    fillers = np.maximum(delta - 1, 0) // MAX_DELTA  # each carries MAX_DELTA ticks of a longer gap
+    delta -= fillers * MAX_DELTA
     cols = [(delta >> shift) & 0x7F | 0x80 for shift in (21, 14, 7)] + [delta & 0x7F]
     used = [delta >= 1 << shift for shift in (21, 14, 7)] + [np.ones(len(delta), dtype=bool)] * 4
     table = np.stack(cols + [status[kind], np.clip(data1, 0, 127), np.clip(data2, 0, 127)], axis=1)
-    return table[np.stack(used, axis=1)].astype(np.uint8).tobytes()
+    used = np.stack(used, axis=1)
+    out = table[used].astype(np.uint8)
+    if fillers.any():
+        sizes = used.sum(axis=1)
+        at = np.repeat(np.cumsum(sizes) - sizes, fillers * len(_FILLER))  # before their event
+        out = np.insert(out, at, np.tile(np.frombuffer(_FILLER, dtype=np.uint8), int(fillers.sum())))
+    return out.tobytes()
+
+
+def _delta_bytes(delta: int) -> bytes:
+    """A delta time as MIDI bytes, gaps over MAX_DELTA ticks bridged by _FILLER events."""
+    fillers = max(delta - 1, 0) // MAX_DELTA
+    return _FILLER * fillers + _varint_bytes(delta - fillers * MAX_DELTA)
 
 
 def _varint_bytes(value: int) -> bytes:
