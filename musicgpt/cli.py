@@ -101,11 +101,7 @@ def _run_decode(args: argparse.Namespace) -> int:
     from musicgpt.atomic import check_output_file
 
     check_output_file(args.output)
-    try:
-        lines = args.tokens.read_text().splitlines()  # keeps line numbers for errors
-    except (OSError, UnicodeDecodeError) as e:
-        raise MusicGPTError(f"{args.tokens}: cannot read token file ({e.__class__.__name__})") from None
-    tokens = codec.parse_token_names(lines, source=str(args.tokens))
+    tokens = codec.read_token_file(args.tokens)
     midi = codec.decode(tokens)
     codec.write_midi(midi, args.output)
     n = sum(len(i.notes) for i in midi.instruments)

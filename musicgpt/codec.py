@@ -29,7 +29,7 @@ import numpy as np
 import pretty_midi
 
 from musicgpt.errors import MusicGPTError
-from musicgpt.midi_io import Notes, load_midi, read_notes, write_midi
+from musicgpt.midi_io import Notes, load_midi, read_notes, read_regular_file, write_midi
 from musicgpt.vocab import (
     DEFAULT_VELOCITY,
     NOTE_OFF,
@@ -42,7 +42,7 @@ from musicgpt.vocab import (
 
 __all__ = [
     "CodecConfig", "DecodedNotes", "count_notes", "decode", "decode_notes", "duration_seconds",
-    "encode", "load_midi", "parse_token_names", "time_stretch", "token_name", "token_names",
+    "encode", "load_midi", "parse_token_names", "read_token_file", "time_stretch", "token_name", "token_names",
     "transpose", "truncate_seconds", "write_midi",
 ]
 
@@ -244,6 +244,20 @@ def parse_token_names(names: Iterable[str], config: CodecConfig | None = None,
             raise MusicGPTError(f"{source or '<tokens>'}:{line_no}: unknown token {shown!r}")
         out.append(token)
     return np.array(out, dtype=np.int16)
+
+
+MAX_TOKEN_FILE_BYTES = 64 << 20  # a token file of many hours of music is a few MB
+
+
+def read_token_file(path: str | os.PathLike, config: CodecConfig | None = None) -> np.ndarray:
+    """Ids of a token file written by `musicgpt encode` (one name per line); a one-line error
+    for a file that is not a regular, UTF-8 text file of at most MAX_TOKEN_FILE_BYTES."""
+    data = read_regular_file(path, MAX_TOKEN_FILE_BYTES, what="token file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MusicGPTError(f"{path}: not a token file (not UTF-8 text)") from None
+    return parse_token_names(text.splitlines(), config, source=str(path))
 
 
 # ---------------------------------------------------------------- measuring and cutting

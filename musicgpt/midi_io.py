@@ -348,7 +348,7 @@ def _tick_to_seconds_fn(tick: np.ndarray, mspq: np.ndarray, res: int, path: Path
 
 def _read_checked(path: Path) -> bytes:
     """The bytes of a file that at least looks like complete MIDI, else a MidiReadError."""
-    data = _read_regular_file(path)
+    data = read_regular_file(path)
     if not data:
         raise MidiReadError(f"{path}: empty file (0 bytes)")
     if not data.startswith(b"MThd"):
@@ -359,9 +359,10 @@ def _read_checked(path: Path) -> bytes:
     return data
 
 
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file of at most MAX_FILE_BYTES: a device such as /dev/zero would be
-    read until memory runs out, and a FIFO would block, so those are refused after opening."""
+def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES, what: str = "MIDI file") -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, else a one-line MidiReadError: a device
+    such as /dev/zero would be read until memory runs out, and a FIFO would block."""
+    path = Path(path)
     try:
         # O_NONBLOCK: opening a FIFO with no writer returns at once (fstat then refuses it); on
         # regular files it changes nothing. Checking the open descriptor leaves no race.
@@ -373,20 +374,19 @@ def _read_regular_file(path: Path) -> bytes:
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise MidiReadError(f"{path}: is a folder, not a MIDI file")
+            raise MidiReadError(f"{path}: is a folder, not a {what}")
         if not stat.S_ISREG(st.st_mode):
-            raise MidiReadError(f"{path}: not a regular file (a device, pipe or socket), not a MIDI file")
-        if st.st_size > MAX_FILE_BYTES:
-            raise MidiReadError(f"{path}: {st.st_size} bytes, over the {MAX_FILE_BYTES >> 20} MiB limit "
-                                "for MIDI files")
+            raise MidiReadError(f"{path}: not a regular file (a device, pipe or socket), not a {what}")
+        if st.st_size > max_bytes:
+            raise MidiReadError(f"{path}: {st.st_size} bytes, over the {max_bytes >> 20} MiB limit for a {what}")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+            data = f.read(max_bytes + 1)  # bounded even if the file grows meanwhile
     except OSError as e:
         raise MidiReadError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
     finally:
         os.close(fd)
-    if len(data) > MAX_FILE_BYTES:
-        raise MidiReadError(f"{path}: over the {MAX_FILE_BYTES >> 20} MiB limit for MIDI files")
+    if len(data) > max_bytes:
+        raise MidiReadError(f"{path}: over the {max_bytes >> 20} MiB limit for a {what}")
     return data
 
 

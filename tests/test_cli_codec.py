@@ -73,3 +73,16 @@ def test_encode_bad_input_relative_name(tmp_path, capsys, monkeypatch):
     (tmp_path / "not_a_midi.txt").write_text("hello\n")
     assert main(["encode", "not_a_midi.txt"]) == 1
     assert capsys.readouterr().err == "musicgpt: error: not_a_midi.txt: not a MIDI file (bad header)\n"
+
+
+def test_decode_refuses_token_files_it_cannot_safely_read(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "tokens.txt"
+    os.mkfifo(fifo)  # reading a pipe with no writer would block forever
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00NOTE_ON_60")
+    for path, why in ((fifo, "not a regular file"), (binary, "not UTF-8"), (tmp_path, "is a folder")):
+        assert main(["decode", str(path), "-o", str(tmp_path / "x.mid")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and why in err and str(path) in err, err
