@@ -93,17 +93,36 @@ def test_a_file_over_the_size_limit_is_never_read(folder, capsys):
     assert f"{huge}: larger than 16 MB" in capsys.readouterr().err
 
 
-def unblock_later(fifo: Path) -> threading.Timer:
-    """After LIMIT_S, open the FIFO's writing end, so that a reader stuck opening it returns and the test fails."""
-    def unblock() -> None:
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass  # nobody is reading: nothing is stuck
-    timer = threading.Timer(LIMIT_S, unblock)
-    timer.daemon = True
-    timer.start()
-    return timer
+def test_without_a_cache_an_oversized_file_is_refused_before_it_is_read(folder, monkeypatch):
+    with open(folder / "big.mid", "wb") as f:
+        f.truncate(2 * 2**20)
+    seen = []
+    real = codec.encode
+    monkeypatch.setattr(codec, "encode", lambda path, config: seen.append(path.name) or real(path, config))
+    corpus = data.encode_folder(folder, use_cache=False, workers=1, progress=False, max_bytes=2**20)
+    assert [(p.name, why) for p, why in corpus.skipped] == [("big.mid", "larger than 1 MB")]
+    assert sorted(seen) == ["good0.mid", "good1.mid", "good2.mid"]
+
+
+class Unblocker(threading.Thread):
+    """After LIMIT_S, keeps opening a FIFO's writing end, so that a reader stuck opening it returns and
+    the test fails instead of hanging; `stop()` it once the code under test has returned."""
+
+    def __init__(self, fifo: Path):
+        super().__init__(daemon=True)
+        self.fifo, self.stopped = fifo, threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        self.stopped.wait(LIMIT_S)
+        while not self.stopped.wait(0.1):
+            try:
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # nobody is reading it now
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
@@ -115,10 +134,10 @@ def test_fifos_devices_and_link_loops_named_mid_are_skipped_unopened(folder, wor
     os.symlink("loop_a.mid", folder / "loop_b.mid")
     os.symlink("..", folder / "up")  # a folder loop: the walk must not follow it
     (folder / "dir.mid").mkdir()
-    timer = unblock_later(folder / "x.mid")
+    unblocker = Unblocker(folder / "x.mid")
     start = time.monotonic()
     corpus = data.encode_folder(folder, workers=workers, progress=False)
-    timer.cancel()
+    unblocker.stop()
     assert time.monotonic() - start < LIMIT_S
     why = {p.name: why for p, why in corpus.skipped}
     assert why.pop("x.mid") == "not a regular file (a FIFO)"
@@ -130,9 +149,9 @@ def test_fifos_devices_and_link_loops_named_mid_are_skipped_unopened(folder, wor
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_stats_skips_a_fifo_unopened(folder, capsys):
     os.mkfifo(folder / "x.mid")
-    timer = unblock_later(folder / "x.mid")
+    unblocker = Unblocker(folder / "x.mid")
     result = stats.collect(stats.list_midi(folder), progress=False)
-    timer.cancel()
+    unblocker.stop()
     assert len(result.files) == 3 and result.skipped == [f"{folder / 'x.mid'}: not a regular file (a FIFO)"]
 
 
@@ -198,11 +217,14 @@ def test_a_damaged_cache_entry_is_reencoded_and_rewritten(how, tmp_path):
     expected = data.encode_files([piece], cache_dir=cache, workers=1, progress=False).pieces[0].tokens
     [entry] = cache.glob("*.npy")
     damage(entry, how)
+    unblocker = Unblocker(entry) if how == "a FIFO" else None
     tracemalloc.start()
     start = time.monotonic()
     corpus = data.encode_files([piece], cache_dir=cache, workers=1, progress=False)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    if unblocker:
+        unblocker.stop()
     assert time.monotonic() - start < LIMIT_S and peak < 2**28
     np.testing.assert_array_equal(corpus.pieces[0].tokens, expected)
     np.testing.assert_array_equal(np.load(entry), expected)  # the entry was written afresh
@@ -220,11 +242,11 @@ def test_train_on_a_hostile_folder_uses_the_good_files_and_names_the_bad(folder,
     make_piece(folder / "slow.mid", seed=6, seconds=4)
     monkeypatch.setattr(data, "encode_files", functools.partial(data.encode_files, max_seconds=1,
                                                                 encoder=hang_or_crash))
-    timer = unblock_later(folder / "x.mid")
+    unblocker = Unblocker(folder / "x.mid")
     start = time.monotonic()
     run = train(TrainConfig(data_dir=str(folder), max_steps=2, preset="tiny", batch_size=2, seq_len=32,
                             eval_interval=1, eval_batches=1, out=str(tmp_path / "run"), device="cpu"), progress=False)
-    timer.cancel()
+    unblocker.stop()
     assert time.monotonic() - start < 6 * LIMIT_S  # two tiny steps; the encoding is bounded above
     assert (run / "last.safetensors").is_file()
     err = capsys.readouterr().err
