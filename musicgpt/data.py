@@ -2,17 +2,27 @@
 
 Encoded pieces are cached as `.npy` token arrays keyed by the file's bytes and the codec
 configuration, so a second run reads the cache instead of re-encoding and a changed file (or a
-changed codec) is encoded afresh. Bad files are skipped and listed in one warning.
+changed codec) is encoded afresh. Bad files are skipped and listed in one warning: files that
+are not regular files or are too large are never opened, and a file whose encoding overruns the
+time budget has its worker process killed, so no single file can stall a batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
+import multiprocessing
 import os
+import signal
+import stat
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +36,64 @@ from musicgpt.vocab import CodecConfig
 
 MIDI_SUFFIXES = (".mid", ".midi")
 IGNORE_INDEX = -100  # targets with this value (padding) do not count in the loss
+# A long solo piano performance is well under 1 MB; a file past this is not one, and reading it
+# could cost more memory and time than a batch should spend on one file.
+MAX_FILE_BYTES = 16 * 2**20
+# Seconds one file may take to encode before its worker is killed and the file skipped. Far
+# above what any real piece needs, so only a pathological file (or a bug in the reader) hits it.
+MAX_ENCODE_SECONDS = 60.0
+
+Outcome = tuple[np.ndarray | None, str | None]  # (tokens, None) or (None, why the file was skipped)
+Encoder = Callable[[Path, CodecConfig], np.ndarray]
 
 
 def find_midi_files(folder: str | os.PathLike) -> list[Path]:
-    """All .mid/.midi files under `folder`, recursively, in a stable sorted order."""
+    """All .mid/.midi files under `folder`, recursively, in a stable sorted order.
+
+    Entries that are not regular files (a FIFO, a device, a broken link) are listed too, for
+    `encode_files` to skip with a reason; linked folders are not followed, so a link loop cannot
+    make the walk endless.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise MusicGPTError(f"{root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file())
+    files = sorted(Path(top, name) for top, _, names in os.walk(root)
+                   for name in names if Path(name).suffix.lower() in MIDI_SUFFIXES)
     if not files:
         raise MusicGPTError(f"{root}: no .mid or .midi files found")
     return files
+
+
+def file_problem(path: str | os.PathLike, max_bytes: int | None = MAX_FILE_BYTES) -> str | None:
+    """Why `path` must not be read (not a regular file, larger than `max_bytes`), or None; never opens it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"cannot read ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                 (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+        kind = next((name for test, name in kinds if test(st.st_mode)), "special")
+        return f"not a regular file ({kind})"
+    if max_bytes is not None and st.st_size > max_bytes:
+        return f"larger than {max_bytes / 2**20:g} MB"
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with undecodable file-name bytes written as \\xNN escapes, so that it prints in any encoding."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file-name byte stands for
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def name_bytes(name: str) -> bytes:
+    """A file name's bytes: UTF-8 for a decodable name, the original bytes for an undecodable one."""
+    try:
+        return name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogatepass")
 
 
 def default_cache_dir() -> Path:
@@ -75,39 +132,74 @@ def _cache_key(data: bytes, config: CodecConfig) -> str:
     return h.hexdigest()[:32]
 
 
-def _encode_file(job: tuple[Path, Path | None, CodecConfig]) -> tuple[np.ndarray | None, str | None]:
-    """Encode one file, reading and filling the cache; returns (tokens, None) or (None, problem)."""
-    path, cache, config = job
+def encode_one(path: Path, config: CodecConfig, encoder: Encoder | None = None) -> Outcome:
+    """Encode one file with `encoder` (default `codec.encode`): (int16 tokens, None), or (None, why not)."""
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        return None, f"cannot read ({e.strerror or e})"
-    key = _cache_key(data, config)
-    if cache is not None:
-        hit = _read_cache(cache, key)
-        if hit is not None:
-            return hit
-    try:
-        tokens, problem = codec.encode(path, config).astype(np.int16), None
+        return (encoder or codec.encode)(path, config).astype(np.int16), None
     except MidiReadError as e:
-        tokens, problem = None, str(e).removeprefix(f"{path}: ")
+        return None, str(e).removeprefix(f"{path}: ")
     except Exception as e:  # a reader crashing on a malformed file must not abort the batch
-        tokens, problem = None, f"unreadable ({e.__class__.__name__}: {e})"
-    if cache is not None:
-        _write_cache(cache, key, tokens, problem)
-    return tokens, problem
+        return None, f"unreadable ({e.__class__.__name__}: {e})"
 
 
-def _read_cache(cache: Path, key: str) -> tuple[np.ndarray | None, str | None] | None:
-    npy, err = cache / f"{key}.npy", cache / f"{key}.err"
+def _look_up(path: Path, cache: Path | None, config: CodecConfig,
+             max_bytes: int | None) -> tuple[Outcome | None, str | None]:
+    """(outcome, cache key): the outcome when the file is refused or cached, else None (encode it)."""
+    problem = file_problem(path, max_bytes)
+    if problem or cache is None:
+        return ((None, problem) if problem else None), None
     try:
-        if npy.exists():
-            return np.load(npy, allow_pickle=False), None
-        if err.exists():
-            return None, err.read_text()
-    except (OSError, ValueError):
-        pass  # a damaged cache entry is simply re-encoded
+        with open(path, "rb") as f:  # read no more than the limit, even if the file grew since stat
+            data = f.read(max_bytes + 1) if max_bytes is not None else f.read()
+    except OSError as e:
+        return (None, f"cannot read ({e.strerror or e})"), None
+    if max_bytes is not None and len(data) > max_bytes:
+        return (None, f"larger than {max_bytes / 2**20:g} MB"), None
+    key = _cache_key(data, config)
+    return _read_cache(cache, key, config), key
+
+
+def _read_cache(cache: Path, key: str, config: CodecConfig) -> Outcome | None:
+    """The cached outcome for `key`, or None when there is none or it is damaged (then it is re-encoded)."""
+    npy, err = cache / f"{key}.npy", cache / f"{key}.err"
+    if os.path.lexists(npy):
+        tokens = _load_tokens(npy, config)
+        if tokens is not None:
+            return tokens, None
+        try:
+            npy.unlink()  # so that a later .err entry is not shadowed by the damaged array
+        except OSError:
+            pass
+        return None
+    if os.path.lexists(err) and not file_problem(err, 4096):
+        try:
+            return None, err.read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            pass
     return None
+
+
+def _load_tokens(npy: Path, config: CodecConfig) -> np.ndarray | None:
+    """A cached token array, or None if the entry is damaged; its header is checked against the
+    file's size before anything is allocated, and its ids against the codec's vocabulary."""
+    if file_problem(npy, None):
+        return None
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(npy, "rb") as f:
+            reader = readers.get(np.lib.format.read_magic(f))
+            if reader is None:
+                return None
+            shape, _, dtype = reader(f)
+            payload = os.fstat(f.fileno()).st_size - f.tell()
+            if dtype.kind != "i" or dtype.itemsize != 2 or len(shape) != 1 or shape[0] * 2 != payload:
+                return None
+            tokens = np.frombuffer(f.read(payload), dtype=dtype).astype(np.int16)
+    except (OSError, ValueError, TypeError):
+        return None
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= config.pad_id):
+        return None  # PAD, EOS and ids past the vocabulary never occur in an encoded piece
+    return tokens
 
 
 def _write_cache(cache: Path, key: str, tokens: np.ndarray | None, problem: str | None) -> None:
@@ -122,6 +214,97 @@ def _write_cache(cache: Path, key: str, tokens: np.ndarray | None, problem: str 
         pass  # caching is an optimisation; a read-only cache folder must not stop training
 
 
+def _serve(conn, config: CodecConfig, encoder: Encoder | None) -> None:
+    """A worker's loop: encode each path the parent sends until it sends None or hangs up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
+    while True:
+        try:
+            path = conn.recv()
+        except (EOFError, OSError):
+            return
+        if path is None:
+            return
+        conn.send(encode_one(path, config, encoder))
+
+
+class _Worker:
+    """One encoding process fed through a pipe, so that the parent can kill it when a file overruns."""
+
+    def __init__(self, ctx, config: CodecConfig, encoder: Encoder | None):
+        self.conn, theirs = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(theirs, config, encoder), daemon=True)
+        self.process.start()
+        theirs.close()
+        self.job: int | None = None
+        self.deadline = math.inf
+
+    def start(self, job: int, path: Path, max_seconds: float | None) -> None:
+        self.job = job
+        self.deadline = time.monotonic() + max_seconds if max_seconds is not None else math.inf
+        self.conn.send(path)
+
+    def result(self, max_seconds: float | None) -> tuple[Outcome, bool] | None:
+        """(outcome, whether it is the file's verdict) once the job ends or overruns; None while it runs."""
+        if self.conn.poll():
+            try:
+                return self.conn.recv(), True
+            except (EOFError, OSError):
+                pass  # it died; say how below
+        elif self.process.is_alive():
+            if time.monotonic() < self.deadline:
+                return None
+            return (None, f"took longer than {max_seconds:g} s to encode"), False
+        self.process.join(1)
+        return (None, f"crashed the encoder (exit code {self.process.exitcode})"), False
+
+    def stop(self, kill: bool = False) -> None:
+        """End the process: asked to when idle, killed when `kill` or busy."""
+        if not kill and self.job is None and self.process.is_alive():
+            try:
+                self.conn.send(None)
+                self.process.join(1)
+            except OSError:
+                pass
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+def _encode_in_pool(paths: list[Path], todo: list[int], config: CodecConfig, encoder: Encoder | None,
+                    workers: int, max_seconds: float | None) -> Iterator[tuple[int, Outcome, bool]]:
+    """Encode paths[i] for each i in `todo` in worker processes: yields (i, outcome, final).
+
+    A worker still busy past its file's deadline, or one that died, is killed and replaced, and
+    the file's outcome says why with final False: a faster machine might manage, so it is not cached.
+    """
+    ctx = multiprocessing.get_context()
+    queue = deque(todo)
+    pool = [_Worker(ctx, config, encoder) for _ in range(min(workers, len(todo)))]
+    try:
+        while queue or any(w.job is not None for w in pool):
+            for w in pool:
+                if w.job is None and queue:
+                    i = queue.popleft()
+                    w.start(i, paths[i], max_seconds)
+            busy = [w for w in pool if w.job is not None]
+            timeout = min(w.deadline for w in busy) - time.monotonic()
+            wait([x for w in busy for x in (w.conn, w.process.sentinel)],
+                 None if timeout == math.inf else max(0.0, timeout))
+            for k, w in enumerate(pool):
+                done = w.result(max_seconds) if w.job is not None else None
+                if done is None:
+                    continue
+                yield w.job, done[0], done[1]
+                w.job = None
+                if not done[1]:
+                    w.stop(kill=True)
+                    pool[k] = _Worker(ctx, config, encoder)
+    finally:
+        for w in pool:
+            w.stop()
+
+
 def encode_files(
     files: list[Path],
     config: CodecConfig | None = None,
@@ -130,33 +313,53 @@ def encode_files(
     use_cache: bool = True,
     workers: int | None = None,
     progress: bool = True,
+    max_seconds: float | None = MAX_ENCODE_SECONDS,
+    max_bytes: int | None = MAX_FILE_BYTES,
+    encoder: Encoder | None = None,
 ) -> Corpus:
-    """Encode `files` in parallel (cached); unreadable files are skipped and listed in one warning."""
+    """Encode `files` in worker processes (cached); bad files are skipped and listed in one warning.
+
+    A file larger than `max_bytes` or taking longer than `max_seconds` is skipped; `workers=1`
+    encodes in this process, where no time limit is kept. `encoder` stands in for `codec.encode`
+    (tests pass one that hangs); it must be picklable and its results are cached as codec.encode's.
+    """
     config = config or CodecConfig()
     cache = (cache_dir or default_cache_dir()) if use_cache else None
-    jobs = [(Path(f), cache, config) for f in files]
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
-    bar = tqdm(total=len(jobs), desc="encoding MIDI", unit="file", disable=not progress, leave=False)
-    results: list[tuple[np.ndarray | None, str | None]] = []
-    if workers <= 1 or len(jobs) < 8:
-        for job in jobs:
-            results.append(_encode_file(job))
-            bar.update()
+    paths = [Path(f) for f in files]
+    bar = tqdm(total=len(paths), desc="encoding MIDI", unit="file", disable=not progress, leave=False)
+    outcomes: list[Outcome | None] = []
+    keys: list[str | None] = []
+    for path in paths:
+        outcome, key = _look_up(path, cache, config, max_bytes)
+        outcomes.append(outcome)
+        keys.append(key)
+        bar.update(outcome is not None)
+    todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    if workers == 1:
+        done = ((i, encode_one(paths[i], config, encoder), True) for i in todo)
     else:
-        with ProcessPoolExecutor(workers) as pool:
-            for res in pool.map(_encode_file, jobs, chunksize=4):
-                results.append(res)
-                bar.update()
+        done = _encode_in_pool(paths, todo, config, encoder, workers or os.cpu_count() or 1, max_seconds)
+    with contextlib.closing(done):  # on Ctrl-C too, the workers are ended here, not when collected
+        for i, outcome, final in done:
+            outcomes[i] = outcome
+            if keys[i] is not None and final:
+                _write_cache(cache, keys[i], *outcome)
+            bar.update()
     bar.close()
+    return _gather(paths, outcomes, config)
+
+
+def _gather(paths: list[Path], outcomes: list[Outcome], config: CodecConfig) -> Corpus:
+    """The corpus of the files that gave tokens, and one warning listing the others."""
     corpus = Corpus(pieces=[], config=config)
-    for (path, _, _), (tokens, problem) in zip(jobs, results):
+    for path, (tokens, problem) in zip(paths, outcomes):
         if tokens is None or len(tokens) == 0:
             corpus.skipped.append((path, problem or "no notes"))
         else:
             corpus.pieces.append(Piece(path, tokens))
     if corpus.skipped:
         listing = "; ".join(f"{p}: {why}" for p, why in corpus.skipped)
-        print(f"musicgpt: warning: skipped {len(corpus.skipped)} bad file(s): {listing}", file=sys.stderr)
+        print(printable(f"musicgpt: warning: skipped {len(corpus.skipped)} bad file(s): {listing}"), file=sys.stderr)
     return corpus
 
 
@@ -176,7 +379,7 @@ def split_files(pieces: list[Piece], val_fraction: float = 0.1) -> tuple[list[Pi
     """
     if not 0.0 <= val_fraction < 1.0:
         raise MusicGPTError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    order = sorted(pieces, key=lambda p: hashlib.sha1(p.path.name.encode()).hexdigest())
+    order = sorted(pieces, key=lambda p: hashlib.sha1(name_bytes(p.path.name)).hexdigest())
     n_val = round(len(pieces) * val_fraction)
     if val_fraction > 0 and len(pieces) >= 2:
         n_val = max(1, n_val)

@@ -116,9 +116,15 @@ def collect(files: list[Path], label: str = "", progress: bool = True) -> SetSta
     """Read every file (bad ones skipped and listed in one warning) and compute every feature."""
     from tqdm import tqdm
 
+    from musicgpt.data import file_problem, printable
+
     per: dict[str, list[np.ndarray]] = {f.name: [] for f in FEATURES}
     read, skipped = [], []
     for path in tqdm(files, desc=f"reading {label}".strip(), unit="file", disable=not progress, leave=False):
+        problem = file_problem(path)  # a FIFO named *.mid would block the read for good
+        if problem:
+            skipped.append(f"{path}: {problem}")
+            continue
         try:
             notes = read_notes(path)
         except MidiReadError as e:
@@ -128,7 +134,8 @@ def collect(files: list[Path], label: str = "", progress: bool = True) -> SetSta
         for f in FEATURES:
             per[f.name].append(f.values(notes))
     if skipped:
-        print(f"musicgpt: warning: skipped {len(skipped)} bad file(s): {'; '.join(skipped)}", file=sys.stderr)
+        listing = "; ".join(skipped)
+        print(printable(f"musicgpt: warning: skipped {len(skipped)} bad file(s): {listing}"), file=sys.stderr)
     if not read:
         raise MusicGPTError(f"{label or 'input'}: none of the {len(files)} MIDI file(s) could be read")
     values = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per.items()}
