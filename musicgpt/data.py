@@ -29,16 +29,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from musicgpt import codec
+from musicgpt import codec, midi_io
 from musicgpt.atomic import atomic_write
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.vocab import CodecConfig
 
 MIDI_SUFFIXES = (".mid", ".midi")
 IGNORE_INDEX = -100  # targets with this value (padding) do not count in the loss
-# A long solo piano performance is well under 1 MB; a file past this is not one, and reading it
-# could cost more memory and time than a batch should spend on one file.
-MAX_FILE_BYTES = 16 * 2**20
+MAX_FILE_BYTES = midi_io.MAX_FILE_BYTES  # what the reader accepts: larger files are skipped unread
 # Seconds one file may take to encode before its worker is killed and the file skipped. Far
 # above what any real piece needs, so only a pathological file (or a bug in the reader) hits it.
 MAX_ENCODE_SECONDS = 60.0

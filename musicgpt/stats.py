@@ -191,7 +191,8 @@ def format_table(report: dict) -> str:
     for name, f in report["features"].items():
         rows.append((name, f["unit"], _cell(f["samples"], name), _cell(f["reference"], name), f"{f['oa']:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     oa = [f["oa"] for f in report["features"].values()]
     lines.append(f"mean OA {np.mean(oa):.3f} (1 = same distributions as the reference, 0 = disjoint)")
