@@ -56,11 +56,13 @@ class Rules:
     start: RowState  # the state after the prompt
     max_quiet: float = math.inf  # steps without a new note (math.inf: no limit)
     max_held: float = math.inf  # steps a note may sound (math.inf: no limit)
+    vocab_size: int = 0  # the model's, when control tokens follow the codec's (0: the codec's)
 
     def __post_init__(self):
-        self.steps = shift_steps(self.config)  # [V] steps each token moves time on
+        self.vocab_size = max(self.vocab_size, self.config.vocab_size)
+        self.steps = shift_steps(self.config, self.vocab_size)  # [V] steps each token moves time on
         self._steps = self.steps.tolist()
-        self.base = np.zeros(self.config.vocab_size, dtype=np.float32)
+        self.base = np.zeros(self.vocab_size, dtype=np.float32)
         self.base[self.banned] = -np.inf
         self._ban: Tensor | None = None  # self.base on the logits' device
 
@@ -116,9 +118,9 @@ def seconds_to_steps(seconds: float, config: CodecConfig) -> int:
     return math.ceil(seconds * 1000 / config.step_ms - 1e-9)
 
 
-def shift_steps(config: CodecConfig) -> np.ndarray:
+def shift_steps(config: CodecConfig, vocab_size: int = 0) -> np.ndarray:
     """[vocab_size] time steps by which each token moves time on (0 except TIME_SHIFTs)."""
-    table = np.zeros(config.vocab_size, dtype=np.int64)
+    table = np.zeros(max(vocab_size, config.vocab_size), dtype=np.int64)
     table[TIME_SHIFT:TIME_SHIFT + config.max_shift_steps] = np.arange(1, config.max_shift_steps + 1)
     return table
 

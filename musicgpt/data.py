@@ -1,4 +1,6 @@
-"""The dataset pipeline: find MIDI files, encode them in parallel with a cache, split, and window.
+"""The dataset pipeline: find MIDI files, encode them in parallel with a cache, tag and split them.
+
+`musicgpt.windows` then cuts the pieces into training and evaluation windows.
 
 Encoded pieces are cached as `.npy` token arrays keyed by the file's bytes and the codec
 configuration, so a second run reads the cache instead of re-encoding and a changed file (or a
@@ -26,7 +28,6 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from musicgpt import codec, midi_io
@@ -105,10 +106,11 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class Piece:
-    """One encoded MIDI file."""
+    """One encoded MIDI file, and its style tag if the folder layout (or tags file) gives one."""
 
     path: Path
     tokens: np.ndarray  # int16 token ids, without EOS
+    tag: str | None = None
 
 
 @dataclass
@@ -122,6 +124,11 @@ class Corpus:
     @property
     def num_tokens(self) -> int:
         return int(sum(len(p.tokens) for p in self.pieces))
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The pieces' distinct tags, sorted."""
+        return tuple(sorted({p.tag for p in self.pieces if p.tag is not None}))
 
 
 def _cache_key(data: bytes, config: CodecConfig) -> str:
@@ -362,10 +369,14 @@ def _gather(paths: list[Path], outcomes: list[Outcome], config: CodecConfig) -> 
 
 
 def encode_folder(folder: str | os.PathLike, config: CodecConfig | None = None, **kwargs) -> Corpus:
-    """Find and encode every MIDI file under `folder`; see `encode_files` for the options."""
+    """Find, encode and tag every MIDI file under `folder` (`musicgpt.tags`); see `encode_files`
+    for the options."""
+    from musicgpt.tags import tag_pieces
+
     corpus = encode_files(find_midi_files(folder), config, **kwargs)
     if not corpus.pieces:
         raise MusicGPTError(f"{folder}: none of the MIDI files could be read")
+    tag_pieces(corpus.pieces, folder)
     return corpus
 
 
@@ -383,97 +394,3 @@ def split_files(pieces: list[Piece], val_fraction: float = 0.1) -> tuple[list[Pi
         n_val = max(1, n_val)
     val = set(id(p) for p in order[:n_val])
     return [p for p in pieces if id(p) not in val], [p for p in pieces if id(p) in val]
-
-
-@dataclass
-class Augment:
-    """Random augmentation of a training window: transposition and time stretch."""
-
-    max_transpose: int = 3  # semitones up or down, as in the Music Transformer
-    max_stretch: float = codec.MAX_STRETCH  # time stretch factor in [1 - s, 1 + s]
-
-    def __call__(self, tokens: np.ndarray, rng: np.random.Generator, config: CodecConfig) -> np.ndarray:
-        k = int(rng.integers(-self.max_transpose, self.max_transpose + 1))
-        if k:
-            tokens = codec.transpose(tokens, k, config)
-        factor = float(rng.uniform(1 - self.max_stretch, 1 + self.max_stretch))
-        return codec.time_stretch(tokens, factor, config)
-
-
-class TokenWindowDataset(torch.utils.data.Dataset):
-    """Random windows of seq_len + 1 tokens; item `i` is a pure function of (seed, i).
-
-    Each piece is framed as EOS + tokens + EOS. A piece is drawn with probability proportional
-    to its length, then a window start uniformly; windows that run off the end are padded and
-    their padded targets set to IGNORE_INDEX. Being index-deterministic makes resumed and
-    distributed training reproducible without saving any loader state.
-    """
-
-    def __init__(
-        self,
-        pieces: list[Piece],
-        seq_len: int,
-        config: CodecConfig,
-        *,
-        augment: Augment | None = None,
-        seed: int = 0,
-    ):
-        if not pieces:
-            raise MusicGPTError("no pieces to train on")
-        eos = np.array([config.eos_id], dtype=np.int16)
-        self.pieces = [np.concatenate([eos, p.tokens.astype(np.int16), eos]) for p in pieces]
-        lengths = np.array([len(p) for p in self.pieces], dtype=np.float64)
-        self.weights = lengths / lengths.sum()
-        self.seq_len, self.config, self.augment, self.seed = seq_len, config, augment, seed
-        self.num_tokens = int(lengths.sum())
-
-    def __len__(self) -> int:
-        return max(1, self.num_tokens // self.seq_len)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, index])
-        piece = self.pieces[rng.choice(len(self.pieces), p=self.weights)]
-        need = self.seq_len + 1
-        # Take a little extra so a compressing time stretch still fills the window.
-        take = need + need // 8 if self.augment else need
-        start = int(rng.integers(0, max(1, len(piece) - need + 1)))
-        window = piece[start : start + take]
-        if self.augment:
-            window = self.augment(window, rng, self.config)
-        return window_to_example(window[:need], need, self.config.pad_id)
-
-
-def window_to_example(window: np.ndarray, need: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad a window to `need` tokens and split it into (inputs, targets) with padding ignored."""
-    buf = np.full(need, pad_id, dtype=np.int64)
-    buf[: len(window)] = window
-    x = torch.from_numpy(buf[:-1].copy())
-    y = torch.from_numpy(buf[1:].copy())
-    y[len(window) - 1 :] = IGNORE_INDEX
-    return x, y
-
-
-def eval_windows(pieces: list[Piece], seq_len: int, config: CodecConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows covering every validation piece once (no augmentation)."""
-    eos = np.array([config.eos_id], dtype=np.int16)
-    out = []
-    for p in pieces:
-        framed = np.concatenate([eos, p.tokens.astype(np.int16), eos])
-        for start in range(0, len(framed) - 1, seq_len):
-            out.append(window_to_example(framed[start : start + seq_len + 1], seq_len + 1, config.pad_id))
-    return out
-
-
-def collate(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (inputs, targets) pairs into a batch."""
-    xs, ys = zip(*examples)
-    return torch.stack(xs), torch.stack(ys)
-
-
-def eval_batches(pieces: list[Piece], seq_len: int, config: CodecConfig, batch_size: int,
-                 limit: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`eval_windows` in batches; with `limit`, an evenly spread subset of that many windows."""
-    windows = eval_windows(pieces, seq_len, config)
-    if limit is not None and len(windows) > limit:
-        windows = [windows[i * len(windows) // limit] for i in range(limit)]
-    return [collate(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from musicgpt import data
 from musicgpt.devices import pick_device
 from musicgpt.errors import MusicGPTError
+from musicgpt.windows import IGNORE_INDEX, eval_batches
 
 
 @dataclass
@@ -61,8 +62,8 @@ def mean_loss(model, batches, device: str, autocast=None) -> float:
         with autocast or nullcontext():
             logits = model(x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                                 ignore_index=data.IGNORE_INDEX, reduction="sum")
-        total, count = total + float(loss), count + int((y != data.IGNORE_INDEX).sum())
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        total, count = total + float(loss), count + int((y != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / max(1, count)
 
@@ -91,8 +92,8 @@ def choose_pieces(pieces: list[data.Piece], val_fraction: float, all_files: bool
 def loss_on_pieces(model, pieces: list[data.Piece], codec_config, *, seq_len: int, batch_size: int = 8,
                    device: str = "cpu", progress: bool = True) -> tuple[float, int, int]:
     """(nats/token, targets scored, windows) over non-overlapping seq_len windows of `pieces`."""
-    batches = data.eval_batches(pieces, seq_len, codec_config, batch_size)
-    tokens = sum(int((y != data.IGNORE_INDEX).sum()) for _, y in batches)
+    batches = eval_batches(pieces, seq_len, codec_config, batch_size)
+    tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
     bar = tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False)
     # fp32 everywhere: a reported figure should not depend on the device's autocast.
     nats = mean_loss(model, bar, device)

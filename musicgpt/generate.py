@@ -82,7 +82,7 @@ def _sample(stepper: Stepper, prompt: Tensor, cfg: SamplingConfig, rules: Rules,
     seq = prompt.new_empty(batch, P + N)  # one buffer for the whole run: no per-step concat
     seq[:, :P] = prompt
     gen = torch.Generator(device=prompt.device).manual_seed(seed)
-    race = torch.empty(batch, rules.config.vocab_size, device=prompt.device)  # reused noise buffer
+    race = torch.empty(batch, rules.vocab_size, device=prompt.device)  # reused noise buffer
     lengths, alive = [0] * batch, [True] * batch
     rows = rules.initial(batch)
     penalize = cfg.repetition_penalty != 1.0
@@ -217,8 +217,8 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
              max_note_seconds: float = math.inf, static_cache: bool | None = None):
     """Check the request, build the stepper and the decoding rules, and run in eval + inference mode."""
     codec_config = codec_config or CodecConfig()
-    if model.config.vocab_size != codec_config.vocab_size:
-        raise MusicGPTError(f"model vocabulary ({model.config.vocab_size}) does not match the codec's "
+    if model.config.vocab_size < codec_config.vocab_size:
+        raise MusicGPTError(f"model vocabulary ({model.config.vocab_size}) is smaller than the codec's "
                             f"({codec_config.vocab_size})")
     if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise MusicGPTError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS:,}, got {max_new_tokens!r}")
@@ -226,7 +226,8 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
     prompt = torch.as_tensor(prompt).to(device=device, dtype=torch.long).reshape(1, -1)
     if prompt.size(1) == 0:
         raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
-    rules = _rules(prompt, max_new_tokens, codec_config, max_seconds=max_seconds, stop_at_eos=stop_at_eos,
+    rules = _rules(prompt, max_new_tokens, codec_config, model.config.vocab_size, max_seconds=max_seconds,
+                   stop_at_eos=stop_at_eos,
                    ban_eos=ban_eos, start_with_note=start_with_note, max_pause_seconds=max_pause_seconds,
                    max_note_seconds=max_note_seconds)
     window = window or model.config.context_len
@@ -253,11 +254,12 @@ def _steps(seconds: float, config: CodecConfig) -> float:
     return seconds_to_steps(seconds, config) if math.isfinite(seconds) else math.inf
 
 
-def _rules(prompt: Tensor, max_new_tokens: int, codec_config: CodecConfig, *, max_seconds: float,
+def _rules(prompt: Tensor, max_new_tokens: int, codec_config: CodecConfig, vocab_size: int, *, max_seconds: float,
            stop_at_eos: bool, ban_eos: bool, start_with_note: bool, max_pause_seconds: float,
            max_note_seconds: float) -> Rules:
     """The decoding rules of one request (musicgpt.constraints), its limits checked."""
-    banned = [codec_config.pad_id]  # padding is never music
+    # Padding is never music, and control tokens (tags, FIM sentinels) only ever come as input.
+    banned = [codec_config.pad_id, *range(codec_config.vocab_size, vocab_size)]
     if ban_eos:
         banned.append(codec_config.eos_id)  # a length was asked for: the piece goes on to it
     limits = {}
@@ -272,4 +274,5 @@ def _rules(prompt: Tensor, max_new_tokens: int, codec_config: CodecConfig, *, ma
     if start_with_note:  # from silence: the piece begins with a note, not a pause
         start.quiet = math.inf
     return Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,
-                 banned, start, max_quiet=limits["max_pause_seconds"], max_held=limits["max_note_seconds"])
+                 banned, start, max_quiet=limits["max_pause_seconds"], max_held=limits["max_note_seconds"],
+                 vocab_size=vocab_size)

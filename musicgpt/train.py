@@ -27,9 +27,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from musicgpt import atomic, checkpoint, data
+from musicgpt import atomic, checkpoint, data, windows
 from musicgpt.attention import choose_kernel
 from musicgpt.attention.flex import FLEX_MIN_LEN
+from musicgpt.controls import Controls
 from musicgpt.devices import pick_device
 from musicgpt.errors import Interrupted, MusicGPTError
 from musicgpt.evaluate import mean_loss
@@ -66,6 +67,8 @@ class TrainConfig:
     init: str | None = None  # checkpoint to fine-tune from ("default" = the shipped model)
     seed: int = 1337
     augment: bool = True
+    fim_rate: float | None = None  # share of windows in fill-in-the-middle order (default FIM_RATE)
+    tag_dropout: float = 0.1  # share of tagged windows shown without their tag
     val_fraction: float = 0.1
     eval_interval: int | None = None
     eval_batches: int = 16
@@ -73,6 +76,9 @@ class TrainConfig:
     workers: int | None = None  # data loader workers (default: 0 on CPU, 4 on CUDA)
     threads: int | None = None  # CPU threads for torch (default: torch's choice)
 
+
+# Fill-in-the-middle costs left-to-right loss almost nothing at this rate (Bavarian et al. 2022).
+FIM_RATE = 0.5
 
 # Defaults per device: the CPU ones train `tiny` on midi_data/ in about ten minutes on 2 cores.
 CPU_DEFAULTS = dict(preset="tiny", max_steps=1200, batch_size=16, seq_len=256, lr=2e-3, warmup=100, eval_interval=100)
@@ -100,7 +106,9 @@ def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
         raise MusicGPTError(f"--lr must be a positive number, got {out.lr}")
     if out.stop_at is not None and out.stop_at < 1:
         raise MusicGPTError(f"--stop-at must be at least 1, got {out.stop_at}")
-    for name in ("dropout", "attn_dropout"):
+    if out.fim_rate is None:
+        out.fim_rate = FIM_RATE
+    for name in ("dropout", "attn_dropout", "fim_rate", "tag_dropout"):
         value = getattr(out, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise MusicGPTError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
@@ -221,7 +229,7 @@ class Run:
     ranks: Ranks
     device: str
     run_dir: Path
-    codec_config: CodecConfig
+    controls: Controls  # the model's control tokens; its codec config is `controls.codec`
     model: MusicGPT
     optimizer: torch.optim.Optimizer
     state: RunState
@@ -237,7 +245,11 @@ class Run:
         stored = {k: v for k, v in asdict(self.cfg).items() if k not in ("resume", "init", "stop_at")}
         checkpoint.save_checkpoint(self.run_dir / name, self.model, self.codec_config,
                                    state={**asdict(self.state), "train_config": stored},
-                                   optimizer=self.optimizer if with_optimizer else None)
+                                   optimizer=self.optimizer if with_optimizer else None, controls=self.controls)
+
+    @property
+    def codec_config(self) -> CodecConfig:
+        return self.controls.codec
 
 
 def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, tuple | None]:
@@ -249,7 +261,7 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, tuple | None]:
     resumed = checkpoint.load_checkpoint(run_dir / "last.safetensors")
     stored = resumed[1].state.get("train_config", {})
     names = {f.name for f in fields(cfg)}
-    merged = {k: v for k, v in stored.items() if k in names}
+    merged = {"fim_rate": 0.0, **{k: v for k, v in stored.items() if k in names}}  # older runs had no FIM
     merged.update({k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) is not None})
     return TrainConfig(**{**merged, "resume": cfg.resume, "out": str(run_dir)}), resumed
 
@@ -263,7 +275,25 @@ def load_corpus(cfg: TrainConfig, codec_config, progress: bool) -> Corpus:
     return Corpus(encoded.config, train_pieces, val_pieces)
 
 
-def _build_model(cfg: TrainConfig, codec_config, resumed, init) -> MusicGPT:
+def run_controls(cfg: TrainConfig, corpus: Corpus, resumed, init) -> Controls:
+    """The control tokens of the model: those of the run or checkpoint we continue, else FIM
+    sentinels (with --fim-rate above 0) and one tag per tag in the corpus."""
+    continued = resumed or init
+    if continued is None:
+        return Controls(corpus.codec_config, cfg.fim_rate > 0, corpus.tags)
+    controls = continued[1].controls
+    if cfg.fim_rate > 0 and not controls.fim:
+        print(f"musicgpt: {cfg.init or cfg.resume} was trained without fill-in-the-middle; "
+              "training on without it (--fim-rate 0)", file=sys.stderr)
+        cfg.fim_rate = 0.0
+    unknown = sorted(set(corpus.tags) - set(controls.tags))
+    if unknown:
+        print(f"musicgpt: the model has no tag for {', '.join(unknown)}; those pieces train untagged",
+              file=sys.stderr)
+    return controls
+
+
+def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGPT:
     """A fresh model for a resumed run (its weights are restored later), the `init` checkpoint's
     model (the corpus was encoded with its codec), or a new model from the preset."""
     if resumed is not None:
@@ -278,7 +308,7 @@ def _build_model(cfg: TrainConfig, codec_config, resumed, init) -> MusicGPT:
             # longer window: the same weights, fine-tuned on longer sequences.
             model.config = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})
         return model.train()
-    overrides = {"vocab_size": codec_config.vocab_size}
+    overrides = {"vocab_size": controls.vocab_size}
     if cfg.attention:
         overrides["attention"] = cfg.attention
     for name in ("dropout", "attn_dropout"):
@@ -292,7 +322,8 @@ def _build_model(cfg: TrainConfig, codec_config, resumed, init) -> MusicGPT:
 
 def start_run(cfg: TrainConfig, corpus: Corpus, resumed, init, device: str, ranks: Ranks, run_dir: Path) -> Run:
     """The model and optimizer (restored on resume), the run folder and its log."""
-    model = _build_model(cfg, corpus.codec_config, resumed, init)
+    controls = run_controls(cfg, corpus, resumed, init)
+    model = _build_model(cfg, controls, resumed, init)
     if ranks.main:  # only now: a bad data folder or option leaves no empty run folder behind
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.remove_stale_temp_files(run_dir)  # what a killed run was writing
@@ -305,8 +336,7 @@ def start_run(cfg: TrainConfig, corpus: Corpus, resumed, init, device: str, rank
         state = RunState.from_checkpoint(resumed[1].state)
     if init is not None and ranks.main:
         print(f"musicgpt: fine-tuning from {cfg.init}", file=sys.stderr)
-    return Run(cfg, ranks, device, run_dir, corpus.codec_config, model, optimizer, state,
-               RunLog(run_dir, ranks.main))
+    return Run(cfg, ranks, device, run_dir, controls, model, optimizer, state, RunLog(run_dir, ranks.main))
 
 
 def wrap_model(run: Run) -> None:
@@ -323,12 +353,13 @@ def wrap_model(run: Run) -> None:
 def make_loader(run: Run, pieces: list) -> torch.utils.data.DataLoader:
     """The training batches from the run's current step on, this rank's share of each."""
     cfg, cuda = run.cfg, run.device.startswith("cuda")
-    dataset = data.TokenWindowDataset(pieces, cfg.seq_len, run.codec_config,
-                                      augment=data.Augment() if cfg.augment else None, seed=cfg.seed)
+    dataset = windows.TokenWindowDataset(pieces, cfg.seq_len, run.codec_config, seed=cfg.seed,
+                                         augment=windows.Augment() if cfg.augment else None,
+                                         controls=run.controls, fim_rate=cfg.fim_rate, tag_dropout=cfg.tag_dropout)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=StepBatches(cfg, run.state.step, run.ranks.rank, run.ranks.world),
-        collate_fn=data.collate,
+        collate_fn=windows.collate,
         num_workers=cfg.workers if cfg.workers is not None else (4 if cuda else 0),
         pin_memory=cuda,
         # Its own generator: a loader drawing its base seed from the global RNG would shift the
@@ -406,8 +437,7 @@ def run_loop(run: Run, corpus: Corpus, progress: bool) -> Path:
     """
     cfg, state = run.cfg, run.state
     # A fixed, evenly spread subset keeps evaluation quick and comparable between evaluations.
-    val_batches = data.eval_batches(corpus.val, cfg.seq_len, run.codec_config, cfg.batch_size,
-                                    limit=cfg.eval_batches * cfg.batch_size)
+    val_batches = validation_batches(run, corpus)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="training", unit="step",
                disable=not (progress and run.ranks.main))
     stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
@@ -477,16 +507,32 @@ def train_step(run: Run, batches, bar: tqdm) -> None:
                       tokens_seen=state.tokens_seen, time_s=state.elapsed_s)
 
 
-def evaluate_and_save(run: Run, val_batches: list, bar: tqdm) -> None:
-    """Validation loss, logged and drawn; `best` if it is the lowest yet, and `last` always."""
+def validation_batches(run: Run, corpus: Corpus) -> dict[str, list]:
+    """A fixed, evenly spread subset of the validation windows, so evaluation is quick and
+    comparable between evaluations: left to right ("val"), and with FIM the middles ("val_infill")."""
+    cfg, limit = run.cfg, run.cfg.eval_batches * run.cfg.batch_size
+    out = {"val": windows.eval_batches(corpus.val, cfg.seq_len, run.codec_config, cfg.batch_size, limit,
+                                       run.controls)}
+    if run.controls.fim:
+        infill = windows.infill_windows(corpus.val, cfg.seq_len, run.codec_config, run.controls, seed=cfg.seed)
+        out["val_infill"] = windows.batches(infill, cfg.batch_size, limit)
+    return out
+
+
+def evaluate_and_save(run: Run, val_batches: dict[str, list], bar: tqdm) -> None:
+    """Validation losses, logged and drawn; `best` if the left-to-right one is the lowest yet, and
+    `last` always."""
     state = run.state
-    val = mean_loss(run.model, val_batches, run.device, run.autocast)
+    losses = {split: mean_loss(run.model, b, run.device, run.autocast) for split, b in val_batches.items()}
+    val = losses["val"]
     if not math.isfinite(val):
         raise MusicGPTError(f"training diverged: validation loss is {val} at step {state.step}")
-    run.log.write(step=state.step, split="val", loss=val, bits=val / math.log(2), tokens_seen=state.tokens_seen,
-                  time_s=state.elapsed_s)
+    for split, loss in losses.items():
+        run.log.write(step=state.step, split=split, loss=loss, bits=loss / math.log(2),
+                      tokens_seen=state.tokens_seen, time_s=state.elapsed_s)
     if run.log.enabled:
-        bar.write(f"step {state.step}: val loss {val:.4f} nats/token ({val / math.log(2):.4f} bits)")
+        infill = f"; infilling {losses['val_infill']:.4f}" if "val_infill" in losses else ""
+        bar.write(f"step {state.step}: val loss {val:.4f} nats/token ({val / math.log(2):.4f} bits){infill}")
     if state.best_val is None or val < state.best_val:
         state.best_val = val
         run.save("best", with_optimizer=False)
