@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -234,26 +235,36 @@ def test_json_nested_200000_deep_is_refused_in_one_line(tmp_path, monkeypatch):
         assert checkpoint.peek_model_config(path) is None
 
 
+@contextmanager
+def _fifo_watchdog(fifo: Path):
+    """A loader that opens `fifo` blocks; after 10 s this opens its other end, so the test fails, not hangs."""
+    stop = threading.Event()
+
+    def unblock() -> None:
+        if not stop.wait(10):
+            while not stop.wait(0.1):
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:  # no reader waiting yet
+                    pass
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_a_checkpoint_that_is_not_a_regular_file_is_refused_without_reading(tmp_path):
     fifo = tmp_path / "fifo.safetensors"
     os.mkfifo(fifo)
-    # If the loader opened the FIFO it would block; this unblocks it so the test fails, not hangs.
-    watchdog = threading.Timer(10, lambda: _open_writer(fifo))
-    watchdog.start()
-    try:
+    with _fifo_watchdog(fifo):
         for path in (fifo, Path("/dev/zero")):
             message = _one_line_error(path, lambda p=path: checkpoint.load_model(p))
             assert "not a regular file" in message
             assert checkpoint.peek_codec_config(path) is None
-    finally:
-        watchdog.cancel()
-
-
-def _open_writer(fifo: Path) -> None:
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:
-        pass
 
 
 @pytest.mark.parametrize("claim", ["past the end", "2**62"])
@@ -270,22 +281,18 @@ def test_a_header_length_beyond_the_file_is_refused(claim, tmp_path, monkeypatch
 def test_hostile_checkpoint_through_the_cli_is_one_stderr_line(tmp_path, capsys):
     fifo = tmp_path / "fifo.safetensors"
     os.mkfifo(fifo)
-    watchdog = threading.Timer(10, lambda: _open_writer(fifo))
-    watchdog.start()
-    try:
-        for path, problem in ((_hostile(tmp_path, _config(n_layer=100_000)), "n_layer must be at most 256"),
-                              (_hostile(tmp_path, _config(n_layer=1), "short"), "unexpected tensor"),
-                              (fifo, "not a regular file")):
-            start = time.monotonic()
+    for path, problem in ((_hostile(tmp_path, _config(n_layer=100_000)), "n_layer must be at most 256"),
+                          (_hostile(tmp_path, _config(n_layer=1), "short"), "unexpected tensor"),
+                          (fifo, "not a regular file")):
+        start = time.monotonic()
+        with _fifo_watchdog(fifo):
             rc = main(["sample", "--checkpoint", str(path), "--seconds", "1", "--out", str(tmp_path / "out")])
-            assert time.monotonic() - start < 10
-            captured = capsys.readouterr()
-            lines = captured.err.strip().splitlines()
-            assert rc == 1 and len(lines) == 1, captured.err
-            assert lines[0].startswith(f"musicgpt: error: {path}: ") and problem in lines[0], lines[0]
-            assert not (tmp_path / "out").exists()
-    finally:
-        watchdog.cancel()
+        assert time.monotonic() - start < 10
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1, captured.err
+        assert lines[0].startswith(f"musicgpt: error: {path}: ") and problem in lines[0], lines[0]
+        assert not (tmp_path / "out").exists()
 
 
 PROBE_SCRIPT = """
