@@ -5,6 +5,14 @@ optimizer state and random state for exact resumption) with the model and codec 
 in its metadata, plus a human-readable `NAME.json` beside it. The safetensors file is the
 source of truth: it is written to a temporary file and renamed, so a run killed mid-write
 leaves the previous checkpoint intact.
+
+Reading trusts nothing in the file. safetensors is what keeps a hostile file from running code:
+nothing is ever unpickled. The SHA-256 saved with the metadata has no key, so anyone can
+recompute it: it catches accidental damage (a flipped bit, a truncated copy), not tampering.
+Everything else is checked before it can cost anything: the file is a regular file whose header
+fits in it, the metadata is JSON of the expected types and bounded depth, the configuration is
+within `musicgpt.model`'s size bounds, and every tensor's shape in the header equals the shape
+the configuration implies, all before a tensor is read or a model built.
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+from torch.overrides import TorchFunctionMode
 
 from musicgpt.atomic import atomic_write
 from musicgpt.errors import CheckpointError, MusicGPTError
@@ -28,6 +39,14 @@ from musicgpt.vocab import CodecConfig
 
 FORMAT = "musicgpt-checkpoint-v1"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+# safetensors itself refuses headers over 100 MB; ours are a few kB per layer.
+MAX_HEADER_BYTES = 100_000_000
+# Our metadata nests four levels (state -> train_config -> value, optimizer -> groups -> betas);
+# a bound keeps a hostile file from exhausting the recursion of the JSON parser or the digest.
+MAX_METADATA_DEPTH = 32
+# Tensors besides the model's that a `last` checkpoint holds: optimizer state and random state.
+EXTRA_TENSOR = re.compile(r"optim\.\d+\.\w+|rng\.torch|rng\.cuda\.\d+")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass
@@ -42,10 +61,12 @@ class Checkpoint:
 
 
 def content_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
-    """SHA-256 of the metadata and every tensor's name, dtype, shape and bytes.
+    """SHA-256 of the metadata and every tensor's name, dtype, shape and bytes, against accidental damage.
 
     safetensors checks a file's structure but not its contents, so a flipped bit in the weights
-    or an edited configuration would otherwise load silently.
+    would otherwise load silently. It has no key, so anyone can recompute it: it does not detect
+    tampering (the loader's own checks and safetensors' no-pickle format are what guard against
+    hostile files).
     """
     h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
@@ -79,12 +100,53 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"]}
 
 
+def _same_kind(saved: Any, live: Any) -> bool:
+    """Whether a saved optimizer setting has the type of the live one (None matches anything)."""
+    if saved is None or live is None:
+        return True
+    if isinstance(live, bool) or isinstance(saved, bool):
+        return isinstance(live, bool) and isinstance(saved, bool)
+    if isinstance(live, (int, float)):
+        return isinstance(saved, (int, float))
+    if isinstance(live, (list, tuple)):
+        return (isinstance(saved, (list, tuple)) and len(saved) == len(live)
+                and all(_same_kind(a, b) for a, b in zip(saved, live)))
+    return isinstance(saved, type(live))
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, state: dict[int, dict[str, torch.Tensor]], meta: dict) -> None:
+    """Refuse saved optimizer settings and state that the live optimizer could not use.
+
+    torch's `load_state_dict` checks only the group sizes; a wrong shape or setting would
+    otherwise fail at the first training step instead of here.
+    """
+    groups = meta["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{len(groups)} optimizer groups saved, {len(optimizer.param_groups)} expected")
+    params: dict[int, torch.Tensor] = {}
+    for saved, live in zip(groups, optimizer.param_groups):
+        for key, value in live.items():
+            if key != "params" and key in saved and not _same_kind(saved[key], value):
+                raise ValueError(f"optimizer setting {key} is {_kind(saved[key])}")
+        if len(saved["params"]) != len(live["params"]):
+            raise ValueError("an optimizer group holds a different number of parameters")
+        params.update(zip(saved["params"], live["params"]))
+    for idx, tensors in state.items():
+        if idx not in params:
+            raise ValueError(f"optimizer state for parameter {idx}, which no group holds")
+        for key, t in tensors.items():
+            if t.dim() and t.shape != params[idx].shape:
+                raise ValueError(f"tensor optim.{idx}.{key} has shape {list(t.shape)}, "
+                                 f"its parameter {list(params[idx].shape)}")
+
+
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         if name.startswith("optim."):
             _, idx, key = name.split(".", 2)
             state.setdefault(int(idx), {})[key] = t
+    _check_optimizer(optimizer, state, meta)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -125,26 +187,157 @@ def save_checkpoint(
     return path
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+def _read_header(path: Path) -> tuple[str | None, dict[str, tuple[str, tuple[int, ...]]]]:
+    """Our raw metadata and every tensor's dtype and shape, from the header alone (no tensor read)."""
     try:
-        from safetensors import safe_open
-
+        info = path.stat()
+    except OSError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block and /dev/zero never end
+        raise CheckpointError(f"{path}: not a regular file, so not a checkpoint")
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= min(info.st_size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"its header claims {length} bytes and the file has {info.st_size}")
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("musicgpt")
-        tensors = load_file(str(path))
+            shapes = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or damaged: {e})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or damaged: {first})") from None
+    return raw, shapes
+
+
+def _malformed(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: malformed checkpoint metadata ({problem})")
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and mappings nest in `value` (iteratively: it must not recurse itself)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack and deepest <= MAX_METADATA_DEPTH:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _parse_metadata(path: Path, raw: str | None) -> dict[str, Any]:
+    """Our metadata, parsed and checked to be of the expected shape and types."""
     try:
         meta = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise _malformed(path, "nested too deeply") from None
+    except ValueError:  # not JSON, or an integer too long to convert
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a musicgpt checkpoint (missing or unknown metadata)")
+    if _depth(meta) > MAX_METADATA_DEPTH:
+        raise _malformed(path, f"nested more than {MAX_METADATA_DEPTH} deep")
+    _check_metadata(path, meta)
+    return meta
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse metadata whose fields have the wrong types, before anything relies on them."""
+    for name in ("model_config", "codec_config"):
+        if not isinstance(meta.get(name), dict):
+            raise _malformed(path, f"{name} must be an object, got {_kind(meta.get(name))}")
+    for name in ("state", "aliases", "optimizer"):
+        if not isinstance(meta.get(name, {}), dict):
+            raise _malformed(path, f"{name} must be an object, got {_kind(meta[name])}")
+    if not isinstance(meta.get("sha256", ""), str):
+        raise _malformed(path, f"sha256 must be a string, got {_kind(meta['sha256'])}")
+    state = meta.get("state", {})
+    for name, ok, what in (("step", _is_count, "a non-negative integer"),
+                           ("tokens_seen", _is_count, "a non-negative integer"),
+                           ("elapsed_s", _is_number, "a number"),
+                           ("best_val", lambda v: v is None or _is_number(v), "a number or null"),
+                           ("train_config", lambda v: isinstance(v, dict), "an object")):
+        if name in state and not ok(state[name]):
+            raise _malformed(path, f"state.{name} must be {what}, got {_kind(state[name])}")
+    for alias, source in meta.get("aliases", {}).items():
+        if not (isinstance(source, str) and alias.startswith("model.") and source.startswith("model.")):
+            raise _malformed(path, f"alias {alias[:80]!r} must name a model tensor, got {_kind(source)}")
+    if "optimizer" in meta:
+        groups = meta["optimizer"].get("param_groups")
+        if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
+            raise _malformed(path, "optimizer.param_groups must be a list of objects")
+        for g in groups:
+            if not (isinstance(g.get("params"), list) and all(_is_count(i) for i in g["params"])):
+                raise _malformed(path, "each optimizer group's params must be a list of parameter numbers")
+
+
+def _shape_error(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: weights do not match the configuration ({problem})")
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips `torch.nn.init`: on the meta device there is nothing to fill, and its random fills
+    there import torch's compiler, seconds spent doing nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in `MusicGPT(config).state_dict()`, found without allocating any."""
+    with torch.device("meta"), _SkipInit():  # the meta device allocates nothing
+        return {k: tuple(v.shape) for k, v in MusicGPT(config).state_dict().items()}
+
+
+def _check_shapes(path: Path, shapes: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig,
+                  aliases: dict[str, str]) -> None:
+    """Compare the header's tensors with those `config` implies, before any is read or a model built."""
+    expected = {f"model.{k}": v for k, v in expected_shapes(config).items()}
+    for alias, source in aliases.items():
+        if alias not in expected or alias in shapes:
+            raise _shape_error(path, f"alias {alias[:80]} names no tied tensor of this model")
+        if source not in shapes:
+            raise _shape_error(path, f"alias {alias} points to {source[:80]}, which the file does not hold")
+    for name, want in expected.items():
+        stored = shapes.get(aliases.get(name, name))
+        if stored is None:
+            raise _shape_error(path, f"tensor {name} is missing")
+        dtype, shape = stored
+        if shape != want:
+            raise _shape_error(path, f"tensor {name} has shape {list(shape)}, the configuration implies {list(want)}")
+        if dtype not in FLOAT_DTYPES:
+            raise _shape_error(path, f"tensor {name} holds {dtype}, not floating-point numbers")
+    for name in shapes:
+        if name not in expected and not EXTRA_TENSOR.fullmatch(name):
+            raise _shape_error(path, f"unexpected tensor {name[:80]}")
+
+
+def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a checked checkpoint, verified against the digest saved with it."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a valid safetensors checkpoint (truncated or damaged: {first})") from None
     if "sha256" in meta and meta["sha256"] != content_digest(tensors, meta):  # older files have no digest
         raise CheckpointError(f"{path}: checkpoint is damaged (its contents do not match the checksum saved with it)")
-    return tensors, meta
+    return tensors
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> Path:
@@ -179,19 +372,22 @@ def latest_run(runs_dir: str | os.PathLike = "runs") -> Path | None:
     return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.safetensors")), default=None)
 
 
-def load_checkpoint(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], Checkpoint]:
-    """Read every tensor of a checkpoint and its metadata (configs validated)."""
+def load_checkpoint(
+    spec: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], Checkpoint]:
+    """Read every tensor of a checkpoint and its metadata, after checking both from the header alone."""
     path = resolve_checkpoint(spec)
-    tensors, meta = _read(path)
+    raw, shapes = _read_header(path)
+    meta = _parse_metadata(path, raw)
     try:
         ckpt = Checkpoint(
             ModelConfig.from_dict(meta["model_config"]),
             CodecConfig.from_dict(meta["codec_config"]),
-            dict(meta.get("state") or {}),
+            dict(meta.get("state", {})),
             path,
             meta,
         )
-    except (KeyError, TypeError) as e:
+    except TypeError as e:  # a missing field without a default
         raise CheckpointError(f"{path}: checkpoint configuration is incomplete ({e})") from None
     except MusicGPTError as e:
         raise CheckpointError(f"{path}: bad configuration in checkpoint ({e})") from None
@@ -200,6 +396,8 @@ def load_checkpoint(spec: str | os.PathLike, map_location: str | torch.device = 
             f"{path}: model vocabulary ({ckpt.model_config.vocab_size}) does not match the codec's "
             f"({ckpt.codec_config.vocab_size})"
         )
+    _check_shapes(path, shapes, ckpt.model_config, meta.get("aliases", {}))
+    tensors = _read_tensors(path, meta)
     return {k: v.to(map_location) for k, v in tensors.items()}, ckpt
 
 
@@ -241,20 +439,17 @@ def restore_training(
         model.load_state_dict(model_state(tensors, ckpt.meta), strict=True)
         _restore_optimizer(optimizer, tensors, ckpt.meta["optimizer"])
         torch.set_rng_state(tensors["rng.torch"])
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{ckpt.path}: training state does not match the configuration ({first})") from None
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _header_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Our metadata from a checkpoint's safetensors header alone (no tensors read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads(f.metadata()["musicgpt"])
+    """Our metadata from a checkpoint's safetensors header alone (no tensors read), checked."""
+    return _parse_metadata(Path(path), _read_header(Path(path))[0])
 
 
 def peek_model_config(path: str | os.PathLike) -> ModelConfig | None:
@@ -298,8 +493,11 @@ def choose_checkpoint(spec: str | os.PathLike | None, runs_dir: str | os.PathLik
     )
 
 
-def export_model(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True, note: dict | None = None) -> Path:
+def export_model(
+    src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True, note: dict | None = None
+) -> Path:
     """Write a checkpoint's model (no optimizer state) to `dst` (.safetensors + .json), fp16 by default."""
     model, ckpt = load_model(src)
-    state = {k: v for k, v in ckpt.state.items() if k in ("step", "tokens_seen", "best_val", "elapsed_s", "train_config")}
+    kept = ("step", "tokens_seen", "best_val", "elapsed_s", "train_config")
+    state = {k: v for k, v in ckpt.state.items() if k in kept}
     return save_checkpoint(dst, model, ckpt.codec_config, state={**state, **(note or {})}, half=half)

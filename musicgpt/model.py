@@ -24,6 +24,19 @@ from musicgpt.errors import MusicGPTError
 
 ATTENTION_KINDS = ("relative", "absolute")
 
+# Upper bounds on every size, so that a configuration read from a file (a checkpoint's metadata)
+# cannot ask for terabytes. They sit far above any model this project trains (the "base" preset
+# is 6 layers of width 512) and far below what would exhaust a machine's memory.
+MAX_LAYERS = 256
+MAX_HEADS = 256
+MAX_EMBD = 16384
+MAX_MLP_DIM = 65536
+MAX_CONTEXT = 2**20  # context_len and max_rel_dist: a million tokens is hours of piano
+MAX_VOCAB = 2**15  # the codec stores token ids as int16
+MAX_PARAMS = 2**32  # 16 GiB of float32 weights; the per-field bounds alone would allow far more
+SIZE_LIMITS = {"vocab_size": MAX_VOCAB, "n_layer": MAX_LAYERS, "n_head": MAX_HEADS, "n_embd": MAX_EMBD,
+               "mlp_dim": MAX_MLP_DIM, "context_len": MAX_CONTEXT, "max_rel_dist": MAX_CONTEXT}
+
 
 @dataclass
 class ModelConfig:
@@ -55,10 +68,23 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def num_params(self) -> int:
+        """The parameter count of `MusicGPT(self)`, computed without building it."""
+        c, bias = self.n_embd, int(self.bias)
+        norm = c * (1 + bias)  # a LayerNorm's gain and bias
+        attn = 3 * c * c + 3 * c * bias + c * c + c * bias  # qkv and the output projection
+        if self.attention == "relative":
+            attn += self.max_rel_dist * c  # rel_emb: n_head * max_rel_dist * d_head
+        mlp = 2 * c * self.mlp_dim + (self.mlp_dim + c) * bias
+        embeddings = self.vocab_size * c + (self.context_len * c if self.attention == "absolute" else 0)
+        return embeddings + self.n_layer * (2 * norm + attn + mlp) + norm
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "") -> ModelConfig:
         """Build a config from `to_dict()` output; `source` (e.g. a file name) prefixes errors."""
         prefix = f"{source}: " if source else ""
+        if not isinstance(d, dict):
+            raise MusicGPTError(f"{prefix}model config: expected a mapping, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -69,28 +95,34 @@ class ModelConfig:
             raise MusicGPTError(f"{prefix}{e}") from None
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "mlp_dim", "context_len",
-                     "max_rel_dist"):
+        for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise MusicGPTError(f"model config: {name} must be a positive integer, "
-                                    f"got {value!r}")
+                                    f"got {value!r:.40}")
+            if value > limit:
+                # A thousand-digit number is not printed whole; one line must stay one short line.
+                shown = value if value < 2**64 else "more"
+                raise MusicGPTError(f"model config: {name} must be at most {limit}, got {shown}")
         if self.n_embd % self.n_head:
             raise MusicGPTError(f"model config: n_embd ({self.n_embd}) must be divisible by "
                                 f"n_head ({self.n_head})")
         if self.attention not in ATTENTION_KINDS:
             kinds = ", ".join(ATTENTION_KINDS)
             raise MusicGPTError(f"model config: attention must be one of {kinds}, "
-                                f"got {self.attention!r}")
+                                f"got {self.attention!r:.40}")
         for name in ("dropout", "attn_dropout"):
             value = getattr(self, name)
             if name == "attn_dropout" and value is None:
                 continue
             if (not isinstance(value, (int, float)) or isinstance(value, bool)
                     or not 0.0 <= value < 1.0):
-                raise MusicGPTError(f"model config: {name} must be in [0, 1), got {value!r}")
+                raise MusicGPTError(f"model config: {name} must be in [0, 1), got {value!r:.40}")
         if not isinstance(self.bias, bool):
-            raise MusicGPTError(f"model config: bias must be true or false, got {self.bias!r}")
+            raise MusicGPTError(f"model config: bias must be true or false, got {self.bias!r:.40}")
+        if self.num_params() > MAX_PARAMS:
+            raise MusicGPTError(f"model config: {self.num_params():,} parameters is more than the "
+                                f"limit of {MAX_PARAMS:,}")
 
 
 # Named model sizes; every other field keeps its ModelConfig default unless overridden.
