@@ -33,6 +33,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.overrides import TorchFunctionMode
 
 from musicgpt.atomic import atomic_write
+from musicgpt.controls import Controls
 from musicgpt.errors import CheckpointError, MusicGPTError
 from musicgpt.model import ModelConfig, MusicGPT
 from musicgpt.vocab import CodecConfig
@@ -58,6 +59,11 @@ class Checkpoint:
     state: dict[str, Any] = field(default_factory=dict)  # step, tokens seen, metrics, train config
     path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict, repr=False)  # raw metadata: aliases, optimizer groups
+    controls: Controls | None = None  # style tags and FIM sentinels; None: none (set from the codec)
+
+    def __post_init__(self) -> None:
+        if self.controls is None:
+            self.controls = Controls(self.codec_config)
 
 
 def content_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
@@ -158,8 +164,10 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     half: bool = False,
+    controls: Controls | None = None,
 ) -> Path:
-    """Write `path` (.safetensors) and its .json atomically; with `optimizer`, also what resuming needs."""
+    """Write `path` (.safetensors) and its .json atomically; with `optimizer`, also what resuming
+    needs. `controls` are the model's control tokens (None: none beyond the codec's ids)."""
     path = Path(path).with_suffix(".safetensors")
     tensors, aliases = _unique_tensors({f"model.{k}": v for k, v in model.state_dict().items()})
     if half:
@@ -168,6 +176,7 @@ def save_checkpoint(
         "format": FORMAT,
         "model_config": model.config.to_dict(),
         "codec_config": codec_config.to_dict(),
+        "controls": (controls or Controls(codec_config)).to_dict(),
         "state": state or {},
         "aliases": aliases,
     }
@@ -180,7 +189,7 @@ def save_checkpoint(
     meta["sha256"] = content_digest(tensors, json.loads(json.dumps(meta)))  # as a reader will parse it
     with atomic_write(path) as f:
         f.write(safetensors_bytes(tensors, metadata={"musicgpt": json.dumps(meta)}))
-    info = {k: meta[k] for k in ("format", "model_config", "codec_config", "state")}
+    info = {k: meta[k] for k in ("format", "model_config", "codec_config", "controls", "state")}
     info["weights"] = path.name
     with atomic_write(path.with_suffix(".json"), "w") as f:
         f.write(json.dumps(info, indent=2) + "\n")
@@ -259,7 +268,7 @@ def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
     for name in ("model_config", "codec_config"):
         if not isinstance(meta.get(name), dict):
             raise _malformed(path, f"{name} must be an object, got {_kind(meta.get(name))}")
-    for name in ("state", "aliases", "optimizer"):
+    for name in ("state", "aliases", "optimizer", "controls"):
         if not isinstance(meta.get(name, {}), dict):
             raise _malformed(path, f"{name} must be an object, got {_kind(meta[name])}")
     if not isinstance(meta.get("sha256", ""), str):
@@ -380,21 +389,23 @@ def load_checkpoint(
     raw, shapes = _read_header(path)
     meta = _parse_metadata(path, raw)
     try:
+        codec_config = CodecConfig.from_dict(meta["codec_config"])
         ckpt = Checkpoint(
             ModelConfig.from_dict(meta["model_config"]),
-            CodecConfig.from_dict(meta["codec_config"]),
+            codec_config,
             dict(meta.get("state", {})),
             path,
             meta,
+            Controls.from_dict(meta.get("controls"), codec_config),
         )
     except TypeError as e:  # a missing field without a default
         raise CheckpointError(f"{path}: checkpoint configuration is incomplete ({e})") from None
     except MusicGPTError as e:
         raise CheckpointError(f"{path}: bad configuration in checkpoint ({e})") from None
-    if ckpt.model_config.vocab_size != ckpt.codec_config.vocab_size:
+    if ckpt.model_config.vocab_size != ckpt.controls.vocab_size:
         raise CheckpointError(
-            f"{path}: model vocabulary ({ckpt.model_config.vocab_size}) does not match the codec's "
-            f"({ckpt.codec_config.vocab_size})"
+            f"{path}: model vocabulary ({ckpt.model_config.vocab_size}) does not match the codec's and "
+            f"control tokens' ({ckpt.controls.vocab_size})"
         )
     _check_shapes(path, shapes, ckpt.model_config, meta.get("aliases", {}))
     tensors = _read_tensors(path, meta)
@@ -468,6 +479,15 @@ def peek_codec_config(path: str | os.PathLike) -> CodecConfig | None:
         return None
 
 
+def peek_controls(path: str | os.PathLike) -> Controls | None:
+    """The control tokens (tags, FIM) from a checkpoint's header alone, or None if unreadable."""
+    try:
+        meta = _header_metadata(path)
+        return Controls.from_dict(meta.get("controls"), CodecConfig.from_dict(meta["codec_config"]))
+    except Exception:  # noqa: BLE001 - load_checkpoint then says exactly what is wrong with the file
+        return None
+
+
 def default_model_available() -> bool:
     """Whether this installation ships the trained default model."""
     return (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
@@ -500,4 +520,5 @@ def export_model(
     model, ckpt = load_model(src)
     kept = ("step", "tokens_seen", "best_val", "elapsed_s", "train_config")
     state = {k: v for k, v in ckpt.state.items() if k in kept}
-    return save_checkpoint(dst, model, ckpt.codec_config, state={**state, **(note or {})}, half=half)
+    return save_checkpoint(dst, model, ckpt.codec_config, state={**state, **(note or {})}, half=half,
+                           controls=ckpt.controls)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from musicgpt import __version__
 from musicgpt.errors import Interrupted, MusicGPTError
+from musicgpt.fim import FIM_RATE
 from musicgpt.interrupts import raise_on_sigterm
 from musicgpt.sampling import (
     DEFAULT_SECONDS,
@@ -123,6 +124,8 @@ _TRAIN_OPTIONS = (
     ("--attn-dropout", float, "dropout on attention weights (default: --dropout); 0 lets CUDA training on "
                               "long sequences use the fused FlexAttention kernel"),
     ("--eval-interval", int, "steps between validation runs"),
+    ("--fim-rate", float, "share of training windows in fill-in-the-middle order, which `musicgpt infill` "
+                          f"needs (default {FIM_RATE:g} for a new run; 0: none)"),
     ("--threads", int, "CPU threads for torch (1 is fastest on a busy machine)"),
 )
 
@@ -145,6 +148,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", choices=["relative", "absolute"], help="attention kind (overrides the preset)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default %(default)s)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no transposition or time stretch")
+    p.add_argument("--tag-dropout", type=float, default=0.1,
+                   help="share of tagged windows shown without their style tag (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of files held out for validation (default %(default)s)")
     p.set_defaults(func=_run_train)

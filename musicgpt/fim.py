@@ -16,11 +16,16 @@ import numpy as np
 
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
 
+# The share of training windows in FIM order for a new run: at this rate the paper found it costs
+# left-to-right loss almost nothing.
+FIM_RATE = 0.5
+
 
 def time_cuts(tokens: np.ndarray, config: CodecConfig) -> np.ndarray:
-    """Positions where a window may be cut: its ends and every index holding a TIME_SHIFT."""
+    """Positions where a window may be cut: every index holding a TIME_SHIFT, and its end. (Its
+    start is not one: a window may begin in the middle of a moment.)"""
     shifts = np.flatnonzero((tokens >= TIME_SHIFT) & (tokens < config.velocity_offset))
-    return np.unique(np.concatenate([[0], shifts, [len(tokens)]]))
+    return np.unique(np.concatenate([shifts, [len(tokens)]]))
 
 
 def psm(prefix: np.ndarray, suffix: np.ndarray, middle: np.ndarray, fim_ids: tuple[int, int, int]) -> np.ndarray:
@@ -35,6 +40,7 @@ def fim_window(tokens: np.ndarray, rng: np.random.Generator, config: CodecConfig
     (3 tokens longer). The middle is never empty when the window holds a TIME_SHIFT."""
     cuts = time_cuts(tokens, config)
     a, b = np.sort(rng.choice(cuts, size=2, replace=False)) if len(cuts) > 1 else (0, len(tokens))
+    a, b = int(a), int(b)
     return psm(tokens[:a], tokens[b:], tokens[a:b], fim_ids)
 
 

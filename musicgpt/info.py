@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 from musicgpt.checkpoint import choose_checkpoint, load_checkpoint
-from musicgpt.controls import Controls
 
 
 def describe(spec: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs") -> dict:
@@ -20,7 +19,7 @@ def describe(spec: str | os.PathLike | None = None, runs_dir: str | os.PathLike 
     path, why = choose_checkpoint(spec, runs_dir)
     tensors, ckpt = load_checkpoint(path)
     mcfg, state = ckpt.model_config, ckpt.state
-    controls = ckpt.controls if hasattr(ckpt, "controls") else Controls(ckpt.codec_config)
+    controls = ckpt.controls
     params = sum(t.numel() for name, t in tensors.items() if name.startswith("model."))
     train_cfg = state.get("train_config") or {}
     best = state.get("best_val")

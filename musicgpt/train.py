@@ -31,6 +31,7 @@ from musicgpt import atomic, checkpoint, data, windows
 from musicgpt.attention import choose_kernel
 from musicgpt.attention.flex import FLEX_MIN_LEN
 from musicgpt.controls import Controls
+from musicgpt.fim import FIM_RATE
 from musicgpt.devices import pick_device
 from musicgpt.errors import Interrupted, MusicGPTError
 from musicgpt.evaluate import mean_loss
@@ -76,9 +77,6 @@ class TrainConfig:
     workers: int | None = None  # data loader workers (default: 0 on CPU, 4 on CUDA)
     threads: int | None = None  # CPU threads for torch (default: torch's choice)
 
-
-# Fill-in-the-middle costs left-to-right loss almost nothing at this rate (Bavarian et al. 2022).
-FIM_RATE = 0.5
 
 # Defaults per device: the CPU ones train `tiny` on midi_data/ in about ten minutes on 2 cores.
 CPU_DEFAULTS = dict(preset="tiny", max_steps=1200, batch_size=16, seq_len=256, lr=2e-3, warmup=100, eval_interval=100)
@@ -219,6 +217,7 @@ class Corpus:
     codec_config: CodecConfig
     train: list[data.Piece]
     val: list[data.Piece]
+    tags: tuple[str, ...] = ()  # every piece's tag, sorted
 
 
 @dataclass
@@ -272,7 +271,7 @@ def load_corpus(cfg: TrainConfig, codec_config, progress: bool) -> Corpus:
     train_pieces, val_pieces = data.split_files(encoded.pieces, cfg.val_fraction)
     if not val_pieces:
         val_pieces = train_pieces  # a one-file corpus: validate on it rather than not at all
-    return Corpus(encoded.config, train_pieces, val_pieces)
+    return Corpus(encoded.config, train_pieces, val_pieces, encoded.tags)
 
 
 def run_controls(cfg: TrainConfig, corpus: Corpus, resumed, init) -> Controls:

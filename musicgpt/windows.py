@@ -80,9 +80,10 @@ class TokenWindowDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index])
         k = int(rng.choice(len(self.pieces), p=self.weights))
         piece, need = self.pieces[k], self.seq_len + 1
-        # Draws are made whether or not they are used, so the rest of the stream never shifts.
-        tagged = self.tags[k] is not None and rng.random() >= self.tag_dropout
-        fim = rng.random() < self.fim_rate
+        tagged = fim = False
+        if self.controls is not None:  # both drawn whether used or not: the stream never shifts
+            tagged = rng.random() >= self.tag_dropout and self.tags[k] is not None
+            fim = rng.random() < self.fim_rate
         room = need - tagged - (3 if fim else 0)  # the tag and the three FIM sentinels
         # Take a little extra so a compressing time stretch still fills the window.
         take = room + room // 8 if self.augment else room

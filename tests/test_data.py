@@ -86,33 +86,3 @@ def test_split_is_by_file_deterministic_and_stable(midi_folder):
     assert not {p.path for p in train} & {p.path for p in val}
     _, val2 = data.split_files(list(reversed(corpus.pieces)), 0.3)
     assert {p.path for p in val2} == {p.path for p in val}
-
-
-def test_windows_are_deterministic_and_augment_only_when_asked(midi_folder):
-    cfg = CodecConfig()
-    corpus = data.encode_folder(midi_folder, workers=1, progress=False)
-    plain = data.TokenWindowDataset(corpus.pieces, 64, cfg, seed=1)
-    x, y = plain[5]
-    assert x.shape == y.shape == (64,)
-    np.testing.assert_array_equal(x[1:].numpy(), y[:-1].numpy())  # targets are inputs shifted by one
-    x2, _ = plain[5]
-    assert (x == x2).all()
-    aug = data.TokenWindowDataset(corpus.pieces, 64, cfg, seed=1, augment=data.Augment())
-    differs = sum(not (aug[i][0] == plain[i][0]).all() for i in range(20))
-    assert differs > 10
-
-
-def test_short_piece_is_padded_with_ignored_targets(tmp_path):
-    cfg = CodecConfig()
-    piece = data.Piece(tmp_path / "x.mid", np.array([60, 260, 188], dtype=np.int16))
-    x, y = data.TokenWindowDataset([piece], 16, cfg)[0]
-    assert x[0] == cfg.eos_id and y[3] == cfg.eos_id
-    assert (y[4:] == data.IGNORE_INDEX).all()
-
-
-def test_eval_windows_cover_every_token_once(midi_folder):
-    cfg = CodecConfig()
-    corpus = data.encode_folder(midi_folder, workers=1, progress=False)
-    windows = data.eval_windows(corpus.pieces, 50, cfg)
-    counted = sum(int((y != data.IGNORE_INDEX).sum()) for _, y in windows)
-    assert counted == sum(len(p.tokens) + 1 for p in corpus.pieces)  # each piece's tokens + closing EOS
