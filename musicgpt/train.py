@@ -31,10 +31,10 @@ from musicgpt import atomic, checkpoint, data, windows
 from musicgpt.attention import choose_kernel
 from musicgpt.attention.flex import FLEX_MIN_LEN
 from musicgpt.controls import Controls
-from musicgpt.fim import FIM_RATE
 from musicgpt.devices import pick_device
 from musicgpt.errors import Interrupted, MusicGPTError
 from musicgpt.evaluate import mean_loss
+from musicgpt.fim import FIM_RATE
 from musicgpt.interrupts import StopRequest, deferred_signals
 from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset
 from musicgpt.vocab import CodecConfig
