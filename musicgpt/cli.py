@@ -39,6 +39,12 @@ COMMANDS = {
                "Without --checkpoint the newest run under runs/ is used, else the shipped default model. "
                f"Sampling defaults: temperature {SamplingConfig.temperature:g}, top-p {SamplingConfig.top_p:g}, "
                "other filters off."),
+    "infill": ("write new music between two times of a piece (a model trained with --fim-rate > 0)",
+               "Regenerate the music from --start to --end seconds of a MIDI file with a fill-in-the-middle model: "
+               "the model reads the music before and after the gap and writes a new passage lasting exactly the "
+               "gap. Outside the gap the piece stays as it was; a note struck before --start and still sounding "
+               "there is cut at --start, notes struck inside the gap are replaced, and new notes end by --end. "
+               "Files are listed on stdout."),
     "render": ("render MIDI to a WAV file through FluidSynth (pip install 'musicgpt[audio]')", None),
     "attention": ("draw which earlier notes a note attends to, as arcs over a piano roll",
                   "Run a trained model once over the start of a MIDI file and draw its self-attention as "
@@ -164,16 +170,9 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sample(sub: argparse._SubParsersAction) -> None:
+def _add_decoding_options(p: argparse.ArgumentParser) -> None:
+    """The options `sample` and `infill` share: how many pieces, the seed, the decoding method and rules, the device."""
     d = SamplingConfig()
-    p = _command(sub, "sample")
-    p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
-    p.add_argument("--primer", type=Path, metavar="MIDI", help="MIDI file to continue (default: start from silence)")
-    p.add_argument("--primer-seconds", type=float, metavar="S", help="use only the primer's first S seconds")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--tokens", type=int, metavar="N", help="generate N tokens (or until the model ends the piece)")
-    length.add_argument("--seconds", type=float, metavar="S", help=f"generate S seconds of music (default "
-                        f"{DEFAULT_SECONDS:g}; at most {TOKENS_PER_SECOND_CAP} tokens per second)")
     p.add_argument("--num-samples", type=int, default=1, metavar="K",
                    help="pieces to write, generated as one batch (default %(default)s)")
     p.add_argument("--seed", type=int, metavar="N",
@@ -195,30 +194,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                    help="beam search with this many beams (deterministic)")
     p.add_argument("--length-penalty", type=float, metavar="L",
                    help=f"beam score = log-prob / length ** this (default {d.length_penalty:g})")
-    p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default %(default)s/)")
-    p.add_argument("--include-primer", action="store_true", help="write the primer before the continuation")
     p.add_argument("--max-pause", type=float, metavar="S",
                    help=f"never go more than S seconds without a new note (default {MAX_PAUSE_SECONDS:g}; 0: no limit)")
     p.add_argument("--max-note", type=float, metavar="S",
                    help=f"end generated notes held longer than S seconds (default {MAX_NOTE_SECONDS:g}; 0: no limit)")
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for one or two samples, else torch's choice)")
-    p.add_argument("--wav", action="store_true",
-                   help="also render each sample to WAV beside it (needs musicgpt[audio])")
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, mps or auto")
-    p.set_defaults(func=_run_sample)
 
 
-def _run_sample(args: argparse.Namespace) -> int:
-    from musicgpt.sample import SampleRequest, sample_files
-
+def _decoding_options(args: argparse.Namespace) -> dict:
+    """The request fields `_add_decoding_options`' arguments give (SampleRequest and InfillRequest share them)."""
     names = ("greedy", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
              "num_beams", "length_penalty")
     sampling = SamplingConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
-    if args.wav:
-        from musicgpt.render import INSTALL_HINT, fluidsynth_available
-
-        if not fluidsynth_available():
-            raise MusicGPTError(f"--wav: {INSTALL_HINT}")
     limits = {}
     for field_name, flag, value in (("max_pause_seconds", "--max-pause", args.max_pause),
                                     ("max_note_seconds", "--max-note", args.max_note)):
@@ -226,10 +214,39 @@ def _run_sample(args: argparse.Namespace) -> int:
             if not value >= 0:
                 raise MusicGPTError(f"{flag} must be a number of seconds >= 0 (0: no limit), got {value!r}")
             limits[field_name] = math.inf if value == 0 else value
+    return dict(num_samples=args.num_samples, seed=args.seed, sampling=sampling, device=args.device,
+                threads=args.threads, **limits)
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "sample")
+    p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
+    p.add_argument("--primer", type=Path, metavar="MIDI", help="MIDI file to continue (default: start from silence)")
+    p.add_argument("--primer-seconds", type=float, metavar="S", help="use only the primer's first S seconds")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--tokens", type=int, metavar="N", help="generate N tokens (or until the model ends the piece)")
+    length.add_argument("--seconds", type=float, metavar="S", help=f"generate S seconds of music (default "
+                        f"{DEFAULT_SECONDS:g}; at most {TOKENS_PER_SECOND_CAP} tokens per second)")
+    _add_decoding_options(p)
+    p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default %(default)s/)")
+    p.add_argument("--include-primer", action="store_true", help="write the primer before the continuation")
+    p.add_argument("--wav", action="store_true",
+                   help="also render each sample to WAV beside it (needs musicgpt[audio])")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from musicgpt.sample import SampleRequest, sample_files
+
+    options = _decoding_options(args)
+    if args.wav:
+        from musicgpt.render import INSTALL_HINT, fluidsynth_available
+
+        if not fluidsynth_available():
+            raise MusicGPTError(f"--wav: {INSTALL_HINT}")
     request = SampleRequest(
         checkpoint=args.checkpoint, primer=args.primer, primer_seconds=args.primer_seconds, tokens=args.tokens,
-        seconds=args.seconds, num_samples=args.num_samples, seed=args.seed, sampling=sampling, out_dir=args.out,
-        include_primer=args.include_primer, device=args.device, threads=args.threads, **limits,
+        seconds=args.seconds, out_dir=args.out, include_primer=args.include_primer, **options,
     )
     for path in sample_files(request):
         print(path)
@@ -237,6 +254,30 @@ def _run_sample(args: argparse.Namespace) -> int:
             from musicgpt.render import render_wav
 
             print(render_wav(path, path.with_suffix(".wav")))
+    return 0
+
+
+def _add_infill(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "infill")
+    p.add_argument("midi", type=Path, help="the piece, a .mid/.midi file")
+    p.add_argument("--start", type=float, required=True, metavar="S", help="the gap's start, in seconds")
+    p.add_argument("--end", type=float, required=True, metavar="S",
+                   help="the gap's end, in seconds (at most the piece's end)")
+    p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP + "; it must be trained with --fim-rate > 0")
+    p.add_argument("--style", metavar="TAG", help="a style tag the model was trained with (default: none)")
+    _add_decoding_options(p)
+    p.add_argument("--out", default="samples", metavar="DIR", help="folder for the MIDI files (default %(default)s/)")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the one result to FILE instead")
+    p.set_defaults(func=_run_infill)
+
+
+def _run_infill(args: argparse.Namespace) -> int:
+    from musicgpt.infill import InfillRequest, infill_files
+
+    request = InfillRequest(midi=args.midi, start=args.start, end=args.end, checkpoint=args.checkpoint,
+                            output=args.output, out_dir=args.out, style=args.style, **_decoding_options(args))
+    for path in infill_files(request):
+        print(path)
     return 0
 
 
@@ -357,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"musicgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_eval, _add_stats, _add_attention, _add_render, _add_encode, _add_decode):
+    for add in (_add_train, _add_sample, _add_infill, _add_eval, _add_stats, _add_attention, _add_render, _add_encode,
+                _add_decode):
         add(sub)
     return parser
 

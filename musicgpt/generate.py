@@ -11,6 +11,7 @@ import math
 import sys
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -181,7 +182,9 @@ def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampling
     the output on a given device; `sampling.num_beams > 1` runs `beam_search` (one sequence).
     Options: codec_config (default CodecConfig()), max_seconds, stop_at_eos=True, ban_eos=False (True: never emit EOS),
     start_with_note=False (True: no TIME_SHIFT before a row's first NOTE_ON), max_pause_seconds
-    and max_note_seconds (musicgpt.constraints; math.inf, the default: no limit), window (default
+    and max_note_seconds (musicgpt.constraints; math.inf, the default: no limit), music_before (the
+    tokens whose music the new ones continue, which the rules start from; default: the prompt, but
+    an infilling prompt holds the suffix too and must pass its prefix), window (default
     the context length), progress=False, use_cache=True (False recomputes the whole visible
     context every step: the slow reference for tests and benchmarks), static_cache=None (the
     fixed-shape ring cache replayed as a CUDA graph: None picks it for relative models on CUDA,
@@ -214,7 +217,7 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
              max_seconds: float = math.inf, stop_at_eos: bool = True, use_cache: bool = True,
              window: int | None = None, progress: bool = False, ban_eos: bool = False,
              start_with_note: bool = False, max_pause_seconds: float = math.inf,
-             max_note_seconds: float = math.inf, static_cache: bool | None = None):
+             max_note_seconds: float = math.inf, static_cache: bool | None = None, music_before=None):
     """Check the request, build the stepper and the decoding rules, and run in eval + inference mode."""
     codec_config = codec_config or CodecConfig()
     if model.config.vocab_size < codec_config.vocab_size:
@@ -226,7 +229,8 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
     prompt = torch.as_tensor(prompt).to(device=device, dtype=torch.long).reshape(1, -1)
     if prompt.size(1) == 0:
         raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
-    rules = _rules(prompt, max_new_tokens, codec_config, model.config.vocab_size, max_seconds=max_seconds,
+    music = prompt[0].cpu().numpy() if music_before is None else np.asarray(music_before, dtype=np.int64)
+    rules = _rules(music, max_new_tokens, codec_config, model.config.vocab_size, max_seconds=max_seconds,
                    stop_at_eos=stop_at_eos,
                    ban_eos=ban_eos, start_with_note=start_with_note, max_pause_seconds=max_pause_seconds,
                    max_note_seconds=max_note_seconds)
@@ -254,10 +258,10 @@ def _steps(seconds: float, config: CodecConfig) -> float:
     return seconds_to_steps(seconds, config) if math.isfinite(seconds) else math.inf
 
 
-def _rules(prompt: Tensor, max_new_tokens: int, codec_config: CodecConfig, vocab_size: int, *, max_seconds: float,
+def _rules(music: np.ndarray, max_new_tokens: int, codec_config: CodecConfig, vocab_size: int, *, max_seconds: float,
            stop_at_eos: bool, ban_eos: bool, start_with_note: bool, max_pause_seconds: float,
            max_note_seconds: float) -> Rules:
-    """The decoding rules of one request (musicgpt.constraints), its limits checked."""
+    """The decoding rules of one request (musicgpt.constraints) after `music` (token ids), its limits checked."""
     # Padding is never music, and control tokens (tags, FIM sentinels) only ever come as input.
     banned = [codec_config.pad_id, *range(codec_config.vocab_size, vocab_size)]
     if ban_eos:
@@ -270,7 +274,7 @@ def _rules(prompt: Tensor, max_new_tokens: int, codec_config: CodecConfig, vocab
     if not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
         raise MusicGPTError(f"max_seconds must be a positive number (math.inf: no limit), got {max_seconds!r}")
     max_steps = _steps(max_seconds, codec_config)
-    start = prompt_state(prompt[0].cpu().numpy(), codec_config)
+    start = prompt_state(music.ravel(), codec_config)
     if start_with_note:  # from silence: the piece begins with a note, not a pause
         start.quiet = math.inf
     return Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,

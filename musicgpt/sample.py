@@ -118,7 +118,7 @@ def _continuation(primer: np.ndarray, new: np.ndarray, config: CodecConfig, incl
     return midi
 
 
-def _fit_seconds(tokens: np.ndarray, seconds: float, config: CodecConfig) -> np.ndarray:
+def fit_seconds(tokens: np.ndarray, seconds: float, config: CodecConfig) -> np.ndarray:
     """Shorten the final TIME_SHIFT that carried a piece past `seconds` so it ends right there."""
     if not math.isfinite(seconds) or not len(tokens) or not TIME_SHIFT <= tokens[-1] < config.velocity_offset:
         return tokens
@@ -129,7 +129,7 @@ def _fit_seconds(tokens: np.ndarray, seconds: float, config: CodecConfig) -> np.
     return np.append(head, TIME_SHIFT + room - 1).astype(tokens.dtype) if room > 0 else head
 
 
-def _claim(folder: Path, stem: str) -> Path:
+def claim_file(folder: Path, stem: str) -> Path:
     """Create `folder/stem.mid` exclusively (adding -2, -3, ... if taken) so runs never overwrite."""
     for n in range(1, 10_000):
         path = folder / (f"{stem}.mid" if n == 1 else f"{stem}-{n}.mid")
@@ -170,7 +170,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
         config = ckpt.codec_config
         if primer_notes is not None:
             primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
-    out_dir = _output_folder(r.out_dir)
+    out_dir = make_output_folder(r.out_dir)
     seed = r.seed
     if seed is None:
         seed = new_seed()
@@ -184,15 +184,16 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     stem = f"{Path(r.primer).stem if r.primer else 'silence'}-{datetime.now():%Y%m%d-%H%M%S}-seed{seed}"
     paths = []
     for k, piece in enumerate(pieces):
-        piece = _fit_seconds(piece.numpy(), max_seconds, config)
+        piece = fit_seconds(piece.numpy(), max_seconds, config)
         midi = _continuation(primer_tokens, piece, config, r.include_primer)
-        path = _claim(out_dir, f"{stem}-{k}")
+        path = claim_file(out_dir, f"{stem}-{k}")
         codec.write_midi(midi, path)
         paths.append(path)
     return paths
 
 
-def _output_folder(out_dir: str | Path) -> Path:
+def make_output_folder(out_dir: str | Path) -> Path:
+    """`out_dir`, created if missing; a one-line error if it cannot be."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
