@@ -5,7 +5,7 @@ notes after it (`split_piece` gives the rule for notes held across a boundary). 
 `[TAG] FIM_PREFIX prefix FIM_SUFFIX suffix FIM_MIDDLE`, the order it was trained on
 (`musicgpt.fim`), and writes a middle lasting exactly the gap. The result is built from notes: the
 original's before the gap, the new middle's in the gap, the original's after it, so the music
-outside the gap is the original's to the tick (within one 10 ms step once written as MIDI).
+outside the gap keeps the original's times (to the MIDI tick) and velocities.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -95,15 +96,28 @@ def label_pitch_axis(ax, low: float, high: float, color: str = "0.85") -> None:
         ax.axhline(p - 0.5, color=color, lw=0.6, zorder=0)
 
 
-def plot_piano_roll(midi_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None) -> Path:
-    """A piano-roll PNG of a MIDI file (notes of all non-drum instruments)."""
+def plot_piano_roll(midi_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None,
+                    spans: Sequence[tuple[float, float]] = ()) -> Path:
+    """A piano-roll PNG of a MIDI file (notes of all non-drum instruments); each (start, end) of `spans`
+    is shaded and the notes struck inside it drawn in orange (an infilled gap)."""
     from musicgpt.codec import load_midi
 
     pm = load_midi(midi_path)
     notes = [n for inst in pm.instruments if not inst.is_drum for n in inst.notes]
-    arr = lambda f: np.array([f(n) for n in notes], dtype=float)  # noqa: E731
+    pitch, start, end, velocity = (np.array([getattr(n, k) for n in notes], dtype=float)
+                                   for k in ("pitch", "start", "end", "velocity"))
+    inside = np.zeros(len(notes), dtype=bool)
+    for a, b in spans:
+        inside |= (start >= a) & (start < b)
     fig, ax = plt.subplots(figsize=(10, 3.6), dpi=110)
-    draw_piano_roll(ax, arr(lambda n: n.pitch), arr(lambda n: n.start), arr(lambda n: n.end), arr(lambda n: n.velocity))
+    for keep, cmap in ((~inside, "Blues"), (inside, "Oranges")):
+        if keep.any() or not len(notes):
+            draw_piano_roll(ax, pitch[keep], start[keep], end[keep], velocity[keep], cmap=cmap)
+    if len(notes):  # each draw set the limits to its own notes
+        ax.set_xlim(float(start.min()), float(end.max()))
+        ax.set_ylim(float(pitch.min()) - 2, float(pitch.max()) + 2)
+    for a, b in spans:
+        ax.axvspan(a, b, color="#f4a261", alpha=0.15, zorder=0)
     ax.set_title(title or Path(midi_path).name, fontsize=10)
     ax.grid(alpha=0.2)
     out = Path(out_png)

@@ -136,6 +136,19 @@ def test_a_long_piece_keeps_the_end_of_the_prefix_and_the_start_of_the_suffix(so
     assert len(p.tokens) + min(3 * middle // 2, 128) <= 256
 
 
+def test_middle_notes_continue_the_prefix_and_stop_at_the_gaps_end():
+    notes = notes_of((60, 0.0, 1.0, 100), (62, 3.0, 4.0, 80))
+    gap = split_piece(notes, 2.0, 3.0, CFG)
+    p = infill_prompt(gap, FIM_IDS, context_len=256)
+    # No VELOCITY token: the prefix's is in force. 64 is held past the gap's end; 65 comes after it.
+    middle = [TIME_SHIFT + 9, 64, TIME_SHIFT + 49, 67, TIME_SHIFT + 19, NOTE_OFF + 67, TIME_SHIFT + 59, 65, TIME_SHIFT]
+    got = infill.middle_notes(gap, p, np.array(middle))
+    loud = int(CFG.bin_to_velocity(CFG.velocity_to_bin(100)))
+    assert got.pitch.tolist() == [64, 67] and got.velocity.tolist() == [loud, loud]
+    np.testing.assert_allclose(got.start, [2.1, 2.6])
+    np.testing.assert_allclose(got.end, [3.0, 2.8])
+
+
 def test_music_before_sets_the_rules_start(fim_run):
     """The rules see the prefix, not the prompt: a note held 4 s before must be released first."""
     model, _ = load_model(fim_run)
@@ -148,9 +161,14 @@ def test_music_before_sets_the_rules_start(fim_run):
 
 # ----------------------------------------------------------------------------- whole infills
 
-def test_an_infill_keeps_the_music_outside_the_gap_and_fills_it_exactly(fim_run, song, tmp_path):
+def test_an_infill_keeps_the_music_outside_the_gap_and_fills_it_exactly(fim_run, song, tmp_path, monkeypatch):
+    middles = []
+    assemble = infill.assemble
+    monkeypatch.setattr(infill, "assemble", lambda gap, p, middle: middles.append(middle) or assemble(gap, p, middle))
     paths = infill_files(InfillRequest(song, 12.0, 20.0, checkpoint=fim_run, out_dir=tmp_path, seed=3,
                                        num_samples=2), progress=False)
+    # Each middle lasts the gap to the step: its last TIME_SHIFT was shortened to end there.
+    assert [codec.duration_seconds(m) for m in middles] == [pytest.approx(8.0)] * 2
     assert len(paths) == 2
     for path in paths:
         assert re.fullmatch(r"song-infill-12-20-\d{8}-\d{6}-seed3-[01]\.mid", path.name)
@@ -265,3 +283,12 @@ def test_bad_files_fail_in_one_line(fim_run, tmp_path, capsys):
 def test_infill_requests_check_their_numbers():
     with pytest.raises(MusicGPTError, match="--end must be"):
         InfillRequest("x.mid", 1.0, math.inf).validate()
+
+
+def test_the_piano_roll_shades_the_gap(fim_run, song, tmp_path):
+    from musicgpt.plot import plot_piano_roll
+
+    out = tmp_path / "x.mid"
+    infill_files(InfillRequest(song, 3.0, 5.0, checkpoint=fim_run, output=out, seed=0), progress=False)
+    png = plot_piano_roll(out, tmp_path / "x.png", spans=[(3.0, 5.0)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
