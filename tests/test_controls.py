@@ -24,7 +24,7 @@ def test_unknown_tag_and_missing_fim_are_one_line_errors():
     with pytest.raises(MusicGPTError, match="unknown style 'jazz'; this model's tags are classical, pop"):
         Controls(CFG, tags=("classical", "pop")).tag_id("jazz")
     with pytest.raises(MusicGPTError, match="trained without fill-in-the-middle"):
-        Controls(CFG).fim_ids
+        _ = Controls(CFG).fim_ids
     with pytest.raises(MusicGPTError, match="cannot be a style tag"):
         Controls(CFG, tags=("two words",))
     with pytest.raises(MusicGPTError, match="different"):

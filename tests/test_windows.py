@@ -7,8 +7,7 @@ from musicgpt import data
 from musicgpt.controls import Controls
 from musicgpt.fim import time_cuts
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
-from musicgpt.windows import (IGNORE_INDEX, Augment, TokenWindowDataset, eval_windows, framed,
-                              infill_windows)
+from musicgpt.windows import IGNORE_INDEX, Augment, TokenWindowDataset, eval_windows, framed, infill_windows
 
 CFG = CodecConfig()
 
