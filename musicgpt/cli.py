@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ COMMANDS = {
                "gap. Outside the gap the piece stays as it was; a note struck before --start and still sounding "
                "there is cut at --start, notes struck inside the gap are replaced, and new notes end by --end. "
                "Files are listed on stdout."),
+    "info": ("describe a checkpoint: size, context, style tags, infilling, training data and loss", None),
     "render": ("render MIDI to a WAV file through FluidSynth (pip install 'musicgpt[audio]')", None),
     "attention": ("draw which earlier notes a note attends to, as arcs over a piano roll",
                   "Run a trained model once over the start of a MIDI file and draw its self-attention as "
@@ -223,6 +225,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--primer", type=Path, metavar="MIDI", help="MIDI file to continue (default: start from silence)")
     p.add_argument("--primer-seconds", type=float, metavar="S", help="use only the primer's first S seconds")
+    p.add_argument("--style", metavar="TAG", help="play in this style: one of the model's tags (`musicgpt info` "
+                   "lists them)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--tokens", type=int, metavar="N", help="generate N tokens (or until the model ends the piece)")
     length.add_argument("--seconds", type=float, metavar="S", help=f"generate S seconds of music (default "
@@ -246,7 +250,7 @@ def _run_sample(args: argparse.Namespace) -> int:
             raise MusicGPTError(f"--wav: {INSTALL_HINT}")
     request = SampleRequest(
         checkpoint=args.checkpoint, primer=args.primer, primer_seconds=args.primer_seconds, tokens=args.tokens,
-        seconds=args.seconds, out_dir=args.out, include_primer=args.include_primer, **options,
+        seconds=args.seconds, out_dir=args.out, include_primer=args.include_primer, style=args.style, **options,
     )
     for path in sample_files(request):
         print(path)
@@ -338,6 +342,25 @@ def _run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "info")
+    p.add_argument("checkpoint", nargs="?", metavar="CKPT", help=CHECKPOINT_HELP)
+    p.add_argument("--json", action="store_true", help="print every figure as JSON on stdout")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from musicgpt.info import describe, format_info
+
+    d = describe(args.checkpoint)
+    if d["chosen_because"]:
+        print(f"musicgpt: {d['chosen_because']}", file=sys.stderr)
+    print(json.dumps(d, indent=2) if args.json else format_info(d))
+    return 0
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "eval")
     p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
@@ -398,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"musicgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_infill, _add_eval, _add_stats, _add_attention, _add_render, _add_encode,
-                _add_decode):
+    for add in (_add_train, _add_sample, _add_infill, _add_info, _add_eval, _add_stats, _add_attention, _add_render,
+                _add_encode, _add_decode):
         add(sub)
     return parser
 
@@ -427,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"musicgpt: {e}", file=sys.stderr)
         return 128 + e.signum
+    except BrokenPipeError:  # the reader went away (`musicgpt encode x.mid | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -18,9 +18,14 @@ import torch
 from tqdm import tqdm
 
 from musicgpt import data
+from musicgpt.controls import Controls
 from musicgpt.devices import pick_device
 from musicgpt.errors import MusicGPTError
-from musicgpt.windows import IGNORE_INDEX, eval_batches
+from musicgpt.model import MAX_CONTEXT
+from musicgpt.tags import tag_pieces
+from musicgpt.windows import IGNORE_INDEX, batches, eval_batches, infill_windows
+
+MAX_BATCH = 4096  # windows per forward pass: more only asks for memory, never for a better figure
 
 
 @dataclass
@@ -37,6 +42,7 @@ class EvalResult:
     tokens: int  # targets scored
     nats: float  # mean cross-entropy per token
     skipped: list[str] = field(default_factory=list)  # "path: why" for unreadable files
+    infill_nats: float | None = None  # a FIM model's loss on the middles of the same windows
 
     @property
     def bits(self) -> float:
@@ -72,10 +78,10 @@ def check_options(*, val_fraction: float = 0.1, seq_len: int | None = None, batc
     """Reject option values that are wrong whatever the model and data, before anything is read."""
     if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
         raise MusicGPTError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if seq_len is not None and seq_len < 1:
-        raise MusicGPTError(f"--seq-len must be at least 1, got {seq_len}")
-    if batch_size < 1:
-        raise MusicGPTError(f"--batch-size must be at least 1, got {batch_size}")
+    if seq_len is not None and not 1 <= seq_len <= MAX_CONTEXT:
+        raise MusicGPTError(f"--seq-len must be from 1 to {MAX_CONTEXT:,}, got {seq_len}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise MusicGPTError(f"--batch-size must be from 1 to {MAX_BATCH:,}, got {batch_size}")
 
 
 def choose_pieces(pieces: list[data.Piece], val_fraction: float, all_files: bool) -> tuple[list[data.Piece], str]:
@@ -90,14 +96,16 @@ def choose_pieces(pieces: list[data.Piece], val_fraction: float, all_files: bool
 
 
 def loss_on_pieces(model, pieces: list[data.Piece], codec_config, *, seq_len: int, batch_size: int = 8,
-                   device: str = "cpu", progress: bool = True) -> tuple[float, int, int]:
-    """(nats/token, targets scored, windows) over non-overlapping seq_len windows of `pieces`."""
-    batches = eval_batches(pieces, seq_len, codec_config, batch_size)
-    tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-    bar = tqdm(batches, desc="evaluating", unit="batch", disable=not progress, leave=False)
+                   device: str = "cpu", progress: bool = True, controls: Controls | None = None
+                   ) -> tuple[float, int, int]:
+    """(nats/token, targets scored, windows) over non-overlapping seq_len windows of `pieces`, each
+    behind its piece's tag when `controls` has it."""
+    batched = eval_batches(pieces, seq_len, codec_config, batch_size, controls=controls)
+    tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batched)
+    bar = tqdm(batched, desc="evaluating", unit="batch", disable=not progress, leave=False)
     # fp32 everywhere: a reported figure should not depend on the device's autocast.
     nats = mean_loss(model, bar, device)
-    return nats, tokens, sum(len(x) for x, _ in batches)
+    return nats, tokens, sum(len(x) for x, _ in batched)
 
 
 def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,
@@ -126,13 +134,18 @@ def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike |
     corpus = data.encode_files(files, ckpt.codec_config, progress=progress)
     if not corpus.pieces:
         raise MusicGPTError(f"{data_dir}: none of the MIDI files could be read")
+    tag_pieces(corpus.pieces, data_dir)
     pieces, split = choose_pieces(corpus.pieces, val_fraction, all_files)
-    nats, tokens, windows = loss_on_pieces(model, pieces, ckpt.codec_config, seq_len=seq_len,
-                                           batch_size=batch_size, device=device, progress=progress)
+    nats, tokens, windows = loss_on_pieces(model, pieces, ckpt.codec_config, seq_len=seq_len, batch_size=batch_size,
+                                           device=device, progress=progress, controls=ckpt.controls)
+    infill = None
+    if ckpt.controls.fim:
+        middles = batches(infill_windows(pieces, seq_len, ckpt.codec_config, ckpt.controls), batch_size)
+        infill = mean_loss(model, middles, device)
     return EvalResult(
         checkpoint=str(path), step=ckpt.state.get("step"), split=split, files=len(pieces),
         corpus_files=len(corpus.pieces), windows=windows, seq_len=seq_len, tokens=tokens, nats=nats,
-        skipped=[f"{p}: {why}" for p, why in corpus.skipped],
+        skipped=[f"{p}: {why}" for p, why in corpus.skipped], infill_nats=infill,
     )
 
 
@@ -145,5 +158,7 @@ def format_result(r: EvalResult) -> str:
         f"files       {r.files} of {r.corpus_files} ({which})",
         f"windows     {r.windows} x {r.seq_len} tokens, {r.tokens:,} targets",
         f"loss        {r.nats:.4f} nats/token  {r.bits:.4f} bits/token",
+        *([f"infilling   {r.infill_nats:.4f} nats/token on the middles of the same windows (FIM order)"]
+          if r.infill_nats is not None else []),
         f"perplexity  {r.perplexity:.3f}",
     ])

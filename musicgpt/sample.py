@@ -18,7 +18,8 @@ import torch
 
 from musicgpt import codec
 from musicgpt.atomic import check_output_folder
-from musicgpt.checkpoint import choose_checkpoint, load_model, peek_codec_config
+from musicgpt.checkpoint import choose_checkpoint, load_model, peek_controls
+from musicgpt.controls import Controls
 from musicgpt.devices import pick_device
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.generate import generate
@@ -55,6 +56,7 @@ class SampleRequest:
     threads: int | None = None  # None: 1 on CPU for one or two samples, else torch's choice
     max_pause_seconds: float = MAX_PAUSE_SECONDS  # math.inf: no limit
     max_note_seconds: float = MAX_NOTE_SECONDS  # math.inf: no limit
+    style: str | None = None  # a style tag the model was trained with (`musicgpt info` lists them)
 
     def validate(self) -> SampleRequest:
         """Raise a one-line MusicGPTError naming the first invalid option; return self."""
@@ -157,7 +159,9 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     device = pick_device(r.device)
     primer_notes = read_notes(r.primer) if r.primer is not None else None  # a bad file fails first
     path, why = choose_checkpoint(r.checkpoint, runs_dir)
-    config = peek_codec_config(path) or CodecConfig()  # a damaged file fails in load_model below
+    controls = peek_controls(path) or Controls()  # a damaged file fails in load_model below
+    config = controls.codec
+    style = [controls.tag_id(r.style)] if r.style is not None else []  # an unknown name lists the tags
     primer_tokens = np.zeros(0, dtype=np.int16)
     if primer_notes is not None:
         primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
@@ -166,8 +170,9 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     if device == "cpu" and (r.threads or r.num_samples <= 2):
         torch.set_num_threads(r.threads or 1)
     model, ckpt = load_model(path, device)
-    if ckpt.codec_config != config:  # only if the header disagreed with the file it heads
+    if ckpt.controls != controls:  # only if the header disagreed with the file it heads
         config = ckpt.codec_config
+        style = [ckpt.controls.tag_id(r.style)] if r.style is not None else []
         if primer_notes is not None:
             primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
     out_dir = make_output_folder(r.out_dir)
@@ -176,12 +181,13 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
         seed = new_seed()
         if not r.sampling.deterministic:
             print(f"musicgpt: seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
-    prompt = np.concatenate([[config.eos_id], primer_tokens]).astype(np.int64)
+    prompt = np.concatenate([style, [config.eos_id], primer_tokens]).astype(np.int64)  # as training frames it
     pieces = generate(model, prompt, max_new_tokens=max_new, sampling=r.sampling, num_samples=r.num_samples,
                       seed=seed, codec_config=config, max_seconds=max_seconds, progress=progress,
                       ban_eos=True, start_with_note=r.primer is None, max_pause_seconds=r.max_pause_seconds,
                       max_note_seconds=r.max_note_seconds)
-    stem = f"{Path(r.primer).stem if r.primer else 'silence'}-{datetime.now():%Y%m%d-%H%M%S}-seed{seed}"
+    stem = f"{Path(r.primer).stem if r.primer else 'silence'}{'-' + r.style if r.style else ''}"
+    stem += f"-{datetime.now():%Y%m%d-%H%M%S}-seed{seed}"
     paths = []
     for k, piece in enumerate(pieces):
         piece = fit_seconds(piece.numpy(), max_seconds, config)

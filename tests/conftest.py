@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +78,31 @@ def build_piece() -> pretty_midi.PrettyMIDI:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Token caches go to a temporary folder, never the user's home."""
     monkeypatch.setenv("MUSICGPT_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
+
+
+def run_script(script: Path, args: list, on_line: Callable[[str, subprocess.Popen], bool],
+               timeout: float = 240) -> tuple[int, str]:
+    """Run a Python script, calling on_line(line, process) on each line it prints until that
+    returns True; return its exit status and stderr. A watchdog kills a child that hangs, so a
+    broken test fails instead of stalling the suite."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if on_line(line.strip(), proc):
+                break
+        proc.wait(timeout=timeout)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    return proc.returncode, stderr
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from musicgpt.cli import main
 from musicgpt.errors import MusicGPTError
 from musicgpt.train import TrainConfig
 
-COMMANDS = ["train", "sample", "eval", "stats", "attention", "render", "encode", "decode"]
+COMMANDS = ["train", "sample", "info", "eval", "stats", "attention", "render", "encode", "decode"]
 
 
 def test_version(capsys):

@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import pickle
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pretty_midi
 import pytest
 import torch
-from conftest import make_piece
+from conftest import make_piece, run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -262,28 +258,14 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_good_one(midi_
     run = tmp_path / "runs" / "killed"
     script = tmp_path / "killme.py"
     script.write_text(KILL_SCRIPT)
-    # The child imports the musicgpt under test, not whichever copy is installed.
-    here = str(Path(checkpoint.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join(
-        p for p in (here, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, str(script), str(midi_folder), str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    watchdog = threading.Timer(240, proc.kill)  # a stuck child must not hang the suite
-    watchdog.start()
-    try:
-        for line in proc.stdout:  # progress lines, then WRITING once the slow write has begun
-            if line.strip() == "WRITING":
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-        stderr = proc.stderr.read()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+
+    def kill_while_writing(line, proc):  # progress lines, then WRITING once the slow write has begun
+        if line == "WRITING":
+            proc.send_signal(signal.SIGKILL)
+        return line == "WRITING"
+
+    returncode, stderr = run_script(script, [midi_folder, run], kill_while_writing)
+    assert returncode == -signal.SIGKILL, stderr[-2000:]
     stray = [p for p in run.iterdir() if p.name.startswith(".")]
     assert stray and all(p.name.endswith(".tmp") for p in stray)  # the half-written file, under a temp name
     _, good = checkpoint.load_checkpoint(run / "last.safetensors")  # the previous `last` is intact

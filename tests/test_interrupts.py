@@ -4,15 +4,12 @@ exit status says why, and `--resume` ends with the same weights as a run never s
 import os
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_piece
+from conftest import make_piece, run_script
 
 from musicgpt import checkpoint
 from musicgpt.errors import Interrupted
@@ -46,32 +43,23 @@ def cli_args(data, out) -> list[str]:
 
 def run_child(tmp_path: Path, args: list[str], signals: list[int], at_step: int, delay: float,
               slow_step: float = 0.0):
-    """Start the child; at the announced step wait `delay` s and send each of `signals`, `delay` apart."""
+    """Start the child; at the announced step send each of `signals`, `delay` s apart."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    here = str(Path(checkpoint.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "SLOW_STEP": str(slow_step),
-           "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    watchdog = threading.Timer(120, proc.kill)  # a stuck child must not hang the suite
-    watchdog.start()
+    os.environ["SLOW_STEP"] = str(slow_step)  # the child inherits it (run_script copies os.environ)
+
+    def signal_at_step(line, proc):
+        if line != f"STEP {at_step}":
+            return False
+        for s in signals:
+            time.sleep(delay)
+            proc.send_signal(s)
+        return True
+
     try:
-        for line in proc.stdout:
-            if line.strip() == f"STEP {at_step}":
-                for s in signals:
-                    time.sleep(delay)
-                    proc.send_signal(s)
-                break
-        proc.wait(timeout=100)
+        return run_script(script, args, signal_at_step, timeout=120)
     finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-        stderr = proc.stderr.read()
-        proc.stdout.close()
-        proc.stderr.close()
-    return proc.returncode, stderr
+        del os.environ["SLOW_STEP"]
 
 
 def weights(run: Path) -> dict:
