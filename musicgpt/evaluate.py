@@ -141,7 +141,8 @@ def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike |
     infill = None
     if ckpt.controls.fim:
         middles = batches(infill_windows(pieces, seq_len, ckpt.codec_config, ckpt.controls), batch_size)
-        infill = mean_loss(model, middles, device)
+        infill = mean_loss(model, tqdm(middles, desc="infilling", unit="batch", disable=not progress, leave=False),
+                           device)
     return EvalResult(
         checkpoint=str(path), step=ckpt.state.get("step"), split=split, files=len(pieces),
         corpus_files=len(corpus.pieces), windows=windows, seq_len=seq_len, tokens=tokens, nats=nats,
