@@ -9,7 +9,7 @@ the same run; sampling against the peer's own `generate`, which re-runs the whol
 
     python scripts/bench_attention.py --threads 1                     # CPU, preset tiny
     python scripts/bench_attention.py --device cuda --preset base --dtype bf16 \\
-        --seq-lens 1024,2048,4096,8192 --peer-path /work/scratch_peer
+        --seq-lens 1024,2048,4096,8192 --peer-path scratch/peer
 
 Peak memory is the growth over the state after the warm-up steps (compilation excluded): on CUDA
 of torch.cuda.max_memory_allocated (one worker process per variant); on CPU of the peak RSS
@@ -94,8 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scopes", default="layer,model", help="comma list of layer, model")
     p.add_argument("--sample-tokens", type=int, default=256, help="0 skips the sampling table")
     p.add_argument("--primer", type=int, default=16, help="primer tokens before sampling")
-    p.add_argument("--peer-path", default="/work/scratch_peer",
-                   help="checkout of gwinndr/MusicTransformer-Pytorch (never vendored here)")
+    p.add_argument("--peer-path", default="scratch/peer",
+                   help="checkout of gwinndr/MusicTransformer-Pytorch, never vendored here (default: the "
+                   "ignored folder scratch/peer)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
     p.add_argument("--out", help="also write the markdown report here, updated after every "

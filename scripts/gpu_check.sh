@@ -16,7 +16,7 @@
 # The peer (gwinndr/MusicTransformer-Pytorch) is never part of this repository: copy it into an
 # ignored folder just for the run and carry it, with the pure-Python MIDI packages bench_sample
 # imports (the GPU image lacks them), e.g. from the repository root:
-#   cp -r /work/scratch_peer scratch/peer
+#   cp -r PATH/TO/MusicTransformer-Pytorch scratch/peer
 #   mkdir -p scratch/gpu_site
 #   for d in pretty_midi mido importlib_resources; do
 #       cp -r .venv/lib/python3.*/site-packages/$d scratch/gpu_site/; done
