@@ -28,113 +28,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from musicgpt import atomic, checkpoint, data, windows
-from musicgpt.attention import choose_kernel
 from musicgpt.attention.flex import FLEX_MIN_LEN
 from musicgpt.controls import Controls
-from musicgpt.devices import pick_device
+from musicgpt.distributed import Ranks, any_rank_stopped, join_process_group, training_device
 from musicgpt.errors import Interrupted, MusicGPTError
 from musicgpt.evaluate import mean_loss
-from musicgpt.fim import FIM_RATE
-from musicgpt.interrupts import StopRequest, deferred_signals
-from musicgpt.model import PRESETS, ModelConfig, MusicGPT, preset
+from musicgpt.interrupts import deferred_signals
+from musicgpt.model import ModelConfig, MusicGPT, preset
+from musicgpt.train_config import RESUME_OVERRIDES, TrainConfig, lr_at, resolve
 from musicgpt.vocab import CodecConfig
-
-
-@dataclass
-class TrainConfig:
-    """Options of a training run; None means 'the default for this device' (see `resolve`)."""
-
-    data_dir: str = "midi_data"
-    out: str | None = None  # run folder; default runs/<timestamp>
-    preset: str | None = None
-    attention: str | None = None  # "relative" or "absolute"; overrides the preset
-    max_steps: int | None = None
-    stop_at: int | None = None  # pause at this step (the schedule still runs to max_steps)
-    batch_size: int | None = None
-    seq_len: int | None = None
-    lr: float | None = None
-    min_lr_ratio: float = 0.1
-    warmup: int | None = None
-    grad_accum: int = 1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    dropout: float | None = None
-    attn_dropout: float | None = None  # attention-weight dropout (default: the preset's)
-    attn_impl: str | None = None  # relative attention kernel, MusicGPT.attn_impl (default "auto")
-    device: str = "auto"
-    precision: str = "auto"  # "auto" | "fp32" | "bf16"
-    compile: bool = False
-    resume: str | None = None  # run folder to continue
-    init: str | None = None  # checkpoint to fine-tune from ("default" = the shipped model)
-    seed: int = 1337
-    augment: bool = True
-    fim_rate: float | None = None  # share of windows in fill-in-the-middle order (default FIM_RATE)
-    tag_dropout: float = 0.1  # share of tagged windows shown without their tag
-    val_fraction: float = 0.1
-    eval_interval: int | None = None
-    eval_batches: int = 16
-    log_interval: int = 10
-    workers: int | None = None  # data loader workers (default: 0 on CPU, 4 on CUDA)
-    threads: int | None = None  # CPU threads for torch (default: torch's choice)
-
-
-# Defaults per device: the CPU ones train `tiny` on midi_data/ in about ten minutes on 2 cores.
-CPU_DEFAULTS = dict(preset="tiny", max_steps=1200, batch_size=16, seq_len=256, lr=2e-3, warmup=100, eval_interval=100)
-CUDA_DEFAULTS = dict(preset="small", max_steps=5000, batch_size=32, seq_len=1024, lr=6e-4, warmup=200,
-                     eval_interval=250)
-
-
-# What a resumed run may change: more steps, a new pause point, another device or data path.
-RESUME_OVERRIDES = ("max_steps", "stop_at", "device", "compile", "workers", "threads", "data_dir", "attn_impl")
-
-
-def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
-    """Fill unset options with the defaults for `device` and validate them."""
-    defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
-    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    for k, v in defaults.items():
-        if values[k] is None:
-            values[k] = v
-    out = TrainConfig(**values)
-    for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches", "log_interval",
-                 "threads"):
-        if getattr(out, name) is not None and getattr(out, name) < 1:
-            raise MusicGPTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(out, name)}")
-    if not (out.lr > 0 and math.isfinite(out.lr)):
-        raise MusicGPTError(f"--lr must be a positive number, got {out.lr}")
-    if out.stop_at is not None and out.stop_at < 1:
-        raise MusicGPTError(f"--stop-at must be at least 1, got {out.stop_at}")
-    if out.fim_rate is None:
-        out.fim_rate = FIM_RATE
-    for name in ("dropout", "attn_dropout", "fim_rate", "tag_dropout"):
-        value = getattr(out, name)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise MusicGPTError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-    if out.warmup < 0:
-        raise MusicGPTError(f"--warmup must not be negative, got {out.warmup}")
-    if out.preset not in PRESETS:
-        raise MusicGPTError(f"unknown --preset {out.preset!r}; choose one of {', '.join(PRESETS)}")
-    if not 0.0 <= out.val_fraction < 1.0:
-        raise MusicGPTError(f"--val-fraction must be in [0, 1), got {out.val_fraction}")
-    if out.precision not in ("auto", "fp32", "bf16"):
-        raise MusicGPTError(f"--precision must be auto, fp32 or bf16, got {out.precision}")
-    if out.attention not in (None, "relative", "absolute"):
-        raise MusicGPTError(f"--attention must be relative or absolute, got {out.attention}")
-    if out.attn_impl is not None:  # can this device run the kernel asked for?
-        try:
-            choose_kernel(out.attn_impl, torch.device(device), False, out.seq_len)
-        except MusicGPTError as e:
-            raise MusicGPTError(f"--attn-impl: {e}") from None
-    return out
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / (cfg.warmup + 1)
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.max_steps - cfg.warmup))
-    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.lr * ratio
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
@@ -162,38 +64,6 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return (self.cfg.max_steps - self.start) * self.cfg.grad_accum
-
-
-@dataclass
-class Ranks:
-    """Where this process sits in a torchrun launch (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def join_process_group(device: str) -> Ranks:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    if not dist.is_initialized():
-        wants_cuda = device != "cpu" and torch.cuda.is_available()
-        dist.init_process_group(backend="nccl" if wants_cuda else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def training_device(name: str, ranks: Ranks) -> str:
-    """`pick_device`, with each torchrun process on the GPU of its local rank."""
-    device = pick_device(name)
-    if device.startswith("cuda") and (ranks.world > 1 or os.environ.get("LOCAL_RANK")):
-        device = f"cuda:{ranks.local_rank}"
-    return device
 
 
 @dataclass
@@ -442,11 +312,11 @@ def run_loop(run: Run, corpus: Corpus, progress: bool) -> Path:
     stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
     batches = iter(make_loader(run, corpus.train))
     with deferred_signals() as request:
-        while state.step < stop and not stop_requested(request, run):
+        while state.step < stop and not any_rank_stopped(request, run.ranks, run.device):
             train_step(run, batches, bar)
             if state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps:
                 evaluate_and_save(run, val_batches, bar)
-        if stop_requested(request, run):
+        if any_rank_stopped(request, run.ranks, run.device):
             run.save("last", with_optimizer=True)
             bar.close()
             raise Interrupted(request.signum or signal.SIGINT,
@@ -456,18 +326,6 @@ def run_loop(run: Run, corpus: Corpus, progress: bool) -> Path:
     bar.close()
     finish(run)
     return run.run_dir
-
-
-def stop_requested(request: StopRequest, run: Run) -> bool:
-    """Whether any rank was asked to stop: every rank must stop after the same step, or the
-    others would wait forever in the next step's all-reduce."""
-    if run.ranks.world == 1:
-        return bool(request)
-    flag = torch.tensor([request.signum or 0], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and not request:
-        request.signum = int(flag.item())
-    return bool(flag.item())
 
 
 def train_step(run: Run, batches, bar: tqdm) -> None:
