@@ -73,6 +73,15 @@ class Controls:
         names = [*(FIM_NAMES if self.fim else ()), *(f"TAG_{t}" for t in self.tags)]
         return {self.first_id + i: n for i, n in enumerate(names)}
 
+    def extended(self, fim: bool, tags: tuple[str, ...]) -> Controls:
+        """These controls plus FIM sentinels (if `fim`) and any of `tags` they lack, appended."""
+        return Controls(self.codec, self.fim or fim, self.tags + tuple(t for t in tags if t not in self.tags))
+
+    def id_map(self, new: Controls) -> dict[int, int]:
+        """Where each of these ids sits in `new`, which holds them all (e.g. `extended`'s result)."""
+        by_name = {name: i for i, name in new.names().items()}
+        return {**{i: i for i in range(self.first_id)}, **{i: by_name[n] for i, n in self.names().items()}}
+
     def to_dict(self) -> dict:
         """What a checkpoint stores (the codec config is stored beside it)."""
         return {"fim": self.fim, "tags": list(self.tags)}

@@ -259,6 +259,18 @@ class MusicGPT(nn.Module):
         """Number of parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def resize_vocab(self, vocab_size: int, id_map: dict[int, int]) -> None:
+        """Grow the vocabulary to `vocab_size` ids, old id i becoming id_map[i] (every old id must
+        be mapped); new ids start as fresh GPT-2-style embeddings, so fine-tuning can add tokens."""
+        old = self.wte.weight
+        new = torch.empty(vocab_size, old.size(1), device=old.device, dtype=old.dtype).normal_(std=0.02)
+        src, dst = zip(*sorted(id_map.items()))
+        new[list(dst)] = old[list(src)]
+        self.wte = nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
+        self.wte.weight.copy_(new)
+        self.config = ModelConfig.from_dict({**self.config.to_dict(), "vocab_size": vocab_size})
+
     # The two halves of every call, public for decoders that drive the layers themselves
     # (musicgpt.steppers.GraphDecoder): embed the tokens, then run the stack under one plan.
 

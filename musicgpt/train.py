@@ -145,21 +145,16 @@ def load_corpus(cfg: TrainConfig, codec_config, progress: bool) -> Corpus:
 
 
 def run_controls(cfg: TrainConfig, corpus: Corpus, resumed, init) -> Controls:
-    """The control tokens of the model: those of the run or checkpoint we continue, else FIM
-    sentinels (with --fim-rate above 0) and one tag per tag in the corpus."""
-    continued = resumed or init
-    if continued is None:
-        return Controls(corpus.codec_config, cfg.fim_rate > 0, corpus.tags)
-    controls = continued[1].controls
-    if cfg.fim_rate > 0 and not controls.fim:
-        print(f"musicgpt: {cfg.init or cfg.resume} was trained without fill-in-the-middle; "
-              "training on without it (--fim-rate 0)", file=sys.stderr)
-        cfg.fim_rate = 0.0
-    unknown = sorted(set(corpus.tags) - set(controls.tags))
-    if unknown:
-        print(f"musicgpt: the model has no tag for {', '.join(unknown)}; those pieces train untagged",
-              file=sys.stderr)
-    return controls
+    """The control tokens of the model: a resumed run's; the `--init` model's, extended by FIM
+    sentinels (with --fim-rate above 0) and by the corpus's new tags; else those two alone."""
+    if resumed is not None:
+        controls = resumed[1].controls
+        if cfg.fim_rate > 0 and not controls.fim:  # a run from before FIM goes on without it
+            cfg.fim_rate = 0.0
+        return controls
+    if init is not None:
+        return init[1].controls.extended(cfg.fim_rate > 0, corpus.tags)
+    return Controls(corpus.codec_config, cfg.fim_rate > 0, corpus.tags)
 
 
 def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGPT:
@@ -169,6 +164,9 @@ def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGP
         return MusicGPT(resumed[1].model_config)
     if init is not None:
         model, mcfg = checkpoint.build_model(*init), init[1].model_config
+        if controls != init[1].controls:  # new tags or FIM sentinels: rows added to the embedding
+            model.resize_vocab(controls.vocab_size, init[1].controls.id_map(controls))
+            mcfg = model.config
         if cfg.seq_len > mcfg.context_len:
             if mcfg.attention != "relative":
                 raise MusicGPTError(f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({mcfg.context_len}); "

@@ -181,3 +181,23 @@ def test_two_process_gloo_training_agrees(midi_folder, tmp_path):
     sums = [next(line for line in out.splitlines() if line.startswith("SUM")) for out, _ in outs]
     assert sums[0] == sums[1]
     assert (tmp_path / "run" / "last.safetensors").is_file()
+
+
+def test_fine_tuning_adds_tags_and_fim_to_a_model_without_them(tmp_path):
+    """`--init default` (no control tokens) on a tagged folder: the vocabulary grows by the FIM
+    sentinels and the new tags, and every old token keeps its trained embedding."""
+    from conftest import make_piece
+
+    for tag in ("pop", "jazz"):
+        for k in range(2):
+            make_piece(tmp_path / "data" / tag / f"{k}.mid", seed=k, seconds=6)
+    base, base_ckpt = checkpoint.load_model("default")
+    run = train(TrainConfig(data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), init="default",
+                            max_steps=1, lr=1e-9, warmup=0, batch_size=2, seq_len=64, eval_interval=1,
+                            eval_batches=1, device="cpu", fim_rate=0.5), progress=False)
+    tuned, ckpt = checkpoint.load_model(run / "last.safetensors")
+    assert ckpt.controls.fim and ckpt.controls.tags == ("jazz", "pop")
+    assert ckpt.model_config.vocab_size == base_ckpt.controls.vocab_size + 3 + 2
+    old = base_ckpt.controls.vocab_size
+    torch.testing.assert_close(tuned.wte.weight[:old], base.wte.weight, rtol=0, atol=1e-5)
+    assert tuned.wte.weight[old:].std() > 0.005  # fresh rows, not zeros
