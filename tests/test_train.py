@@ -64,13 +64,16 @@ def test_fine_tune_starts_from_the_init_weights_with_their_codec(midi_folder, tm
             p.add_(torch.randn_like(p), alpha=0.05)  # weights no fresh model would have
     checkpoint.save_checkpoint(tmp_path / "base" / "best", base, codec, state={"step": 40})
     tuned = train(TrainConfig(data_dir=str(midi_folder), out=str(tmp_path / "tuned"), init=str(tmp_path / "base"),
-                              max_steps=2, fim_rate=0.0,  # no FIM sentinels: the vocabulary stays the checkpoint's
-                              **{**SMALL, "preset": None, "lr": 1e-6, "warmup": 0}), progress=False)
+                              max_steps=2, **{**SMALL, "preset": None, "lr": 1e-6, "warmup": 0}), progress=False)
     model, c = checkpoint.load_model(tuned / "last.safetensors")
     assert c.state["step"] == 2
-    assert c.codec_config == codec and c.model_config == shape
+    # The folder's subfolder gives a tag, and FIM adds sentinels: only the vocabulary grows.
+    assert c.codec_config == codec and c.model_config == preset("tiny", **{**shape.to_dict(), "vocab_size":
+                                                                          c.controls.vocab_size})
+    assert c.controls.fim and c.controls.tags == ("more",)
     start, end = base.state_dict(), model.state_dict()
     assert start.keys() == end.keys()
+    end["wte.weight"] = end["wte.weight"][:codec.vocab_size]  # the rows the checkpoint had
     # Two AdamW steps at lr 1e-6 move each weight by about 2e-6: the run began at the checkpoint's weights.
     drift = max(float((end[k] - start[k]).abs().max()) for k in start)
     assert 0 < drift < 1e-4
