@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from musicgpt import checkpoint
+from musicgpt import checkpoint, checkpoint_header
 from musicgpt.cli import main
 from musicgpt.errors import CheckpointError, MusicGPTError
 from musicgpt.model import MAX_PARAMS, SIZE_LIMITS, ModelConfig, MusicGPT, preset
@@ -369,7 +369,7 @@ def test_an_intact_checkpoint_with_optimizer_resumes(tmp_path):
 def test_shapes_and_parameter_count_are_computed_without_building(fields):
     config = ModelConfig(**{**preset("tiny").to_dict(), **fields})
     model = MusicGPT(config)
-    assert checkpoint.expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert checkpoint_header.expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert config.num_params() == model.num_params()
 
 
