@@ -9,10 +9,11 @@ against the file's path relative to the data folder (`*` does not cross `/`, `**
 tag name, or `-` for no tag. The first matching line wins; files no line matches keep their
 folder's tag. Blank lines and lines starting with `#` are ignored:
 
-    # the chorales are scores, not performances
-    music21/**      chorale
-    giantmidi-piano/**  classical
-    scratch/**      -
+    # midi_data/tags.txt: Bach's chorales and the folk tunes get their own tags
+    scores/music21/bach/bwv846.mid  scores
+    scores/music21/bach/**          chorale
+    scores/music21/essenFolksong/** folk
+    scratch/**                      -
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from musicgpt import codec, midi_io
 
-DEFAULT_FILES = "midi_data/giantmidi-piano/*.mid"  # repo-relative: run from the repository root
+DEFAULT_FILES = "midi_data/classical/giantmidi-piano/*.mid"  # repo-relative: run from the repository root
 
 
 def miditok_midilike():

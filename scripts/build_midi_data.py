@@ -3,12 +3,16 @@
 
 Two sources, both redistributable:
 
-* ``music21/<collection>/<name>.mid``: scores from music21's bundled corpus converted to MIDI,
+* ``scores/music21/<collection>/<name>.mid``: scores from music21's bundled corpus converted to MIDI,
   every part played by Acoustic Grand Piano (program 0), percussion dropped, the score's tempo
   markings kept (120 bpm where a score has none), repeats written out (played once where
   music21 cannot expand them sensibly).
-* ``giantmidi-piano/``: 56 transcribed piano performances from GiantMIDI-Piano (CC BY 4.0),
-  copied from ``--giantmidi`` together with an attribution README.
+* ``classical/giantmidi-piano/``: 56 transcribed piano performances from GiantMIDI-Piano
+  (CC BY 4.0), copied from ``--giantmidi`` together with an attribution README.
+
+POP909 (``pop/pop909/``) is converted by ``scripts/build_pop909.py``. The top-level folders are
+the style tags ``musicgpt train`` gives the pieces; ``midi_data/tags.txt`` tags the Bach chorales
+``chorale`` and the folk tunes ``folk``.
 
 The music21 selection (see ``COLLECTIONS``): all 409 Bach chorale settings and the C major
 prelude BWV 846; the string quartets of Haydn, Mozart, Beethoven and Robert Schumann; piano
@@ -22,7 +26,7 @@ other Humdrum files, Josquin (GPL), Ciconia, Luca, Beach, Webern (CC BY-SA)), th
 critical editions of the Trecento set, Monteverdi book V (a 2003 edition notice), lead sheets,
 demos and exercises. The selection and output names are the same on every run.
 
-    python scripts/build_midi_data.py                  # full rebuild into midi_data/
+    python scripts/build_midi_data.py --giantmidi PATH/TO/giantmidi-piano   # full rebuild
     python scripts/build_midi_data.py --limit 10 --out /tmp/trial/music21
 """
 from __future__ import annotations
@@ -42,7 +46,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_GIANTMIDI = ROOT.parent / "shared" / "midi" / "giantmidi-piano"
 SEED = 1234
 
 # Included music21 collections and how many pieces each contributes (None: all of them).
@@ -306,10 +309,13 @@ def copy_giantmidi(src: Path, dest: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "midi_data" / "music21",
-                        help="folder for the converted music21 scores (default: %(default)s)")
-    parser.add_argument("--giantmidi", type=Path, default=DEFAULT_GIANTMIDI,
-                        help="GiantMIDI-Piano files to copy beside --out (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "midi_data" / "scores" / "music21",
+                        help="folder for the converted music21 scores (default: midi_data/scores/music21)")
+    parser.add_argument("--giantmidi", type=Path,
+                        help="a folder of the GiantMIDI-Piano files to copy (not given: none copied)")
+    parser.add_argument("--giantmidi-out", type=Path,
+                        default=ROOT / "midi_data" / "classical" / "giantmidi-piano",
+                        help="where they go (default: midi_data/classical/giantmidi-piano)")
     parser.add_argument("--limit", type=int, default=0,
                         help="convert only this many pieces, spread over the selection")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -332,9 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     for line in skipped:
         print(f"warning: skipped {line}", file=sys.stderr)
 
-    giant_dest = args.out.parent / "giantmidi-piano"
-    if args.giantmidi.is_dir():
-        print(f"copied {copy_giantmidi(args.giantmidi, giant_dest)} GiantMIDI-Piano files")
+    if args.giantmidi is None:
+        print("no --giantmidi: GiantMIDI-Piano files not copied")
+    elif args.giantmidi.is_dir():
+        print(f"copied {copy_giantmidi(args.giantmidi, args.giantmidi_out)} GiantMIDI-Piano files")
     else:
         print(f"{args.giantmidi}: not found, GiantMIDI-Piano files not copied")
     return 0

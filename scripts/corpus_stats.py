@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print file count, notes, duration and size of a MIDI folder, per collection and in total.
 
-A collection is the folder a file sits in, relative to DIR (e.g. ``music21/bach``).
+A collection is the folder a file sits in, relative to DIR (e.g. ``scores/music21/bach``).
 
     python scripts/corpus_stats.py midi_data/
     python scripts/corpus_stats.py midi_data/ --markdown    # table for a README

@@ -23,7 +23,7 @@ from musicgpt.midi_io import read_notes, write_midi
 from musicgpt.plot import plot_piano_roll
 
 ROOT = Path(__file__).resolve().parent.parent
-PIECE = ROOT / "midi_data" / "music21" / "bach" / "bwv66.6.mid"
+PIECE = ROOT / "midi_data" / "scores" / "music21" / "bach" / "bwv66.6.mid"
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ PIECES = [
     ("02-held-out-2-default", None, []),
     ("03-held-out-3-temp0.9", None, ["--temperature", "0.9"]),
     ("04-held-out-4-typical", None, ["--typical-p", "0.9", "--top-p", "1.0"]),
-    ("05-chorale-minp", "midi_data/music21/bach/bwv66.6.mid", ["--min-p", "0.05", "--top-p", "1.0"]),
+    ("05-chorale-minp", "midi_data/scores/music21/bach/bwv66.6.mid", ["--min-p", "0.05", "--top-p", "1.0"]),
     ("06-silence-default", "", []),
     ("07-silence-topk", "", ["--top-k", "20", "--top-p", "1.0"]),
     ("08-silence-temp0.85", "", ["--temperature", "0.85"]),
@@ -42,7 +42,7 @@ def held_out_primers() -> list[str]:
     """Validation-split files of the default model's corpus (never seen in training)."""
     from musicgpt import data
 
-    corpus = data.encode_folder(ROOT / "midi_data" / "giantmidi-piano", progress=False)
+    corpus = data.encode_folder(ROOT / "midi_data" / "classical" / "giantmidi-piano", progress=False)
     _, val = data.split_files(corpus.pieces, 0.1)
     return [str(p.path.relative_to(ROOT)) for p in val]
 
@@ -88,7 +88,7 @@ def write_readme(rows) -> None:
         "Pieces written by the default model shipped with musicgpt (`musicgpt/default_model/`, see its",
         "MODEL_CARD.md), made by `python scripts/make_listening_set.py`. Primed pieces include their",
         "primer (the first 10 s, `--include-primer`), so the first 10 s are the original and the rest is",
-        "the model; primers from `midi_data/giantmidi-piano/` are held-out files the model never trained on.",
+        "the model; primers from `midi_data/classical/giantmidi-piano/` are held-out files the model never trained on.",
         "Load the MIDI into any DAW, or `musicgpt render FILE.mid` to hear it (needs `musicgpt[audio]`).",
         "",
         "| file | primer | seconds | decoding | seed | command | piano roll |",

@@ -1,7 +1,7 @@
 """Train the default model that ships with musicgpt, and export it as package data.
 
 Anyone can rerun this. Data: the 56 expressive GiantMIDI-Piano performances in
-midi_data/giantmidi-piano/ (whole files held out for validation by the usual hash split; the
+midi_data/classical/giantmidi-piano/ (whole files held out for validation by the usual hash split; the
 music21 scores, with their flat velocities and exact grid, are left out so the model learns
 expressive playing). Two stages of `musicgpt train`, both with the `tiny` preset:
 
@@ -50,7 +50,7 @@ def run_stage(data: str, out: Path, options: dict, seed: int, threads: int | Non
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT / "midi_data" / "giantmidi-piano"))
+    ap.add_argument("--data", default=str(ROOT / "midi_data" / "classical" / "giantmidi-piano"))
     ap.add_argument("--runs", default=str(ROOT / "runs"), help="where the two run folders go")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, help="CPU threads (1 is fastest while other jobs run)")

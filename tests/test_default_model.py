@@ -15,7 +15,7 @@ from musicgpt.evaluate import evaluate_folder
 from musicgpt.model import ModelConfig, MusicGPT
 from musicgpt.vocab import NOTE_OFF, NOTE_ON, NUM_PITCHES, TIME_SHIFT, CodecConfig
 
-REAL_PIECE = Path(__file__).parents[1] / "midi_data" / "giantmidi-piano" / (
+REAL_PIECE = Path(__file__).parents[1] / "midi_data" / "classical" / "giantmidi-piano" / (
     "Bach_Prelude_and_Fugue_in_A-flat_major_BWV862_gCL5Zvnt0TU_a.mid")
 
 
