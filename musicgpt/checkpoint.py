@@ -229,11 +229,8 @@ def latest_run(runs_dir: str | os.PathLike = "runs") -> Path | None:
     return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.safetensors")), default=None)
 
 
-def load_checkpoint(
-    spec: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[dict[str, torch.Tensor], Checkpoint]:
-    """Read every tensor of a checkpoint and its metadata, after checking both from the header alone."""
-    path = resolve_checkpoint(spec)
+def _described(path: Path) -> tuple[Checkpoint, dict[str, tuple[str, tuple[int, ...]]]]:
+    """The checkpoint its header's metadata describes (types and bounds checked), and the shapes."""
     raw, shapes = read_header(path)
     meta = parse_metadata(path, raw)
     try:
@@ -250,13 +247,29 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: checkpoint configuration is incomplete ({e})") from None
     except MusicGPTError as e:
         raise CheckpointError(f"{path}: bad configuration in checkpoint ({e})") from None
+    return ckpt, shapes
+
+
+def read_checkpoint_header(spec: str | os.PathLike) -> tuple[Checkpoint, dict[str, tuple[str, tuple[int, ...]]]]:
+    """A checkpoint's metadata and every tensor's (dtype, shape), from its header alone, all checked:
+    types, bounds, the vocabulary against the control tokens, the shapes against the configuration."""
+    path = resolve_checkpoint(spec)
+    ckpt, shapes = _described(path)
     if ckpt.model_config.vocab_size != ckpt.controls.vocab_size:
         raise CheckpointError(
             f"{path}: model vocabulary ({ckpt.model_config.vocab_size}) does not match the codec's and "
             f"control tokens' ({ckpt.controls.vocab_size})"
         )
-    check_shapes(path, shapes, ckpt.model_config, meta.get("aliases", {}))
-    tensors = _read_tensors(path, meta)
+    check_shapes(path, shapes, ckpt.model_config, ckpt.meta.get("aliases", {}))
+    return ckpt, shapes
+
+
+def load_checkpoint(
+    spec: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], Checkpoint]:
+    """Read every tensor of a checkpoint and its metadata, after checking both from the header alone."""
+    ckpt, _ = read_checkpoint_header(spec)
+    tensors = _read_tensors(ckpt.path, ckpt.meta)
     return {k: v.to(map_location) for k, v in tensors.items()}, ckpt
 
 
@@ -306,34 +319,32 @@ def restore_training(
         raise CheckpointError(f"{ckpt.path}: training state does not match the configuration ({first})") from None
 
 
-def _header_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Our metadata from a checkpoint's safetensors header alone (no tensors read), checked."""
-    return parse_metadata(Path(path), read_header(Path(path))[0])
+def peek_checkpoint(path: str | os.PathLike) -> Checkpoint | None:
+    """What a checkpoint's header metadata describes (no tensors read, shapes not compared), or None
+    if it is unreadable: the caller goes on with defaults and `load_checkpoint` then says exactly
+    what is wrong."""
+    try:
+        return _described(Path(path))[0]
+    except MusicGPTError:
+        return None
 
 
 def peek_model_config(path: str | os.PathLike) -> ModelConfig | None:
     """The model configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
-    try:
-        return ModelConfig.from_dict(_header_metadata(path)["model_config"])
-    except Exception:  # noqa: BLE001 - load_checkpoint then says exactly what is wrong with the file
-        return None
+    ckpt = peek_checkpoint(path)
+    return ckpt.model_config if ckpt else None
 
 
 def peek_codec_config(path: str | os.PathLike) -> CodecConfig | None:
     """The codec configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
-    try:
-        return CodecConfig.from_dict(_header_metadata(path)["codec_config"])
-    except Exception:  # noqa: BLE001 - load_checkpoint then says exactly what is wrong with the file
-        return None
+    ckpt = peek_checkpoint(path)
+    return ckpt.codec_config if ckpt else None
 
 
 def peek_controls(path: str | os.PathLike) -> Controls | None:
     """The control tokens (tags, FIM) from a checkpoint's header alone, or None if unreadable."""
-    try:
-        meta = _header_metadata(path)
-        return Controls.from_dict(meta.get("controls"), CodecConfig.from_dict(meta["codec_config"]))
-    except Exception:  # noqa: BLE001 - load_checkpoint then says exactly what is wrong with the file
-        return None
+    ckpt = peek_checkpoint(path)
+    return ckpt.controls if ckpt else None
 
 
 def default_model_available() -> bool:

@@ -1,4 +1,7 @@
-"""`musicgpt info [CHECKPOINT]`: what a checkpoint is, in a few lines, without running it.
+"""`musicgpt info [CHECKPOINT]`: what a checkpoint is, in a few lines, from its header alone.
+
+No tensor is read (so the weights' checksum is not verified: `load_checkpoint` does that when the
+model is used), which keeps it instant for a large run's `last` with its optimizer state.
 
 Its size and shape, context, control tokens (style tags, infilling), codec, and how it was trained:
 data folder, steps, tokens, time and best validation loss, as the checkpoint recorded them.
@@ -10,17 +13,17 @@ import math
 import os
 from pathlib import Path
 
-from musicgpt.checkpoint import choose_checkpoint, load_checkpoint
+from musicgpt.checkpoint import choose_checkpoint, read_checkpoint_header
 
 
 def describe(spec: str | os.PathLike | None = None, runs_dir: str | os.PathLike = "runs") -> dict:
     """Everything `info` prints, as plain JSON-able values; the checkpoint is chosen as `sample`
     chooses it (explicit, newest run, shipped default)."""
     path, why = choose_checkpoint(spec, runs_dir)
-    tensors, ckpt = load_checkpoint(path)
+    ckpt, shapes = read_checkpoint_header(path)  # the header says it all: no tensor is read
     mcfg, state = ckpt.model_config, ckpt.state
     controls = ckpt.controls
-    params = sum(t.numel() for name, t in tensors.items() if name.startswith("model."))
+    params = sum(math.prod(shape) for name, (_, shape) in shapes.items() if name.startswith("model."))
     train_cfg = state.get("train_config") or {}
     best = state.get("best_val")
     return {
