@@ -18,17 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import pretty_midi
-import torch
 
 from musicgpt import codec
 from musicgpt.atomic import check_output_file
-from musicgpt.checkpoint import choose_checkpoint, load_model, peek_codec_config, peek_controls
+from musicgpt.checkpoint import choose_checkpoint, load_model, peek_controls
 from musicgpt.controls import Controls
 from musicgpt.devices import pick_device
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.generate import generate
 from musicgpt.midi_io import Notes, read_notes
-from musicgpt.sample import SampleRequest, claim_file, fit_seconds, make_output_folder, new_seed
+from musicgpt.sample import (
+    SampleRequest,
+    claim_file,
+    fit_seconds,
+    make_output_folder,
+    seed_or_new,
+    set_sampling_threads,
+)
 from musicgpt.sampling import MAX_NOTE_SECONDS, MAX_PAUSE_SECONDS, MAX_SECONDS, TOKENS_PER_SECOND_CAP, SamplingConfig
 from musicgpt.validate import is_real
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
@@ -245,23 +251,19 @@ def infill_files(request: InfillRequest, *, progress: bool = True, runs_dir: str
     if not len(notes):
         raise MidiReadError(f"{r.midi}: no notes to infill")
     path, why = choose_checkpoint(r.checkpoint, runs_dir)
-    check_times(r.start, r.end, notes, peek_codec_config(path) or CodecConfig())
-    _fim_controls(path, peek_controls(path), r.style)
+    header = peek_controls(path)
+    check_times(r.start, r.end, notes, header.codec if header else CodecConfig())
+    _fim_controls(path, header, r.style)
     if why:
         print(f"musicgpt: {why}", file=sys.stderr)
-    if device == "cpu" and (r.threads or r.num_samples <= 2):
-        torch.set_num_threads(r.threads or 1)  # see `sample_files`: one-token steps are latency-bound
+    set_sampling_threads(device, r.threads, r.num_samples)
     model, ckpt = load_model(path, device)
     fim_ids, tag = _fim_controls(path, ckpt.controls, r.style)
     config = ckpt.codec_config
     check_times(r.start, r.end, notes, config)
     gap = split_piece(notes, r.start, r.end, config)
     prompt = infill_prompt(gap, fim_ids, model.config.context_len, tag)
-    seed = r.seed
-    if seed is None:
-        seed = new_seed()
-        if not r.sampling.deterministic:
-            print(f"musicgpt: seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
+    seed = seed_or_new(r.seed, r.sampling)
     middles = generate(model, prompt.tokens, max_new_tokens=prompt.max_new_tokens, sampling=r.sampling,
                        num_samples=r.num_samples, seed=seed, codec_config=config, max_seconds=gap.seconds,
                        progress=progress, ban_eos=True, max_pause_seconds=r.max_pause_seconds,

@@ -96,6 +96,24 @@ def budget(tokens: int | None, seconds: float | None) -> tuple[int, float]:
     return max(64, math.ceil(seconds * TOKENS_PER_SECOND_CAP)), seconds
 
 
+def set_sampling_threads(device: str, threads: int | None, num_samples: int) -> None:
+    """On CPU, one thread for one or two samples unless `threads` says otherwise: a one-token step
+    of a small model is latency-bound, and extra threads only add synchronisation (and collapse
+    when other programs share the cores)."""
+    if device == "cpu" and (threads or num_samples <= 2):
+        torch.set_num_threads(threads or 1)
+
+
+def seed_or_new(seed: int | None, sampling: SamplingConfig) -> int:
+    """`seed`, or a new one printed on stderr (for a sampled run) so the run can be repeated."""
+    if seed is not None:
+        return seed
+    seed = new_seed()
+    if not sampling.deterministic:
+        print(f"musicgpt: seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
+    return seed
+
+
 def new_seed() -> int:
     """A random seed for a run the user did not seed (printed so it can be reproduced)."""
     return secrets.randbelow(2**31)
@@ -150,9 +168,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     Everything the user passed is checked, and the primer read, before the model is loaded; the
     checkpoint is chosen by `choose_checkpoint` (explicit, newest run, shipped default). Files
     are named `<primer stem or silence>-<YYYYmmdd-HHMMSS>-seed<seed>-<k>.mid` and never overwrite.
-    On CPU, one or two samples run on one thread unless `threads` says otherwise: a one-token
-    step of a small model is latency-bound, and extra threads only add synchronisation (and
-    collapse when other programs share the cores).
+    Threads as `set_sampling_threads` chooses them.
     """
     r = request.validate()
     max_new, max_seconds = budget(r.tokens, r.seconds)
@@ -167,8 +183,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
         primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
     if why:
         print(f"musicgpt: {why}", file=sys.stderr)
-    if device == "cpu" and (r.threads or r.num_samples <= 2):
-        torch.set_num_threads(r.threads or 1)
+    set_sampling_threads(device, r.threads, r.num_samples)
     model, ckpt = load_model(path, device)
     if ckpt.controls != controls:  # only if the header disagreed with the file it heads
         config = ckpt.codec_config
@@ -176,11 +191,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
         if primer_notes is not None:
             primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
     out_dir = make_output_folder(r.out_dir)
-    seed = r.seed
-    if seed is None:
-        seed = new_seed()
-        if not r.sampling.deterministic:
-            print(f"musicgpt: seed {seed} (pass --seed {seed} to repeat this run)", file=sys.stderr)
+    seed = seed_or_new(r.seed, r.sampling)
     prompt = np.concatenate([style, [config.eos_id], primer_tokens]).astype(np.int64)  # as training frames it
     pieces = generate(model, prompt, max_new_tokens=max_new, sampling=r.sampling, num_samples=r.num_samples,
                       seed=seed, codec_config=config, max_seconds=max_seconds, progress=progress,
