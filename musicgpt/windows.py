@@ -10,6 +10,7 @@ index-deterministic makes resumed and distributed training reproducible without 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,11 +110,9 @@ def window_to_example(window: np.ndarray, need: int, pad_id: int) -> Example:
     return x, y
 
 
-def eval_windows(pieces: list[Piece], seq_len: int, config: CodecConfig,
-                 controls: Controls | None = None) -> list[Example]:
-    """Non-overlapping left-to-right windows covering every piece once (no augmentation), each
-    behind its piece's tag when the model knows it."""
-    out = []
+def eval_token_windows(pieces: list[Piece], seq_len: int, config: CodecConfig,
+                       controls: Controls | None = None) -> Iterator[np.ndarray]:
+    """The token windows `eval_windows` makes, at most seq_len + 1 tokens each."""
     for piece, tag in zip(pieces, tag_ids(pieces, controls)):
         tokens = framed(piece, config)
         # Every token is a target once: untagged windows overlap by the one token that predicts
@@ -121,11 +120,17 @@ def eval_windows(pieces: list[Piece], seq_len: int, config: CodecConfig,
         last = len(tokens) - (1 if tag is None else 0)
         for start in range(0, last, seq_len):
             if tag is None:
-                window = tokens[start:start + seq_len + 1]
+                yield tokens[start:start + seq_len + 1]
             else:
-                window = np.concatenate([[tag], tokens[start:start + seq_len]])
-            out.append(window_to_example(window, seq_len + 1, config.pad_id))
-    return out
+                yield np.concatenate([[tag], tokens[start:start + seq_len]])
+
+
+def eval_windows(pieces: list[Piece], seq_len: int, config: CodecConfig,
+                 controls: Controls | None = None) -> list[Example]:
+    """Non-overlapping left-to-right windows covering every piece once (no augmentation), each
+    behind its piece's tag when the model knows it."""
+    return [window_to_example(w, seq_len + 1, config.pad_id)
+            for w in eval_token_windows(pieces, seq_len, config, controls)]
 
 
 def infill_windows(pieces: list[Piece], seq_len: int, config: CodecConfig, controls: Controls,
@@ -133,9 +138,8 @@ def infill_windows(pieces: list[Piece], seq_len: int, config: CodecConfig, contr
     """Windows as `eval_windows` cuts them, each put in FIM order at random time cuts (a fixed
     seed), with only the middle's tokens as targets: the loss of writing a missing passage."""
     out = []
-    for i, (x, y) in enumerate(eval_windows(pieces, seq_len - 3, config)):
+    for i, tokens in enumerate(eval_token_windows(pieces, seq_len - 3, config)):
         rng = np.random.default_rng([seed, i])
-        tokens = np.concatenate([x[:1].numpy(), y[y != IGNORE_INDEX].numpy()])
         window = fim_window(tokens, rng, config, controls.fim_ids)
         x, y = window_to_example(window, seq_len + 1, config.pad_id)
         y[: int(np.flatnonzero(window == controls.fim_ids[2])[0])] = IGNORE_INDEX  # middle only
