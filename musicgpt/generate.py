@@ -231,9 +231,8 @@ def _session(model: MusicGPT, prompt, max_new_tokens: int, *, codec_config: Code
         raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
     music = prompt[0].cpu().numpy() if music_before is None else np.asarray(music_before, dtype=np.int64)
     rules = _rules(music, max_new_tokens, codec_config, model.config.vocab_size, max_seconds=max_seconds,
-                   stop_at_eos=stop_at_eos,
-                   ban_eos=ban_eos, start_with_note=start_with_note, max_pause_seconds=max_pause_seconds,
-                   max_note_seconds=max_note_seconds)
+                   stop_at_eos=stop_at_eos, ban_eos=ban_eos, start_with_note=start_with_note,
+                   max_pause_seconds=max_pause_seconds, max_note_seconds=max_note_seconds)
     window = window or model.config.context_len
     relative = model.config.attention == "relative"
     if static_cache and not (use_cache and relative):
