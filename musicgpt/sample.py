@@ -175,9 +175,10 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     device = pick_device(r.device)
     primer_notes = read_notes(r.primer) if r.primer is not None else None  # a bad file fails first
     path, why = choose_checkpoint(r.checkpoint, runs_dir)
-    controls = peek_controls(path) or Controls()  # a damaged file fails in load_model below
+    header = peek_controls(path)  # None for a damaged file: load_model below says what is wrong
+    controls = header or Controls()
     config = controls.codec
-    style = [controls.tag_id(r.style)] if r.style is not None else []  # an unknown name lists the tags
+    style = [controls.tag_id(r.style)] if r.style is not None and header else []  # unknown: lists the tags
     primer_tokens = np.zeros(0, dtype=np.int16)
     if primer_notes is not None:
         primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
@@ -185,7 +186,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
         print(f"musicgpt: {why}", file=sys.stderr)
     set_sampling_threads(device, r.threads, r.num_samples)
     model, ckpt = load_model(path, device)
-    if ckpt.controls != controls:  # only if the header disagreed with the file it heads
+    if header is None or ckpt.controls != controls:  # the header was unreadable, or disagreed
         config = ckpt.codec_config
         style = [ckpt.controls.tag_id(r.style)] if r.style is not None else []
         if primer_notes is not None:
