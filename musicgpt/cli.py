@@ -158,17 +158,29 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no transposition or time stretch")
     p.add_argument("--tag-dropout", type=float, default=0.1,
                    help="share of tagged windows shown without their style tag (default %(default)s)")
+    p.add_argument("--tag-weight", action="append", type=tag_weight, dest="tag_weights", metavar="TAG=W",
+                   help="draw the pieces tagged TAG W times as often as their length alone would "
+                   "(repeatable; default 1 for every tag)")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of files held out for validation (default %(default)s)")
     p.set_defaults(func=_run_train)
+
+
+def tag_weight(text: str) -> tuple[str, float]:
+    """`TAG=W` of --tag-weight as (tag, weight); argparse turns a ValueError into a usage error."""
+    tag, sep, weight = text.partition("=")
+    if not sep or not tag:
+        raise ValueError(text)
+    return tag, float(weight)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from musicgpt.train import TrainConfig, train
 
     names = set(TrainConfig.__dataclass_fields__)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    train(cfg)
+    options = {k: v for k, v in vars(args).items() if k in names}
+    options["tag_weights"] = dict(args.tag_weights) if args.tag_weights else None
+    train(TrainConfig(**options))
     return 0
 
 

@@ -222,7 +222,8 @@ def make_loader(run: Run, pieces: list) -> torch.utils.data.DataLoader:
     cfg, cuda = run.cfg, run.device.startswith("cuda")
     dataset = windows.TokenWindowDataset(pieces, cfg.seq_len, run.codec_config, seed=cfg.seed,
                                          augment=windows.Augment() if cfg.augment else None,
-                                         controls=run.controls, fim_rate=cfg.fim_rate, tag_dropout=cfg.tag_dropout)
+                                         controls=run.controls, fim_rate=cfg.fim_rate, tag_dropout=cfg.tag_dropout,
+                                         tag_weights=cfg.tag_weights)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=StepBatches(cfg, run.state.step, run.ranks.rank, run.ranks.world),

@@ -47,6 +47,7 @@ class TrainConfig:
     augment: bool = True
     fim_rate: float | None = None  # share of windows in fill-in-the-middle order (default FIM_RATE)
     tag_dropout: float = 0.1  # share of tagged windows shown without their tag
+    tag_weights: dict[str, float] | None = None  # style tag -> how much more often its pieces are drawn
     val_fraction: float = 0.1
     eval_interval: int | None = None
     eval_batches: int = 16
@@ -87,6 +88,9 @@ def resolve(cfg: TrainConfig, device: str) -> TrainConfig:
         value = getattr(out, name)
         if value is not None and not 0.0 <= value < 1.0:
             raise MusicGPTError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    for tag, weight in (out.tag_weights or {}).items():
+        if not (isinstance(weight, (int, float)) and 0 < weight < math.inf):
+            raise MusicGPTError(f"--tag-weight {tag}: the weight must be a positive number, got {weight}")
     if out.warmup < 0:
         raise MusicGPTError(f"--warmup must not be negative, got {out.warmup}")
     if out.preset not in PRESETS:

@@ -54,6 +54,16 @@ def tag_ids(pieces: list[Piece], controls: Controls | None) -> list[int | None]:
     return [controls.tag_id(p.tag) if p.tag in known else None for p in pieces]
 
 
+def piece_weights(pieces: list[Piece], tag_weights: dict[str, float]) -> np.ndarray:
+    """Each piece's weight from its tag (1 for tags not named); a named tag no piece has is an error."""
+    unknown = sorted(set(tag_weights) - {p.tag for p in pieces})
+    if unknown:
+        known = sorted({p.tag for p in pieces if p.tag is not None})
+        raise MusicGPTError(f"--tag-weight {unknown[0]}: no training piece has that tag "
+                            f"(the tags are: {', '.join(known) or 'none'})")
+    return np.array([tag_weights.get(p.tag, 1.0) for p in pieces], dtype=np.float64)
+
+
 class TokenWindowDataset(torch.utils.data.Dataset):
     """Random windows of seq_len + 1 tokens; item `i` is a pure function of (seed, i).
 
@@ -61,7 +71,8 @@ class TokenWindowDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, pieces: list[Piece], seq_len: int, config: CodecConfig, *, augment: Augment | None = None,
-                 seed: int = 0, controls: Controls | None = None, fim_rate: float = 0.0, tag_dropout: float = 0.0):
+                 seed: int = 0, controls: Controls | None = None, fim_rate: float = 0.0, tag_dropout: float = 0.0,
+                 tag_weights: dict[str, float] | None = None):
         if not pieces:
             raise MusicGPTError("no pieces to train on")
         if fim_rate > 0 and (controls is None or not controls.fim):
@@ -69,7 +80,8 @@ class TokenWindowDataset(torch.utils.data.Dataset):
         self.pieces = [framed(p, config) for p in pieces]
         self.tags = tag_ids(pieces, controls)
         lengths = np.array([len(p) for p in self.pieces], dtype=np.float64)
-        self.weights = lengths / lengths.sum()
+        drawn = lengths * piece_weights(pieces, tag_weights or {})
+        self.weights = drawn / drawn.sum()
         self.seq_len, self.config, self.augment, self.seed = seq_len, config, augment, seed
         self.controls, self.fim_rate, self.tag_dropout = controls, fim_rate, tag_dropout
         self.num_tokens = int(lengths.sum())

@@ -18,6 +18,7 @@ from musicgpt import codec
 from musicgpt.cli import main
 from musicgpt.errors import MusicGPTError
 from musicgpt.train import TrainConfig
+from musicgpt.train_config import resolve
 
 COMMANDS = ["train", "sample", "info", "eval", "stats", "attention", "render", "encode", "decode"]
 
@@ -130,15 +131,29 @@ def test_train_options_reach_the_train_config(monkeypatch):
             "--batch-size", "5", "--seq-len", "48", "--lr", "0.0123", "--warmup", "4", "--grad-accum", "3",
             "--dropout", "0.2", "--attn-dropout", "0.05", "--attn-impl", "eager", "--device", "cpu", "--compile",
             "--precision", "fp32", "--resume", "runs/old", "--init", "default", "--attention", "absolute",
-            "--seed", "99", "--no-augment", "--eval-interval", "11", "--val-fraction", "0.25", "--threads", "2"]
+            "--seed", "99", "--no-augment", "--eval-interval", "11", "--val-fraction", "0.25", "--threads", "2",
+            "--tag-weight", "classical=3", "--tag-weight", "pop=0.5"]
     assert main(argv) == 0
     assert len(calls) == 2
     assert _config_in(calls[-1], TrainConfig) == TrainConfig(
         data_dir="songs", preset="small", out="runs/x", max_steps=70, stop_at=30, batch_size=5, seq_len=48,
         lr=0.0123, warmup=4, grad_accum=3, dropout=0.2, attn_dropout=0.05, attn_impl="eager", device="cpu",
         compile=True, precision="fp32", resume="runs/old", init="default", attention="absolute", seed=99,
-        augment=False, eval_interval=11, val_fraction=0.25, threads=2,
+        augment=False, eval_interval=11, val_fraction=0.25, threads=2, tag_weights={"classical": 3.0, "pop": 0.5},
     )
+
+
+@pytest.mark.parametrize("weight", ["classical", "=2", "classical=loud"])
+def test_a_malformed_tag_weight_is_a_usage_error(weight, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "songs", "--tag-weight", weight])
+    assert e.value.code == 2 and "--tag-weight" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_tag_weight_must_be_positive(weight):
+    with pytest.raises(MusicGPTError, match="--tag-weight pop: the weight must be a positive number"):
+        resolve(TrainConfig(tag_weights={"pop": weight}), "cpu")
 
 
 def _leaves(value, name=None):

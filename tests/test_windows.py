@@ -5,6 +5,7 @@ import pytest
 
 from musicgpt import data
 from musicgpt.controls import Controls
+from musicgpt.errors import MusicGPTError
 from musicgpt.fim import time_cuts
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
 from musicgpt.windows import IGNORE_INDEX, Augment, TokenWindowDataset, eval_windows, framed, infill_windows
@@ -114,3 +115,19 @@ def test_infill_windows_score_only_the_middle():
 def test_fim_needs_a_model_with_sentinels():
     with pytest.raises(data.MusicGPTError, match="FIM"):
         TokenWindowDataset([piece_of(10)], 16, CFG, controls=Controls(CFG), fim_rate=0.5)
+
+
+def test_tag_weights_draw_a_style_more_often(tmp_path):
+    # Two equally long pieces: unweighted, each gives about half the windows; classical=4 gives it 4 in 5.
+    tokens = np.array([60, 260, 188] * 100, dtype=np.int16)
+    pieces = [data.Piece(tmp_path / "a.mid", tokens, "classical"), data.Piece(tmp_path / "b.mid", tokens, "pop")]
+    controls = Controls(CFG, tags=("classical", "pop"))
+
+    def classical_share(weights):
+        ds = TokenWindowDataset(pieces, 16, CFG, controls=controls, tag_weights=weights)
+        return np.mean([int(ds[i][0][0]) == controls.tag_id("classical") for i in range(2000)])
+
+    assert classical_share(None) == pytest.approx(0.5, abs=0.05)
+    assert classical_share({"classical": 4.0}) == pytest.approx(0.8, abs=0.04)
+    with pytest.raises(MusicGPTError, match="--tag-weight jazz: no training piece has that tag.*classical, pop"):
+        TokenWindowDataset(pieces, 16, CFG, tag_weights={"jazz": 2.0})
