@@ -120,7 +120,7 @@ def _run_decode(args: argparse.Namespace) -> int:
 
 # Training options that default to None: `musicgpt.train.resolve` fills them in per device.
 _TRAIN_OPTIONS = (
-    ("--preset", str, "model size: tiny, small or base"),
+    ("--preset", str, "model size: tiny, small, medium or base"),
     ("--out", str, "run folder for checkpoints and metrics (default runs/<timestamp>)"),
     ("--max-steps", int, "optimizer steps in the whole run (the schedule's length)"),
     ("--stop-at", int, "pause at this step; continue later with --resume"),

@@ -249,12 +249,14 @@ def test_attention_dropout_is_its_own_knob():
 
 
 def test_presets():
-    assert set(PRESETS) == {"tiny", "small", "base"}
+    assert set(PRESETS) == {"tiny", "small", "medium", "base"}
     base = preset("base")
     assert (base.n_layer, base.n_head, base.n_embd, base.mlp_dim) == (6, 8, 512, 2048)
     assert base.context_len == base.max_rel_dist == 2048 and base.attention == "relative"
     assert preset("tiny", n_layer=1).n_layer == 1 and PRESETS["tiny"]["n_layer"] == 3
-    with pytest.raises(MusicGPTError, match="tiny, small, base"):
+    # medium is the largest whose fp16 weights ship under 50 MB (2 bytes a parameter)
+    assert 2 * MusicGPT(preset("medium", vocab_size=400)).num_params() < 50e6
+    with pytest.raises(MusicGPTError, match="tiny, small, medium, base"):
         preset("huge")
     with pytest.raises(MusicGPTError, match="divisible"):
         preset("tiny", n_head=5)

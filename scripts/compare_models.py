@@ -1,0 +1,191 @@
+"""The default model's quality checks, the same commands for every checkpoint compared.
+
+For each checkpoint: the loss on held-out classical performances (GiantMIDI-Piano files that
+neither the old shipped model's split nor the corpus split trained on) and on held-out POP909
+songs; 8 one-minute continuations of held-out classical primers and 8 of pop primers, compared
+with their corpus by `musicgpt stats` (mean overlapping area over the 8 features); the share of
+notes that ring longer than 4.5 s when the sampler's limits are off (`--max-note 0 --max-pause
+0`); the longest run of notes the 16 samples share with the training data (`stats --copies`);
+and the wall time of each one-minute sample.
+
+    python scripts/compare_models.py --checkpoint default --checkpoint runs/x/best.safetensors --out eval/
+
+Writes OUT/report.json and OUT/report.md, and keeps the samples under OUT/<checkpoint name>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from musicgpt import data
+from musicgpt.checkpoint import choose_checkpoint, load_model
+from musicgpt.evaluate import loss_on_pieces
+from musicgpt.midi_io import read_notes
+from musicgpt.sample import SampleRequest, sample_files
+from musicgpt.stats import compare_sets
+from musicgpt.tags import tag_pieces
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "midi_data"
+CLASSICAL = DATA / "classical" / "giantmidi-piano"
+POP = DATA / "pop" / "pop909"
+LONG_NOTE_S = 4.5
+SAMPLES_PER_STYLE = 8
+
+
+def held_out_files() -> dict[str, list[Path]]:
+    """Held-out primers and loss files per style, by musicgpt's split rule (a hash of the file name)."""
+    everything = [data.Piece(p, np.zeros(0, np.int16)) for p in data.find_midi_files(DATA)]
+    _, corpus_val = data.split_files(everything, 0.1)
+    giant = [p for p in everything if p.path.is_relative_to(CLASSICAL)]
+    _, old_val = data.split_files(giant, 0.1)  # the old default model trained on these 56 files alone
+    unseen = {p.path for p in corpus_val} & {p.path for p in old_val}
+    return {
+        "classical": sorted(unseen),
+        "pop": sorted(p.path for p in corpus_val if p.path.is_relative_to(POP)),
+    }
+
+
+def held_out_loss(checkpoint: Path, files: list[Path], device: str = "cpu") -> dict:
+    """Nats/token over non-overlapping context-long windows, each behind its file's tag if the model has tags."""
+    model, ckpt = load_model(checkpoint, device)
+    corpus = data.encode_files(files, ckpt.codec_config, progress=False)
+    tag_pieces(corpus.pieces, DATA)
+    seq_len = ckpt.model_config.context_len
+    nats, tokens, _ = loss_on_pieces(model, corpus.pieces, ckpt.codec_config, seq_len=seq_len, device=device,
+                                     controls=ckpt.controls, progress=False)
+    return {"nats": nats, "tokens": tokens, "files": len(corpus.pieces), "seq_len": seq_len}
+
+
+def continuations(checkpoint: Path, style: str, primers: list[Path], out: Path, limits: bool) -> list[float]:
+    """SAMPLES_PER_STYLE one-minute continuations of the first 10 s of `primers` (cycled); their wall times."""
+    from musicgpt.checkpoint import peek_controls
+
+    tags = peek_controls(checkpoint).tags
+    walls = []
+    for i in range(SAMPLES_PER_STYLE):
+        request = SampleRequest(checkpoint=checkpoint, primer=primers[i % len(primers)], primer_seconds=10,
+                                seconds=60, seed=1700 + i, out_dir=out, threads=2,
+                                style=style if style in tags else None)
+        if not limits:
+            request.max_note_seconds = request.max_pause_seconds = math.inf
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            sample_files(request, progress=False)
+        walls.append(time.perf_counter() - t0)
+    return walls
+
+
+def long_note_share(folder: Path) -> float:
+    """Share of the notes (sustain pedal applied) that sound longer than LONG_NOTE_S."""
+    durations = np.concatenate([n.end - n.start for n in map(read_notes, data.find_midi_files(folder))])
+    return float((durations > LONG_NOTE_S).mean())
+
+
+def write_excerpts(source: Path, dest: Path, start_s: float = 10.0, seconds: float = 60.0) -> Path:
+    """Each file's notes that start in [start_s, start_s + seconds), shifted to 0, as a MIDI file in `dest`.
+
+    The samples are one minute written after a 10 s primer, so this is the like-for-like reference:
+    a whole piece has a wider pitch range and more variety than any minute of it.
+    """
+    import pretty_midi
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in data.find_midi_files(source):
+        notes = read_notes(path)
+        keep = (notes.start >= start_s) & (notes.start < start_s + seconds)
+        if keep.sum() == 0:
+            continue
+        pm = pretty_midi.PrettyMIDI()
+        piano = pretty_midi.Instrument(program=0)
+        piano.notes = [pretty_midi.Note(int(v), int(p), s - start_s, e - start_s) for p, s, e, v in
+                       zip(notes.pitch[keep], notes.start[keep], notes.end[keep], notes.velocity[keep])]
+        pm.instruments.append(piano)
+        pm.write(str(dest / path.name))
+    return dest
+
+
+def mean_oa(samples: Path, reference: Path) -> dict:
+    report = compare_sets(samples, reference, progress=False)
+    oa = {name: f["oa"] for name, f in report["features"].items()}
+    return {"mean": float(np.mean(list(oa.values()))), "features": oa}
+
+
+def copies(samples: list[Path]) -> dict | None:
+    """Longest run of notes each sample shares with the training data (None if `stats --copies` is missing)."""
+    try:
+        from musicgpt.copies import longest_shared_runs
+    except ImportError:
+        return None
+    runs = longest_shared_runs(samples, DATA, progress=False)
+    notes = [r.notes for r in runs]
+    return {"median": float(np.median(notes)), "max": int(max(notes)), "runs": [r.to_dict() for r in runs]}
+
+
+def check(checkpoint: str, name: str, out: Path, held: dict[str, list[Path]]) -> dict:
+    """Every figure for one checkpoint."""
+    path, _ = choose_checkpoint(checkpoint, ROOT / "runs")
+    result = {"checkpoint": checkpoint, "loss": {}, "oa": {}, "long_notes": {}, "seconds_per_sample": {}}
+    for style, reference in (("classical", CLASSICAL), ("pop", POP)):
+        print(f"{name}: {style}", flush=True)
+        result["loss"][style] = held_out_loss(path, held[style])
+        for limits in (True, False):
+            folder = out / name / style / ("limits" if limits else "no-limits")
+            walls = continuations(path, style, held[style], folder, limits)
+            key = style if limits else f"{style} (limits off)"
+            result["oa"][key] = mean_oa(folder, reference)
+            result["long_notes"][key] = long_note_share(folder)
+            result["seconds_per_sample"][key] = float(np.median(walls))
+    result["copies"] = copies(sorted((out / name).glob("*/limits/*.mid")))
+    return result
+
+
+def markdown(results: list[dict], corpus_long: dict[str, float]) -> str:
+    rows = [("", *(r["checkpoint"] for r in results))]
+    for style in ("classical", "pop"):
+        rows.append((f"held-out {style} loss (nats/token)", *(f"{r['loss'][style]['nats']:.3f}" for r in results)))
+    for key in ("classical", "pop", "classical (limits off)", "pop (limits off)"):
+        rows.append((f"stats mean OA, {key}", *(f"{r['oa'][key]['mean']:.3f}" for r in results)))
+    for key in ("classical (limits off)", "pop (limits off)"):
+        style = key.split()[0]
+        rows.append((f"notes > {LONG_NOTE_S:g} s, {key} (corpus {corpus_long[style]:.1%})",
+                     *(f"{r['long_notes'][key]:.1%}" for r in results)))
+    rows.append(("longest run shared with the training data (median / max notes)",
+                 *(f"{r['copies']['median']:g} / {r['copies']['max']}" if r["copies"] else "-" for r in results)))
+    rows.append(("seconds per one-minute sample (median, 2 threads)",
+                 *(f"{r['seconds_per_sample']['classical']:.1f}" for r in results)))
+    lines = ["| " + " | ".join(rows[0]) + " |", "|---" + "|---:" * len(results) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", action="append", required=True, help="'default', a run folder or a file")
+    ap.add_argument("--name", action="append", help="a short name per checkpoint for its sample folder")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the samples and the report")
+    args = ap.parse_args()
+    names = args.name or [f"model{k}" for k in range(len(args.checkpoint))]
+    held = held_out_files()
+    print({k: len(v) for k, v in held.items()}, "held-out files")
+    results = [check(c, n, args.out, held) for c, n in zip(args.checkpoint, names)]
+    corpus_long = {"classical": long_note_share(CLASSICAL), "pop": long_note_share(POP)}
+    report = {"held_out": {k: [str(p.relative_to(ROOT)) for p in v] for k, v in held.items()},
+              "corpus_long_notes": corpus_long, "results": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    table = markdown(results, corpus_long)
+    (args.out / "report.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
