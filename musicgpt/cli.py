@@ -60,7 +60,8 @@ COMMANDS = {
     "stats": ("compare musical statistics of MIDI files (e.g. samples) with a reference set",
               "Pitch range, pitch-class histogram and entropy, polyphony, notes per second, inter-onset "
               "intervals, note durations and velocities of SAMPLES against REFERENCE, with the overlapping area "
-              "(OA, 0..1) of each pair of histograms (Yang and Lerch 2020)."),
+              "(OA, 0..1) of each pair of histograms (Yang and Lerch 2020). With --copies, also each sample's "
+              "longest run of consecutive notes found in a reference file, a check for memorised passages."),
 }
 
 
@@ -406,10 +407,17 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
                    help="MIDI file or folder to compare with")
     p.add_argument("-o", "--output", type=Path, help="also draw the histograms side by side into this .png or .svg")
     p.add_argument("--json", action="store_true", help="print every figure (histograms included) as JSON on stdout")
+    p.add_argument("--copies", action="store_true",
+                   help="also give each sample's longest run of consecutive notes found in a reference file (a "
+                        "memorisation check): the same pitch intervals in any transposition and the same onset "
+                        "rhythm on the 10 ms grid, velocities and lengths ignored; a sample that is itself a "
+                        "reference file is compared with the others only")
     p.set_defaults(func=_run_stats)
 
 
 def _run_stats(args: argparse.Namespace) -> int:
+    from musicgpt.copies import format_copies
+    from musicgpt.data import printable
     from musicgpt.stats import compare_sets, format_table, plot_report, report_json
 
     if args.output is not None:
@@ -418,8 +426,10 @@ def _run_stats(args: argparse.Namespace) -> int:
         if args.output.suffix.lower() not in (".png", ".svg"):
             raise MusicGPTError(f"{args.output}: output must end in .png or .svg")
         check_output_file(args.output)
-    report = compare_sets(args.samples, args.reference)
+    report = compare_sets(args.samples, args.reference, copies=args.copies)
     print(report_json(report) if args.json else format_table(report))
+    if args.copies and not args.json:
+        print(printable(format_copies(report["copies"])))
     if args.output is not None:
         print(f"{plot_report(report, args.output)}: histograms written", file=sys.stderr)
     return 0

@@ -6,7 +6,9 @@ min(p, q). Both distributions are histograms over the same fixed bins (below), n
 probability masses, so OA = sum over bins of min(p_i, q_i): 1 for identical distributions, 0
 for disjoint ones. Fixed bins (rather than a kernel density estimate with a data-dependent
 bandwidth) make OA comparable between runs and sets of any size. Values past the last bin edge
-count in the last bin. Notes are read with the sustain pedal applied, drums dropped.
+count in the last bin. Notes are read with the sustain pedal applied, drums dropped. Each file is
+read once; `compare_sets(..., copies=True)` also runs the memorisation check of `musicgpt.copies`
+on the same notes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from musicgpt.copies import copies_report
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.midi_io import Notes, read_notes
 from musicgpt.vocab import CodecConfig
@@ -112,34 +115,51 @@ def list_midi(path: str | os.PathLike) -> list[Path]:
     return find_midi_files(p)
 
 
-def collect(files: list[Path], label: str = "", progress: bool = True) -> SetStats:
-    """Read every file (bad ones skipped and listed in one warning) and compute every feature."""
+@dataclass
+class NoteSet:
+    """The notes of every readable file of a set, and the files skipped."""
+
+    files: list[Path]
+    notes: list[Notes]
+    skipped: list[str] = field(default_factory=list)  # "path: why"
+
+
+def read_set(files: list[Path], label: str = "", progress: bool = True) -> NoteSet:
+    """Read every file; bad ones are skipped and listed in one warning, and none readable is an error."""
     from tqdm import tqdm
 
     from musicgpt.data import file_problem, printable
 
-    per: dict[str, list[np.ndarray]] = {f.name: [] for f in FEATURES}
-    read, skipped = [], []
+    read, notes, skipped = [], [], []
     for path in tqdm(files, desc=f"reading {label}".strip(), unit="file", disable=not progress, leave=False):
         problem = file_problem(path)  # a FIFO named *.mid would block the read for good
         if problem:
             skipped.append(f"{path}: {problem}")
             continue
         try:
-            notes = read_notes(path)
+            notes.append(read_notes(path))
         except MidiReadError as e:
             skipped.append(str(e))
             continue
         read.append(path)
-        for f in FEATURES:
-            per[f.name].append(f.values(notes))
     if skipped:
         listing = "; ".join(skipped)
         print(printable(f"musicgpt: warning: skipped {len(skipped)} bad file(s): {listing}"), file=sys.stderr)
     if not read:
         raise MusicGPTError(f"{label or 'input'}: none of the {len(files)} MIDI file(s) could be read")
-    values = {k: np.concatenate(v) if v else np.zeros(0) for k, v in per.items()}
-    return SetStats(read, values, skipped)
+    return NoteSet(read, notes, skipped)
+
+
+def set_stats(notes: NoteSet) -> SetStats:
+    """Every feature's values over a set of files already read."""
+    values = {f.name: np.concatenate([f.values(n) for n in notes.notes]) if notes.notes else np.zeros(0)
+              for f in FEATURES}
+    return SetStats(notes.files, values, notes.skipped)
+
+
+def collect(files: list[Path], label: str = "", progress: bool = True) -> SetStats:
+    """Read every file (bad ones skipped and listed in one warning) and compute every feature."""
+    return set_stats(read_set(files, label, progress))
 
 
 def compare(samples: SetStats, reference: SetStats) -> dict:
@@ -163,16 +183,22 @@ def _summary(values: np.ndarray, hist: np.ndarray) -> dict:
 
 
 def compare_sets(samples_dir: str | os.PathLike, reference_dir: str | os.PathLike, *,
-                 progress: bool = True) -> dict:
-    """The full report of `musicgpt stats`: both sets' files and skips, and `compare`'s figures."""
-    sample_files, reference_files = list_midi(samples_dir), list_midi(reference_dir)
-    s = collect(sample_files, str(samples_dir), progress)
-    r = collect(reference_files, str(reference_dir), progress)
-    return {
+                 progress: bool = True, copies: bool = False) -> dict:
+    """The full report of `musicgpt stats`: both sets' files and skips, and `compare`'s figures.
+
+    With `copies`, also each sample's longest run of notes shared with a reference file (`copies.copies_report`).
+    """
+    sample_files, reference_files = list_midi(samples_dir), list_midi(reference_dir)  # a bad path fails before work
+    s = read_set(sample_files, str(samples_dir), progress)
+    r = read_set(reference_files, str(reference_dir), progress)
+    report = {
         "samples": {"path": str(samples_dir), "files": len(s.files), "skipped": s.skipped},
         "reference": {"path": str(reference_dir), "files": len(r.files), "skipped": r.skipped},
-        "features": compare(s, r),
+        "features": compare(set_stats(s), set_stats(r)),
     }
+    if copies:
+        report["copies"] = copies_report(s.files, s.notes, r.files, r.notes, samples_dir, reference_dir, progress)
+    return report
 
 
 def _cell(summary: dict, name: str) -> str:

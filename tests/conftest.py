@@ -43,6 +43,18 @@ def make_piece(path: Path, seed: int = 0, seconds: float = 12.0, pedal: bool = T
     return path
 
 
+def write_notes(path: Path, notes, pedal=()) -> Path:
+    """notes: (pitch, start, end, velocity); pedal: (time, value) CC64 events."""
+    pm = pretty_midi.PrettyMIDI()  # 120 bpm, 220 ticks per quarter: times land on 1/440 s ticks
+    piano = pretty_midi.Instrument(program=0)
+    piano.notes = [pretty_midi.Note(v, p, s, e) for p, s, e, v in notes]
+    piano.control_changes = [pretty_midi.ControlChange(64, v, t) for t, v in pedal]
+    pm.instruments.append(piano)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pm.write(str(path))
+    return path
+
+
 def build_piece() -> pretty_midi.PrettyMIDI:
     """Chords, overlapping same-key notes, velocities 1..127, pedal, long gaps and notes, drums."""
     pm = pretty_midi.PrettyMIDI(resolution=480)

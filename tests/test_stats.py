@@ -4,26 +4,13 @@ import json
 import math
 
 import numpy as np
-import pretty_midi
 import pytest
 from conftest import make_piece
+from conftest import write_notes as write
 
 from musicgpt import stats
 from musicgpt.cli import main
 from musicgpt.midi_io import read_notes
-
-
-def write(path, notes, pedal=()):
-    """notes: (pitch, start, end, velocity); pedal: (time, value) CC64 events."""
-    pm = pretty_midi.PrettyMIDI()  # 120 bpm, 220 ticks per quarter: the times below are exact
-    piano = pretty_midi.Instrument(program=0)
-    piano.notes = [pretty_midi.Note(v, p, s, e) for p, s, e, v in notes]
-    piano.control_changes = [pretty_midi.ControlChange(64, v, t) for t, v in pedal]
-    pm.instruments.append(piano)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pm.write(str(path))
-    return path
-
 
 # C4 held 1 s, E4 then G4 over it, then C5 alone.
 TRIAD = [(60, 0.0, 1.0, 40), (64, 0.0, 0.5, 80), (67, 0.5, 1.0, 120), (72, 1.0, 2.0, 100)]
