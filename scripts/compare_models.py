@@ -27,10 +27,11 @@ import numpy as np
 
 from musicgpt import data
 from musicgpt.checkpoint import choose_checkpoint, load_model
+from musicgpt.copies import copies_report
 from musicgpt.evaluate import loss_on_pieces
 from musicgpt.midi_io import read_notes
 from musicgpt.sample import SampleRequest, sample_files
-from musicgpt.stats import compare_sets
+from musicgpt.stats import NoteSet, compare_sets, read_set
 from musicgpt.tags import tag_pieces
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,21 +120,31 @@ def mean_oa(samples: Path, reference: Path) -> dict:
     return {"mean": float(np.mean(list(oa.values()))), "features": oa}
 
 
-def copies(samples: list[Path]) -> dict | None:
-    """Longest run of notes each sample shares with the training data (None if `stats --copies` is missing)."""
-    try:
-        from musicgpt.copies import longest_shared_runs
-    except ImportError:
-        return None
-    runs = longest_shared_runs(samples, DATA, progress=False)
-    notes = [r.notes for r in runs]
-    return {"median": float(np.median(notes)), "max": int(max(notes)), "runs": [r.to_dict() for r in runs]}
+def training_files() -> list[Path]:
+    """The files the new model trained on: the corpus minus its validation split."""
+    everything = [data.Piece(p, np.zeros(0, np.int16)) for p in data.find_midi_files(DATA)]
+    train, _ = data.split_files(everything, 0.1)
+    return [p.path for p in train]
 
 
-def check(checkpoint: str, name: str, out: Path, held: dict[str, list[Path]]) -> dict:
+def copies(samples: list[Path], training: NoteSet) -> dict:
+    """Each sample's longest run of notes shared with a training file (`musicgpt stats --copies`)."""
+    s = read_set(samples, progress=False)
+    return copies_report(s.files, s.notes, training.files, training.notes, ROOT, DATA)
+
+
+def copies_baseline(training: NoteSet) -> dict:
+    """What training pieces share with each other: 8 classical and 8 pop training files against all the others."""
+    picks = [p for style in (CLASSICAL, POP) for p in [f for f in training.files if f.is_relative_to(style)][:8]]
+    s = read_set(picks, progress=False)
+    return copies_report(s.files, s.notes, training.files, training.notes, DATA, DATA)
+
+
+def check(checkpoint: str, name: str, out: Path, held: dict[str, list[Path]], training: NoteSet) -> dict:
     """Every figure for one checkpoint."""
     path, _ = choose_checkpoint(checkpoint, ROOT / "runs")
-    result = {"checkpoint": checkpoint, "loss": {}, "oa": {}, "long_notes": {}, "seconds_per_sample": {}}
+    result = {"checkpoint": checkpoint, "loss": {}, "oa": {}, "oa_excerpts": {}, "long_notes": {},
+              "seconds_per_sample": {}}
     for style, reference in (("classical", CLASSICAL), ("pop", POP)):
         print(f"{name}: {style}", flush=True)
         result["loss"][style] = held_out_loss(path, held[style])
@@ -142,24 +153,28 @@ def check(checkpoint: str, name: str, out: Path, held: dict[str, list[Path]]) ->
             walls = continuations(path, style, held[style], folder, limits)
             key = style if limits else f"{style} (limits off)"
             result["oa"][key] = mean_oa(folder, reference)
+            result["oa_excerpts"][key] = mean_oa(folder, out / "reference-excerpts" / style)
             result["long_notes"][key] = long_note_share(folder)
             result["seconds_per_sample"][key] = float(np.median(walls))
-    result["copies"] = copies(sorted((out / name).glob("*/limits/*.mid")))
+    result["copies"] = copies(sorted((out / name).glob("*/limits/*.mid")), training)
     return result
 
 
-def markdown(results: list[dict], corpus_long: dict[str, float]) -> str:
+def markdown(results: list[dict], corpus_long: dict[str, float], baseline: dict) -> str:
+    """The comparison as a Markdown table, one column per checkpoint."""
     rows = [("", *(r["checkpoint"] for r in results))]
     for style in ("classical", "pop"):
         rows.append((f"held-out {style} loss (nats/token)", *(f"{r['loss'][style]['nats']:.3f}" for r in results)))
     for key in ("classical", "pop", "classical (limits off)", "pop (limits off)"):
-        rows.append((f"stats mean OA, {key}", *(f"{r['oa'][key]['mean']:.3f}" for r in results)))
+        rows.append((f"stats mean OA, {key}: against one-minute excerpts / whole pieces",
+                     *(f"{r['oa_excerpts'][key]['mean']:.3f} / {r['oa'][key]['mean']:.3f}" for r in results)))
     for key in ("classical (limits off)", "pop (limits off)"):
         style = key.split()[0]
         rows.append((f"notes > {LONG_NOTE_S:g} s, {key} (corpus {corpus_long[style]:.1%})",
                      *(f"{r['long_notes'][key]:.1%}" for r in results)))
-    rows.append(("longest run shared with the training data (median / max notes)",
-                 *(f"{r['copies']['median']:g} / {r['copies']['max']}" if r["copies"] else "-" for r in results)))
+    rows.append((f"longest run of notes shared with a training file, median / max (16 training pieces with each "
+                 f"other: {baseline['median']:g} / {baseline['max']})",
+                 *(f"{r['copies']['median']:g} / {r['copies']['max']}" for r in results)))
     rows.append(("seconds per one-minute sample (median, 2 threads)",
                  *(f"{r['seconds_per_sample']['classical']:.1f}" for r in results)))
     lines = ["| " + " | ".join(rows[0]) + " |", "|---" + "|---:" * len(results) + "|"]
@@ -176,13 +191,17 @@ def main() -> None:
     names = args.name or [f"model{k}" for k in range(len(args.checkpoint))]
     held = held_out_files()
     print({k: len(v) for k, v in held.items()}, "held-out files")
-    results = [check(c, n, args.out, held) for c, n in zip(args.checkpoint, names)]
+    for style, reference in (("classical", CLASSICAL), ("pop", POP)):
+        write_excerpts(reference, args.out / "reference-excerpts" / style)
+    training = read_set(training_files(), progress=False)
+    results = [check(c, n, args.out, held, training) for c, n in zip(args.checkpoint, names)]
     corpus_long = {"classical": long_note_share(CLASSICAL), "pop": long_note_share(POP)}
+    baseline = copies_baseline(training)
     report = {"held_out": {k: [str(p.relative_to(ROOT)) for p in v] for k, v in held.items()},
-              "corpus_long_notes": corpus_long, "results": results}
+              "corpus_long_notes": corpus_long, "copies_between_training_pieces": baseline, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    table = markdown(results, corpus_long)
+    table = markdown(results, corpus_long, baseline)
     (args.out / "report.md").write_text(table)
     print(table)
 

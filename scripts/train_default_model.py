@@ -1,20 +1,24 @@
 """Train the default model that ships with musicgpt, and export it as package data.
 
-Anyone can rerun this. Data: the 56 expressive GiantMIDI-Piano performances in
-midi_data/classical/giantmidi-piano/ (whole files held out for validation by the usual hash split; the
-music21 scores, with their flat velocities and exact grid, are left out so the model learns
-expressive playing). Two stages of `musicgpt train`, both with the `tiny` preset:
+Anyone can rerun this on the committed `midi_data/` (pop, classical performances, scores; style
+tags from the folders and `midi_data/tags.txt`). The recipe continues the model shipped before
+(a `tiny` model trained on the 56 GiantMIDI-Piano performances alone, taken from git at
+OLD_MODEL_COMMIT) in three `musicgpt train` stages, all `tiny` (0.74 M parameters), with style
+tags and fill-in-the-middle (FIM) windows at the default rate 0.5:
 
-1. 1800 steps from scratch on 256-token windows (batch 16);
-2. 900 steps fine-tuning stage 1's best checkpoint on 512-token windows (batch 8, `--init`),
-   which doubles the context the model plays with: with 256 tokens (about 7 s of dense piano)
-   it often lost track of notes it had started and never released them.
+1. 2,528 steps of a 3,000-step schedule on the whole corpus, 512-token windows, batch 8: the
+   vocabulary grows by the five style tags and three FIM sentinels. (The shipped run was stopped
+   there by hand: --stop-at reproduces it.)
+2. 2,400 steps more with classical performances drawn 4 times as often (`--tag-weight`), dropout
+   off (the model is too small to overfit 85 hours of music: its training loss stays above its
+   validation loss), a fresh warmup and cosine decay.
+3. A short stage on 1,024-token windows, so the model keeps notes in view twice as long.
 
-The best stage-2 checkpoint is written in fp16 to musicgpt/default_model/ with that run's
+The best stage-3 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
 metrics.jsonl and loss.png beside it.
 
-    python scripts/train_default_model.py --threads 1    # the shipped run (about 45 min on 2 CPU cores)
-    python scripts/train_default_model.py --quick        # a few steps, to check the pipeline
+    python scripts/train_default_model.py --threads 2   # the shipped run (about 2.5 h on 2 CPU cores)
+    python scripts/train_default_model.py --quick       # a few steps per stage, to check the pipeline
 """
 
 from __future__ import annotations
@@ -29,59 +33,77 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEST = ROOT / "musicgpt" / "default_model"
+OLD_MODEL_COMMIT = "dd34a54"  # the last commit that shipped the GiantMIDI-only tiny model
 
-STAGE1 = dict(preset="tiny", max_steps=1800, batch_size=16, seq_len=256, lr=0.002, warmup=150, eval_interval=250)
-STAGE2 = dict(max_steps=900, batch_size=8, seq_len=512, lr=0.001, warmup=50, eval_interval=150)
+STAGES = [
+    ("stage1", dict(seq_len=512, batch_size=8, lr=1e-3, warmup=100, max_steps=3000, stop_at=2528, eval_interval=250,
+                    seed=17)),
+    ("stage2", dict(seq_len=512, batch_size=8, lr=8e-4, warmup=100, max_steps=2400, eval_interval=300, dropout=0.0,
+                    tag_weight="classical=4", seed=18)),
+    ("stage3", dict(seq_len=1024, batch_size=4, lr=3e-4, warmup=50, max_steps=400, eval_interval=100, dropout=0.0,
+                    tag_weight="classical=4", seed=19)),
+]
+INIT_FROM = {"stage1": None, "stage2": "stage1/last.safetensors", "stage3": "stage2/best.safetensors"}
 
 
-def run_stage(data: str, out: Path, options: dict, seed: int, threads: int | None, init: Path | None) -> float:
+def old_model(runs: Path) -> Path:
+    """The model shipped before, checked out of git into the runs folder."""
+    dest = runs / "old-default" / "model.safetensors"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        blob = subprocess.run(["git", "show", f"{OLD_MODEL_COMMIT}:musicgpt/default_model/model{suffix}"],
+                              cwd=ROOT, check=True, capture_output=True).stdout
+        dest.with_suffix(suffix).write_bytes(blob)
+    return dest
+
+
+def run_stage(out: Path, options: dict, init: Path, threads: int | None) -> float:
     """Run one `musicgpt train` stage as a subprocess; return its wall time in seconds."""
-    cmd = ["musicgpt", "train", data, "--out", str(out), "--seed", str(seed)]
+    cmd = ["musicgpt", "train", "midi_data/", "--out", str(out), "--init", str(init)]
     cmd += [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    if init:
-        cmd += ["--init", str(init)]
     if threads:
         cmd += ["--threads", str(threads)]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "musicgpt", *cmd[1:]], check=True)
+    subprocess.run([sys.executable, "-m", "musicgpt", *cmd[1:]], check=True, cwd=ROOT)
     return time.time() - t0
+
+
+def export(runs: Path, walls: dict[str, float]) -> None:
+    """Write stage 3's best checkpoint to the package in fp16, with every stage's curves."""
+    from musicgpt.checkpoint import export_model
+
+    final = runs / STAGES[-1][0]
+    path = export_model(final / "best.safetensors", DEST / "model",
+                        note={"stages": [dict(o, name=n) for n, o in STAGES], "wall_s": walls})
+    for name, _ in STAGES:
+        shutil.copy2(runs / name / "metrics.jsonl", DEST / f"metrics_{name}.jsonl")
+        shutil.copy2(runs / name / "loss.png", DEST / f"loss_{name}.png")
+    info = json.loads(path.with_suffix(".json").read_text())
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB): best validation "
+          f"{info['state'].get('best_val'):.4f} nats/token")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT / "midi_data" / "classical" / "giantmidi-piano"))
-    ap.add_argument("--runs", default=str(ROOT / "runs"), help="where the two run folders go")
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, help="CPU threads (1 is fastest while other jobs run)")
-    ap.add_argument("--quick", action="store_true", help="10 + 10 steps, nothing exported")
-    ap.add_argument("--export-only", action="store_true", help="only export the finished runs in --runs")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "default-model"), help="where the stage folders go")
+    ap.add_argument("--threads", type=int, help="CPU threads for torch")
+    ap.add_argument("--quick", action="store_true", help="a few steps per stage, nothing exported")
+    ap.add_argument("--export-only", action="store_true", help="only export the finished stages in --runs")
     args = ap.parse_args()
 
-    stage1, stage2 = dict(STAGE1), dict(STAGE2)
-    if args.quick:
-        stage1.update(max_steps=10, eval_interval=5)
-        stage2.update(max_steps=10, eval_interval=5)
     runs = Path(args.runs)
-    wall = None
+    walls: dict[str, float] = {}
     if not args.export_only:
-        wall = run_stage(args.data, runs / "default-model", stage1, args.seed, args.threads, None)
-        wall += run_stage(args.data, runs / "default-model-ctx512", stage2, args.seed, args.threads,
-                          runs / "default-model" / "best.safetensors")
-    if args.quick:
-        return
-
-    from musicgpt.checkpoint import export_model
-
-    final = runs / "default-model-ctx512"
-    path = export_model(final / "best.safetensors", DEST / "model", note={"stages": [stage1, stage2], "wall_s": wall})
-    for name in ("metrics.jsonl", "loss.png"):
-        shutil.copy2(final / name, DEST / name)
-    shutil.copy2(runs / "default-model" / "metrics.jsonl", DEST / "metrics_stage1.jsonl")
-    shutil.copy2(runs / "default-model" / "loss.png", DEST / "loss_stage1.png")
-    info = json.loads(path.with_suffix(".json").read_text())
-    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB): best validation "
-          f"{info['state'].get('best_val'):.4f} nats/token")
+        for name, options in STAGES:
+            options = dict(options)
+            if args.quick:
+                options.update(max_steps=6, eval_interval=3, warmup=2)
+                options.pop("stop_at", None)
+            init = runs / INIT_FROM[name] if INIT_FROM[name] else old_model(runs)
+            walls[name] = run_stage(runs / name, options, init, args.threads)
+    if not args.quick:
+        export(runs, walls)
 
 
 if __name__ == "__main__":
