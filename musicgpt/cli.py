@@ -407,12 +407,24 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
                    help="MIDI file or folder to compare with")
     p.add_argument("-o", "--output", type=Path, help="also draw the histograms side by side into this .png or .svg")
     p.add_argument("--json", action="store_true", help="print every figure (histograms included) as JSON on stdout")
+    p.add_argument("--reference-span", metavar="START:END", type=seconds_span,
+                   help="describe only the notes each reference file strikes between START and END seconds, "
+                        "e.g. 10:70 to compare one-minute continuations of 10 s primers with a minute of each piece")
     p.add_argument("--copies", action="store_true",
                    help="also give each sample's longest run of consecutive notes found in a reference file (a "
                         "memorisation check): the same pitch intervals in any transposition and the same onset "
                         "rhythm on the 10 ms grid, velocities and lengths ignored; a sample that is itself a "
                         "reference file is compared with the others only")
     p.set_defaults(func=_run_stats)
+
+
+def seconds_span(text: str) -> tuple[float, float]:
+    """`START:END` of --reference-span as two numbers of seconds, 0 <= START < END."""
+    start, sep, end = text.partition(":")
+    span = (float(start), float(end))  # a ValueError here is argparse's usage error
+    if not sep or not 0 <= span[0] < span[1] < math.inf:
+        raise ValueError(text)
+    return span
 
 
 def _run_stats(args: argparse.Namespace) -> int:
@@ -426,7 +438,7 @@ def _run_stats(args: argparse.Namespace) -> int:
         if args.output.suffix.lower() not in (".png", ".svg"):
             raise MusicGPTError(f"{args.output}: output must end in .png or .svg")
         check_output_file(args.output)
-    report = compare_sets(args.samples, args.reference, copies=args.copies)
+    report = compare_sets(args.samples, args.reference, copies=args.copies, reference_span=args.reference_span)
     print(report_json(report) if args.json else format_table(report))
     if args.copies and not args.json:
         print(printable(format_copies(report["copies"])))

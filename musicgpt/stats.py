@@ -182,19 +182,40 @@ def _summary(values: np.ndarray, hist: np.ndarray) -> dict:
             "std": float(values.std()) if some else None, "hist": hist.tolist()}
 
 
+def excerpt(notes: Notes, start: float, end: float) -> Notes:
+    """The notes struck in [start, end) seconds, moved to start at 0 (each keeps its full length)."""
+    keep = (notes.start >= start) & (notes.start < end)
+    return Notes(notes.pitch[keep], notes.start[keep] - start, notes.end[keep] - start, notes.velocity[keep])
+
+
+def excerpts(notes: NoteSet, span: tuple[float, float]) -> NoteSet:
+    """Every file's `excerpt` over `span`; files with no note struck in it are left out."""
+    cut = [(f, excerpt(n, *span)) for f, n in zip(notes.files, notes.notes)]
+    kept = [(f, n) for f, n in cut if len(n)]
+    if not kept:
+        raise MusicGPTError(f"no reference file has a note between {span[0]:g} and {span[1]:g} s")
+    return NoteSet([f for f, _ in kept], [n for _, n in kept], notes.skipped)
+
+
 def compare_sets(samples_dir: str | os.PathLike, reference_dir: str | os.PathLike, *,
-                 progress: bool = True, copies: bool = False) -> dict:
+                 progress: bool = True, copies: bool = False, reference_span: tuple[float, float] | None = None
+                 ) -> dict:
     """The full report of `musicgpt stats`: both sets' files and skips, and `compare`'s figures.
 
-    With `copies`, also each sample's longest run of notes shared with a reference file (`copies.copies_report`).
+    With `reference_span` (start, end) in seconds, the features of the reference are those of each
+    file's excerpt over that span (like for like with samples of that length: a whole piece spans
+    more of the keyboard than any minute of it). With `copies`, also each sample's longest run of
+    notes shared with a reference file (`copies.copies_report`), always over whole files.
     """
     sample_files, reference_files = list_midi(samples_dir), list_midi(reference_dir)  # a bad path fails before work
     s = read_set(sample_files, str(samples_dir), progress)
     r = read_set(reference_files, str(reference_dir), progress)
+    described = excerpts(r, reference_span) if reference_span else r
     report = {
         "samples": {"path": str(samples_dir), "files": len(s.files), "skipped": s.skipped},
-        "reference": {"path": str(reference_dir), "files": len(r.files), "skipped": r.skipped},
-        "features": compare(set_stats(s), set_stats(r)),
+        "reference": {"path": str(reference_dir), "files": len(described.files), "skipped": r.skipped,
+                      "span": list(reference_span) if reference_span else None},
+        "features": compare(set_stats(s), set_stats(described)),
     }
     if copies:
         report["copies"] = copies_report(s.files, s.notes, r.files, r.notes, samples_dir, reference_dir, progress)
@@ -213,7 +234,8 @@ def _cell(summary: dict, name: str) -> str:
 def format_table(report: dict) -> str:
     """The table `musicgpt stats` prints: one row per feature, OA last."""
     s, r = report["samples"], report["reference"]
-    rows = [("feature", "unit", f"samples ({s['files']})", f"reference ({r['files']})", "OA")]
+    span = f" {r['span'][0]:g}-{r['span'][1]:g} s" if r.get("span") else ""
+    rows = [("feature", "unit", f"samples ({s['files']})", f"reference{span} ({r['files']})", "OA")]
     for name, f in report["features"].items():
         rows.append((name, f["unit"], _cell(f["samples"], name), _cell(f["reference"], name), f"{f['oa']:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]

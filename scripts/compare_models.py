@@ -3,14 +3,16 @@
 For each checkpoint: the loss on held-out classical performances (GiantMIDI-Piano files that
 neither the old shipped model's split nor the corpus split trained on) and on held-out POP909
 songs; 8 one-minute continuations of held-out classical primers and 8 of pop primers, compared
-with their corpus by `musicgpt stats` (mean overlapping area over the 8 features); the share of
+with their corpus by `musicgpt stats` (mean overlapping area over the 8 features, against whole
+pieces and against the same minute of each piece, `--reference-span 10:70`); the share of
 notes that ring longer than 4.5 s when the sampler's limits are off (`--max-note 0 --max-pause
 0`); the longest run of notes the 16 samples share with the training data (`stats --copies`);
 and the wall time of each one-minute sample.
 
     python scripts/compare_models.py --checkpoint default --checkpoint runs/x/best.safetensors --out eval/
 
-Writes OUT/report.json and OUT/report.md, and keeps the samples under OUT/<checkpoint name>/.
+Writes OUT/report.json and OUT/report.md, and keeps the samples and figures of each checkpoint under
+OUT/NAME/ and in OUT/NAME.json (a NAME already there is reused, not checked again).
 """
 
 from __future__ import annotations
@@ -91,31 +93,9 @@ def long_note_share(folder: Path) -> float:
     return float((durations > LONG_NOTE_S).mean())
 
 
-def write_excerpts(source: Path, dest: Path, start_s: float = 10.0, seconds: float = 60.0) -> Path:
-    """Each file's notes that start in [start_s, start_s + seconds), shifted to 0, as a MIDI file in `dest`.
-
-    The samples are one minute written after a 10 s primer, so this is the like-for-like reference:
-    a whole piece has a wider pitch range and more variety than any minute of it.
-    """
-    import pretty_midi
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in data.find_midi_files(source):
-        notes = read_notes(path)
-        keep = (notes.start >= start_s) & (notes.start < start_s + seconds)
-        if keep.sum() == 0:
-            continue
-        pm = pretty_midi.PrettyMIDI()
-        piano = pretty_midi.Instrument(program=0)
-        piano.notes = [pretty_midi.Note(int(v), int(p), s - start_s, e - start_s) for p, s, e, v in
-                       zip(notes.pitch[keep], notes.start[keep], notes.end[keep], notes.velocity[keep])]
-        pm.instruments.append(piano)
-        pm.write(str(dest / path.name))
-    return dest
-
-
-def mean_oa(samples: Path, reference: Path) -> dict:
-    report = compare_sets(samples, reference, progress=False)
+def mean_oa(samples: Path, reference: Path, span: tuple[float, float] | None = None) -> dict:
+    """`musicgpt stats` mean OA of samples against a reference (over `span` seconds of each reference file)."""
+    report = compare_sets(samples, reference, progress=False, reference_span=span)
     oa = {name: f["oa"] for name, f in report["features"].items()}
     return {"mean": float(np.mean(list(oa.values()))), "features": oa}
 
@@ -153,7 +133,8 @@ def check(checkpoint: str, name: str, out: Path, held: dict[str, list[Path]], tr
             walls = continuations(path, style, held[style], folder, limits)
             key = style if limits else f"{style} (limits off)"
             result["oa"][key] = mean_oa(folder, reference)
-            result["oa_excerpts"][key] = mean_oa(folder, out / "reference-excerpts" / style)
+            # The samples are the minute after a 10 s primer: like for like is that minute of each piece.
+            result["oa_excerpts"][key] = mean_oa(folder, reference, (10.0, 70.0))
             result["long_notes"][key] = long_note_share(folder)
             result["seconds_per_sample"][key] = float(np.median(walls))
     result["copies"] = copies(sorted((out / name).glob("*/limits/*.mid")), training)
@@ -162,7 +143,7 @@ def check(checkpoint: str, name: str, out: Path, held: dict[str, list[Path]], tr
 
 def markdown(results: list[dict], corpus_long: dict[str, float], baseline: dict) -> str:
     """The comparison as a Markdown table, one column per checkpoint."""
-    rows = [("", *(r["checkpoint"] for r in results))]
+    rows = [("", *(f"{r['name']} (`{r['checkpoint']}`)" for r in results))]
     for style in ("classical", "pop"):
         rows.append((f"held-out {style} loss (nats/token)", *(f"{r['loss'][style]['nats']:.3f}" for r in results)))
     for key in ("classical", "pop", "classical (limits off)", "pop (limits off)"):
@@ -191,10 +172,13 @@ def main() -> None:
     names = args.name or [f"model{k}" for k in range(len(args.checkpoint))]
     held = held_out_files()
     print({k: len(v) for k, v in held.items()}, "held-out files")
-    for style, reference in (("classical", CLASSICAL), ("pop", POP)):
-        write_excerpts(reference, args.out / "reference-excerpts" / style)
     training = read_set(training_files(), progress=False)
-    results = [check(c, n, args.out, held, training) for c, n in zip(args.checkpoint, names)]
+    results = []
+    for checkpoint, name in zip(args.checkpoint, names):
+        saved = args.out / f"{name}.json"  # a checkpoint already checked into this folder is not checked again
+        if not saved.exists():
+            saved.write_text(json.dumps(check(checkpoint, name, args.out, held, training), indent=2))
+        results.append({**json.loads(saved.read_text()), "name": name})
     corpus_long = {"classical": long_note_share(CLASSICAL), "pop": long_note_share(POP)}
     baseline = copies_baseline(training)
     report = {"held_out": {k: [str(p.relative_to(ROOT)) for p in v] for k, v in held.items()},

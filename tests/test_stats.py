@@ -86,3 +86,36 @@ def test_cli_table_png_and_json(tmp_path, capsys):
         assert 0 <= f["oa"] <= 1 and len(f["samples"]["hist"]) == len(f["bins"]) - 1
         assert math.isclose(sum(f["reference"]["hist"]), 1.0)
         assert f"{f['oa']:.3f}" in rows[name]
+
+
+def test_reference_span_describes_only_that_stretch_of_each_reference(tmp_path, capsys):
+    # The reference opens with 10 s of low, loud notes, then plays the samples' high soft line.
+    line = [(72 + k % 5, k * 0.5, k * 0.5 + 0.4, 30) for k in range(20)]
+    write(tmp_path / "samples" / "s.mid", line)
+    write(tmp_path / "ref" / "r.mid", [(40 + k % 3, k * 0.5, k * 0.5 + 0.4, 110) for k in range(20)]
+          + [(p, s + 10, e + 10, v) for p, s, e, v in line])
+    write(tmp_path / "ref" / "early.mid", [(40, 0.0, 1.0, 110)])  # nothing after 10 s: left out of the span
+    whole = stats.compare_sets(tmp_path / "samples", tmp_path / "ref", progress=False)
+    assert whole["features"]["velocity"]["oa"] < 0.6
+    later = stats.compare_sets(tmp_path / "samples", tmp_path / "ref", progress=False, reference_span=(10, 20))
+    assert later["reference"]["files"] == 1 and later["reference"]["span"] == [10, 20]
+    assert all(f["oa"] == pytest.approx(1.0) for f in later["features"].values())  # the same music, moved to 0
+    cut = stats.excerpt(read_notes(tmp_path / "ref" / "r.mid"), 10, 20)
+    assert cut.start.min() == pytest.approx(0, abs=0.003) and cut.pitch.tolist() == [p for p, *_ in line]
+    assert main(["stats", str(tmp_path / "samples"), "--reference", str(tmp_path / "ref"),
+                 "--reference-span", "10:20"]) == 0
+    out = capsys.readouterr().out
+    assert "reference 10-20 s (1)" in out and "mean OA 1.000" in out
+
+
+@pytest.mark.parametrize("span", ["10", "20:10", "-1:5", "a:b", "0:inf"])
+def test_a_bad_reference_span_is_a_usage_error(tmp_path, span, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["stats", str(tmp_path), "--reference", str(tmp_path), "--reference-span", span])
+    assert e.value.code == 2 and "--reference-span" in capsys.readouterr().err
+
+
+def test_a_span_no_reference_reaches_is_one_line(tmp_path):
+    write(tmp_path / "s.mid", [(60, 0.0, 1.0, 80)])
+    with pytest.raises(stats.MusicGPTError, match="no reference file has a note between 100 and 160 s"):
+        stats.compare_sets(tmp_path / "s.mid", tmp_path / "s.mid", progress=False, reference_span=(100, 160))
