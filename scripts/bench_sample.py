@@ -17,6 +17,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,11 +160,14 @@ def end_to_end(args) -> str:
         if args.e2e_primer:
             cmd += ["--primer", str(args.e2e_primer)]
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
-        t = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - t
-        if done.returncode:
-            sys.exit(f"bench_sample: {' '.join(cmd)} failed:\n{done.stderr}")
+        walls = []
+        for _ in range(args.e2e_repeats):  # fresh processes; the same seed, so the same music each time
+            t = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            walls.append(time.perf_counter() - t)
+            if done.returncode:
+                sys.exit(f"bench_sample: {' '.join(cmd)} failed:\n{done.stderr}")
+        wall = statistics.median(walls)
         path = Path(done.stdout.split()[-1])
         music = pretty_midi.PrettyMIDI(str(path)).get_end_time()
         tokens = len(codec.encode(path))  # about the number generated (the re-encoding is canonical)
@@ -174,6 +178,8 @@ def end_to_end(args) -> str:
     primer = f" --primer {args.e2e_primer}" if args.e2e_primer else ""
     return "\n".join([
         f"`musicgpt sample --checkpoint CKPT{primer} --seconds {args.e2e_seconds:g} --seed 0 --device {args.device}`",
+        "",
+        f"wall s: the median of {args.e2e_repeats} fresh processes ({', '.join(f'{w:.2f}' for w in walls)})",
         "",
         "| checkpoint | music s | tokens | wall s | music s / wall s | start-up s |",
         "|---|---:|---:|---:|---:|---:|",
@@ -194,6 +200,7 @@ def main() -> None:
     p.add_argument("--e2e-checkpoint", type=Path, help="also time `musicgpt sample` end to end with this")
     p.add_argument("--e2e-seconds", type=float, default=60.0)
     p.add_argument("--e2e-primer", type=Path, help="primer MIDI for the end-to-end run")
+    p.add_argument("--e2e-repeats", type=int, default=3, help="fresh processes timed (the median is given)")
     p.add_argument("--skip-speed", action="store_true", help="only the end-to-end run")
     args = p.parse_args()
     if args.threads:
