@@ -29,7 +29,7 @@ PIECE = ROOT / "midi_data" / "scores" / "music21" / "bach" / "bwv121.6.mid"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default="default", help="a checkpoint trained with --fim-rate > 0 (default: shipped)")
+    p.add_argument("--checkpoint", default="default", help="a FIM checkpoint (default: the shipped model)")
     p.add_argument("--style", help="a style tag of the model (default: none)")
     p.add_argument("--piece", type=Path, default=PIECE, help="MIDI file to cut the excerpt from")
     p.add_argument("--seconds", type=float, default=30.0, help="length of the excerpt (default %(default)s)")
