@@ -167,6 +167,13 @@ def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGP
         if controls != init[1].controls:  # new tags or FIM sentinels: rows added to the embedding
             model.resize_vocab(controls.vocab_size, init[1].controls.id_map(controls))
             mcfg = model.config
+        if cfg.dropout is not None or cfg.attn_dropout is not None:
+            # Dropout has no weights: the same weights in a model built with the rates asked for
+            # (attention dropout follows --dropout unless given, as with a preset).
+            rates = {"dropout": mcfg.dropout if cfg.dropout is None else cfg.dropout, "attn_dropout": cfg.attn_dropout}
+            rebuilt = MusicGPT(ModelConfig.from_dict({**mcfg.to_dict(), **rates}))
+            rebuilt.load_state_dict(model.state_dict())
+            model, mcfg = rebuilt, rebuilt.config
         if cfg.seq_len > mcfg.context_len:
             if mcfg.attention != "relative":
                 raise MusicGPTError(f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({mcfg.context_len}); "

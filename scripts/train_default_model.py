@@ -9,9 +9,10 @@ tags and fill-in-the-middle (FIM) windows at the default rate 0.5:
 1. 2,528 steps of a 3,000-step schedule on the whole corpus, 512-token windows, batch 8: the
    vocabulary grows by the five style tags and three FIM sentinels. (The shipped run was stopped
    there by hand: --stop-at reproduces it.)
-2. 2,400 steps more with classical performances drawn 4 times as often (`--tag-weight`), dropout
-   off (the model is too small to overfit 85 hours of music: its training loss stays above its
-   validation loss), a fresh warmup and cosine decay.
+2. 2,400 steps more with classical performances drawn 4 times as often (`--tag-weight`), a
+   fresh warmup and cosine decay. (The shipped run also passed `--dropout 0` to stages 2 and 3,
+   which `--init` ignored then, a bug since fixed: they trained with the model's dropout, 0.1, as
+   this script now asks.)
 3. A short stage on 1,024-token windows, so the model keeps notes in view twice as long.
 
 The best stage-3 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
@@ -38,9 +39,9 @@ OLD_MODEL_COMMIT = "dd34a54"  # the last commit that shipped the GiantMIDI-only 
 STAGES = [
     ("stage1", dict(seq_len=512, batch_size=8, lr=1e-3, warmup=100, max_steps=3000, stop_at=2528, eval_interval=250,
                     seed=17)),
-    ("stage2", dict(seq_len=512, batch_size=8, lr=8e-4, warmup=100, max_steps=2400, eval_interval=300, dropout=0.0,
+    ("stage2", dict(seq_len=512, batch_size=8, lr=8e-4, warmup=100, max_steps=2400, eval_interval=300,
                     tag_weight="classical=4", seed=18)),
-    ("stage3", dict(seq_len=1024, batch_size=4, lr=3e-4, warmup=50, max_steps=400, eval_interval=100, dropout=0.0,
+    ("stage3", dict(seq_len=1024, batch_size=4, lr=3e-4, warmup=50, max_steps=400, eval_interval=100,
                     tag_weight="classical=4", seed=19)),
 ]
 INIT_FROM = {"stage1": None, "stage2": "stage1/last.safetensors", "stage3": "stage2/best.safetensors"}

@@ -188,15 +188,17 @@ def test_two_process_gloo_training_agrees(midi_folder, tmp_path):
 
 
 def test_fine_tuning_adds_tags_and_fim_to_a_model_without_them(tmp_path):
-    """`--init default` (no control tokens) on a tagged folder: the vocabulary grows by the FIM
-    sentinels and the new tags, and every old token keeps its trained embedding."""
+    """`--init` from a model without control tokens on a tagged folder: the vocabulary grows by the
+    FIM sentinels and the new tags, and every old token keeps its trained embedding."""
     from conftest import make_piece
 
     for tag in ("pop", "jazz"):
         for k in range(2):
             make_piece(tmp_path / "data" / tag / f"{k}.mid", seed=k, seconds=6)
-    base, base_ckpt = checkpoint.load_model("default")
-    run = train(TrainConfig(data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), init="default",
+    plain = checkpoint.save_checkpoint(tmp_path / "plain", MusicGPT(preset("tiny", n_layer=1)), CodecConfig())
+    base, base_ckpt = checkpoint.load_model(plain)
+    assert not base_ckpt.controls.fim and not base_ckpt.controls.tags
+    run = train(TrainConfig(data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), init=str(plain),
                             max_steps=1, lr=1e-9, warmup=0, batch_size=2, seq_len=64, eval_interval=1,
                             eval_batches=1, device="cpu", fim_rate=0.5), progress=False)
     tuned, ckpt = checkpoint.load_model(run / "last.safetensors")
@@ -205,3 +207,36 @@ def test_fine_tuning_adds_tags_and_fim_to_a_model_without_them(tmp_path):
     old = base_ckpt.controls.vocab_size
     torch.testing.assert_close(tuned.wte.weight[:old], base.wte.weight, rtol=0, atol=1e-5)
     assert tuned.wte.weight[old:].std() > 0.005  # fresh rows, not zeros
+
+
+@pytest.mark.parametrize("asked, rates", [(dict(dropout=0.0), (0.0, 0.0)), (dict(dropout=0.2), (0.2, 0.2)),
+                                          (dict(attn_dropout=0.0), (0.1, 0.0)), ({}, (0.1, 0.1))])
+def test_fine_tuning_takes_the_dropout_asked_for(tmp_path, asked, rates):
+    from conftest import make_piece
+
+    make_piece(tmp_path / "data" / "0.mid", seed=4, seconds=6)
+    model = MusicGPT(preset("tiny", n_layer=1, dropout=0.1))
+    base = checkpoint.save_checkpoint(tmp_path / "base", model, CodecConfig())
+    run = train(TrainConfig(data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), init=str(base), max_steps=1,
+                            batch_size=2, seq_len=32, eval_interval=1, eval_batches=1, device="cpu", **asked),
+                progress=False)
+    tuned, ckpt = checkpoint.load_model(run / "last.safetensors")
+    assert (ckpt.model_config.dropout, ckpt.model_config.attn_dropout) == rates
+    assert tuned.drop.p == rates[0] and tuned.blocks[0].attn.attn_dropout == rates[1]
+
+
+def test_fine_tuning_the_default_model_adds_only_the_tags_it_lacks(tmp_path):
+    from conftest import make_piece
+
+    for tag in ("pop", "jazz"):
+        make_piece(tmp_path / "data" / tag / "0.mid", seed=3, seconds=6)
+    base, base_ckpt = checkpoint.load_model("default")
+    run = train(TrainConfig(data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), init="default",
+                            max_steps=1, lr=1e-9, warmup=0, batch_size=2, seq_len=64, eval_interval=1,
+                            eval_batches=1, device="cpu"), progress=False)
+    tuned, ckpt = checkpoint.load_model(run / "last.safetensors")
+    assert ckpt.controls.tags == (*base_ckpt.controls.tags, "jazz") and ckpt.controls.fim
+    assert ckpt.controls.tag_id("pop") == base_ckpt.controls.tag_id("pop")  # a known tag keeps its id
+    old = base_ckpt.controls.vocab_size
+    assert ckpt.model_config.vocab_size == old + 1
+    torch.testing.assert_close(tuned.wte.weight[:old], base.wte.weight, rtol=0, atol=1e-5)
