@@ -45,8 +45,12 @@ def test_a_checkpoint_from_before_control_tokens_has_none(tmp_path):
     path = checkpoint.save_checkpoint(tmp_path / "m", model, CFG)
     _, ckpt = checkpoint.load_model(path)
     assert ckpt.controls == Controls(CFG) and ckpt.controls.vocab_size == CFG.vocab_size
+
+
+def test_the_shipped_model_has_the_corpus_tags_and_fim():
     _, default = checkpoint.load_model("default")
-    assert default.controls == Controls(CFG)
+    assert default.controls == Controls(CFG, fim=True, tags=("chorale", "classical", "folk", "pop", "scores"))
+    assert default.model_config.vocab_size == CFG.vocab_size + 3 + 5
 
 
 def test_a_vocabulary_that_does_not_fit_the_controls_is_refused(tmp_path):
