@@ -168,7 +168,7 @@ def end_to_end(args) -> str:
             if done.returncode:
                 sys.exit(f"bench_sample: {' '.join(cmd)} failed:\n{done.stderr}")
         wall = statistics.median(walls)
-        path = Path(done.stdout.split()[-1])
+        path = Path(done.stdout.strip().splitlines()[-1])  # a primer name may hold spaces
         music = pretty_midi.PrettyMIDI(str(path)).get_end_time()
         tokens = len(codec.encode(path))  # about the number generated (the re-encoding is canonical)
         # Start-up alone: a run that fails option validation after the imports it needs.

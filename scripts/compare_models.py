@@ -73,6 +73,7 @@ def continuations(checkpoint: Path, style: str, primers: list[Path], out: Path, 
     from musicgpt.checkpoint import peek_controls
 
     tags = peek_controls(checkpoint).tags
+    primers = [p for p in primers if (read_notes(p).start < 10).any()]  # some songs open with 10 s of silence
     walls = []
     for i in range(SAMPLES_PER_STYLE):
         request = SampleRequest(checkpoint=checkpoint, primer=primers[i % len(primers)], primer_seconds=10,
