@@ -26,7 +26,7 @@ from musicgpt.controls import Controls
 from musicgpt.devices import pick_device
 from musicgpt.errors import MidiReadError, MusicGPTError
 from musicgpt.generate import generate
-from musicgpt.midi_io import Notes, read_notes
+from musicgpt.midi_io import Notes, read_notes, subset
 from musicgpt.sample import (
     SampleRequest,
     claim_file,
@@ -144,13 +144,6 @@ def check_times(start: float, end: float, notes: Notes, config: CodecConfig) -> 
 def steps(seconds: float, config: CodecConfig) -> int:
     """The grid step nearest to `seconds`."""
     return int(round(seconds * 1000.0 / config.step_ms))
-
-
-def subset(notes: Notes, keep: np.ndarray, shift: float = 0.0, until: float = math.inf) -> Notes:
-    """The notes where `keep`, moved `shift` seconds earlier (not before 0), their ends at most `until`."""
-    start = np.maximum(notes.start[keep] - shift, 0.0)
-    end = np.maximum(np.minimum(notes.end[keep], until) - shift, start)
-    return Notes(notes.pitch[keep], start, end, notes.velocity[keep])
 
 
 def split_piece(notes: Notes, start: float, end: float, config: CodecConfig) -> Gap:

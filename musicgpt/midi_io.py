@@ -11,6 +11,7 @@ changes program mid-track.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import struct
@@ -48,6 +49,13 @@ class Notes:
 
     def __len__(self) -> int:
         return len(self.pitch)
+
+
+def subset(notes: Notes, keep: np.ndarray, shift: float = 0.0, until: float = math.inf) -> Notes:
+    """The notes where `keep`, moved `shift` seconds earlier (not before 0), their ends at most `until`."""
+    start = np.maximum(notes.start[keep] - shift, 0.0)
+    end = np.maximum(np.minimum(notes.end[keep], until) - shift, start)
+    return Notes(notes.pitch[keep], start, end, notes.velocity[keep])
 
 
 def read_notes(midi: str | os.PathLike | pretty_midi.PrettyMIDI) -> Notes:

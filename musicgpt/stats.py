@@ -24,7 +24,7 @@ import numpy as np
 
 from musicgpt.copies import copies_report
 from musicgpt.errors import MidiReadError, MusicGPTError
-from musicgpt.midi_io import Notes, read_notes
+from musicgpt.midi_io import Notes, read_notes, subset
 from musicgpt.vocab import CodecConfig
 
 GRID_S = CodecConfig().step_seconds  # onsets are grouped on the codec's grid: a hand's chord is one onset
@@ -184,8 +184,7 @@ def _summary(values: np.ndarray, hist: np.ndarray) -> dict:
 
 def excerpt(notes: Notes, start: float, end: float) -> Notes:
     """The notes struck in [start, end) seconds, moved to start at 0 (each keeps its full length)."""
-    keep = (notes.start >= start) & (notes.start < end)
-    return Notes(notes.pitch[keep], notes.start[keep] - start, notes.end[keep] - start, notes.velocity[keep])
+    return subset(notes, (notes.start >= start) & (notes.start < end), shift=start)
 
 
 def excerpts(notes: NoteSet, span: tuple[float, float]) -> NoteSet:

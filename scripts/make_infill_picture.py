@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from musicgpt.cli import main as cli
-from musicgpt.infill import notes_to_midi, subset
-from musicgpt.midi_io import read_notes, write_midi
+from musicgpt.infill import notes_to_midi
+from musicgpt.midi_io import read_notes, subset, write_midi
 from musicgpt.plot import plot_piano_roll
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -67,8 +67,8 @@ def run(args: list[str]) -> tuple[Path, float]:
 
 def excerpt(path: str, seconds: float) -> str:
     """The first `seconds` of a file, written under samples/ as the piece infill rewrites."""
-    from musicgpt.infill import notes_to_midi, subset
-    from musicgpt.midi_io import read_notes, write_midi
+    from musicgpt.infill import notes_to_midi
+    from musicgpt.midi_io import read_notes, subset, write_midi
 
     notes = read_notes(ROOT / path)
     dest = OUT / "primers" / f"{Path(path).stem}-first{seconds:g}s.mid"

@@ -16,7 +16,7 @@ from musicgpt.controls import Controls
 from musicgpt.errors import MusicGPTError
 from musicgpt.generate import generate
 from musicgpt.infill import InfillRequest, infill_files, infill_prompt, split_piece
-from musicgpt.midi_io import Notes, read_notes
+from musicgpt.midi_io import Notes, read_notes, subset
 from musicgpt.sampling import SamplingConfig
 from musicgpt.vocab import NOTE_OFF, TIME_SHIFT, CodecConfig
 
@@ -132,7 +132,7 @@ def test_a_long_piece_keeps_the_end_of_the_prefix_and_the_start_of_the_suffix(so
     assert p.tokens[i + 1:j].tolist() == suffix_full[:j - i - 1].tolist() and p.suffix_kept == j - i - 1
     # Half the room each, a quarter of the context at least, and the middle's room left free.
     assert p.prefix_kept >= 256 // 4 and p.suffix_kept >= 256 // 4
-    middle = len(codec.encode(infill.subset(gap.replaced, np.ones(len(gap.replaced), bool), 20.0)))
+    middle = len(codec.encode(subset(gap.replaced, np.ones(len(gap.replaced), bool), 20.0)))
     assert len(p.tokens) + min(3 * middle // 2, 128) <= 256
 
 
