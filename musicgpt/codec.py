@@ -91,13 +91,16 @@ def encode(midi: str | os.PathLike | pretty_midi.PrettyMIDI | Notes,
     `read_notes`; MidiReadError if the file is bad."""
     cfg = config or _DEFAULT
     notes = midi if isinstance(midi, Notes) else read_notes(midi)
-    per_step = 1000.0 / cfg.step_ms
     return _tokens(_StepNotes(
-        notes.pitch,
-        np.rint(notes.start * per_step).astype(np.int64),
-        np.rint(notes.end * per_step).astype(np.int64),
-        cfg.velocity_to_bin(notes.velocity),
+        notes.pitch, grid_steps(notes.start, cfg), grid_steps(notes.end, cfg), cfg.velocity_to_bin(notes.velocity),
     ), cfg)
+
+
+def grid_steps(seconds: np.ndarray, config: CodecConfig | None = None) -> np.ndarray:
+    """Times in seconds as whole steps of the codec's grid (int64), rounded exactly as `encode` rounds
+    note times: anything that must agree with the tokens (infill's cut, the copies check) uses this."""
+    per_step = 1000.0 / (config or _DEFAULT).step_ms
+    return np.rint(np.asarray(seconds) * per_step).astype(np.int64)
 
 
 def _tokens(notes: _StepNotes, cfg: CodecConfig) -> np.ndarray:

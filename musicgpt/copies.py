@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from musicgpt.codec import grid_steps
 from musicgpt.midi_io import Notes
-from musicgpt.vocab import CodecConfig
 
-PER_STEP = 1000.0 / CodecConfig().step_ms  # steps per second, as `codec.encode` rounds onsets
 PITCH_SPAN = 256  # a pitch step (-127..127) + 128 fits below this, so (onset step, pitch step) packs in one int64
 NO_FILE = -1  # the owner of a sample that is not one of the reference files
 MATCHED = ("runs of consecutive notes with the same pitch intervals (any transposition) and the same onset steps "
@@ -66,7 +65,7 @@ def _side(arrays: Sequence[np.ndarray]) -> _Side:
 
 def onset_steps(notes: Notes) -> np.ndarray:
     """Each note's onset in 10 ms steps from the start of the file, rounded as the codec rounds it."""
-    return np.rint(notes.start * PER_STEP).astype(np.int64)
+    return grid_steps(notes.start)
 
 
 def note_order(notes: Notes) -> np.ndarray:

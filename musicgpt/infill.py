@@ -153,7 +153,7 @@ def split_piece(notes: Notes, start: float, end: float, config: CodecConfig) -> 
     the gap is replaced (even if it sounds past `end`); one struck at or after `end` is kept whole.
     """
     a, b = steps(start, config), steps(end, config)
-    on = np.rint(notes.start * 1000.0 / config.step_ms).astype(np.int64)  # as `codec.encode` rounds
+    on = codec.grid_steps(notes.start, config)
     before, after = on < a, on >= b
     return Gap(a, b, subset(notes, before, until=a * config.step_seconds), subset(notes, ~before & ~after),
                subset(notes, after), config)
