@@ -386,11 +386,22 @@ def split_files(pieces: list[Piece], val_fraction: float = 0.1) -> tuple[list[Pi
     Hashing the file name (not its position in the list) keeps a file on the same side of the
     split when other files are added or removed. With two or more files at least one validates.
     """
+    held = held_out([p.path for p in pieces], val_fraction)
+    return [p for k, p in enumerate(pieces) if k not in held], [p for k, p in enumerate(pieces) if k in held]
+
+
+def split_paths(paths: list[Path], val_fraction: float = 0.1) -> tuple[list[Path], list[Path]]:
+    """`split_files` for file paths alone (no encoding): (training, validation), in the given order."""
+    held = held_out(paths, val_fraction)
+    return [p for k, p in enumerate(paths) if k not in held], [p for k, p in enumerate(paths) if k in held]
+
+
+def held_out(paths: list[Path], val_fraction: float) -> set[int]:
+    """Indices of the paths whose file names hash lowest: the validation share of `split_files`."""
     if not 0.0 <= val_fraction < 1.0:
         raise MusicGPTError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    order = sorted(pieces, key=lambda p: hashlib.sha1(name_bytes(p.path.name)).hexdigest())
-    n_val = round(len(pieces) * val_fraction)
-    if val_fraction > 0 and len(pieces) >= 2:
+    order = sorted(range(len(paths)), key=lambda k: hashlib.sha1(name_bytes(paths[k].name)).hexdigest())
+    n_val = round(len(paths) * val_fraction)
+    if val_fraction > 0 and len(paths) >= 2:
         n_val = max(1, n_val)
-    val = set(id(p) for p in order[:n_val])
-    return [p for p in pieces if id(p) not in val], [p for p in pieces if id(p) in val]
+    return set(order[:n_val])

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from musicgpt import data
-from musicgpt.checkpoint import choose_checkpoint, load_model
+from musicgpt.checkpoint import choose_checkpoint, load_model, peek_controls
 from musicgpt.copies import copies_report
 from musicgpt.evaluate import loss_on_pieces
 from musicgpt.midi_io import read_notes
@@ -46,14 +46,11 @@ SAMPLES_PER_STYLE = 8
 
 def held_out_files() -> dict[str, list[Path]]:
     """Held-out primers and loss files per style, by musicgpt's split rule (a hash of the file name)."""
-    everything = [data.Piece(p, np.zeros(0, np.int16)) for p in data.find_midi_files(DATA)]
-    _, corpus_val = data.split_files(everything, 0.1)
-    giant = [p for p in everything if p.path.is_relative_to(CLASSICAL)]
-    _, old_val = data.split_files(giant, 0.1)  # the old default model trained on these 56 files alone
-    unseen = {p.path for p in corpus_val} & {p.path for p in old_val}
+    _, corpus_val = data.split_paths(data.find_midi_files(DATA))
+    _, old_val = data.split_paths(data.find_midi_files(CLASSICAL))  # the old model trained on these 56 files alone
     return {
-        "classical": sorted(unseen),
-        "pop": sorted(p.path for p in corpus_val if p.path.is_relative_to(POP)),
+        "classical": sorted(set(corpus_val) & set(old_val)),
+        "pop": sorted(p for p in corpus_val if p.is_relative_to(POP)),
     }
 
 
@@ -70,8 +67,6 @@ def held_out_loss(checkpoint: Path, files: list[Path], device: str = "cpu") -> d
 
 def continuations(checkpoint: Path, style: str, primers: list[Path], out: Path, limits: bool) -> list[float]:
     """SAMPLES_PER_STYLE one-minute continuations of the first 10 s of `primers` (cycled); their wall times."""
-    from musicgpt.checkpoint import peek_controls
-
     tags = peek_controls(checkpoint).tags
     primers = [p for p in primers if (read_notes(p).start < 10).any()]  # some songs open with 10 s of silence
     walls = []
@@ -104,9 +99,7 @@ def mean_oa(samples: Path, reference: Path, span: tuple[float, float] | None = N
 
 def training_files() -> list[Path]:
     """The files the new model trained on: the corpus minus its validation split."""
-    everything = [data.Piece(p, np.zeros(0, np.int16)) for p in data.find_midi_files(DATA)]
-    train, _ = data.split_files(everything, 0.1)
-    return [p.path for p in train]
+    return data.split_paths(data.find_midi_files(DATA))[0]
 
 
 def copies(samples: list[Path], training: NoteSet) -> dict:

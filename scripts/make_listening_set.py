@@ -19,8 +19,6 @@ import shlex
 import time
 from pathlib import Path
 
-import numpy as np
-
 from musicgpt import codec, data
 from musicgpt.cli import main as cli
 from musicgpt.plot import plot_piano_roll
@@ -50,9 +48,8 @@ INFILLS = [
 
 def held_out_files() -> dict[str, list[str]]:
     """Validation-split files of the corpus (never trained on), per style folder."""
-    everything = [data.Piece(p, np.zeros(0, np.int16)) for p in data.find_midi_files(ROOT / "midi_data")]
-    _, val = data.split_files(everything, 0.1)
-    paths = [str(p.path.relative_to(ROOT)) for p in val]
+    _, val = data.split_paths(data.find_midi_files(ROOT / "midi_data"))
+    paths = [str(p.relative_to(ROOT)) for p in val]
     return {"classical": [p for p in paths if "/classical/" in p], "pop": [p for p in paths if "/pop/" in p]}
 
 

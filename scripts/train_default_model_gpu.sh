@@ -20,7 +20,8 @@ TRAIN_S=${TRAIN_S:-330}
 GUARD_S=${GUARD_S:-420}
 PY=${PYTHON:-python3}
 RUN=${RUN:-runs/gpu-medium}
-# A dry run on a CPU: DEVICE=cpu PRESET=tiny SEQ_LEN=128 BATCH=4 PROBE_STEPS=12 TRAIN_S=20 bash ...
+# A dry run on a CPU: DEVICE=cpu PRESET=tiny SEQ_LEN=64 BATCH=2 PROBE_STEPS=25 TRAIN_S=5 bash ... (the probe needs
+# steps past 10 in its log)
 DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-medium} SEQ_LEN=${SEQ_LEN:-2048} BATCH=${BATCH:-16}
 PROBE_STEPS=${PROBE_STEPS:-40}
 mkdir -p "$OUT"

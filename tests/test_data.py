@@ -86,3 +86,6 @@ def test_split_is_by_file_deterministic_and_stable(midi_folder):
     assert not {p.path for p in train} & {p.path for p in val}
     _, val2 = data.split_files(list(reversed(corpus.pieces)), 0.3)
     assert {p.path for p in val2} == {p.path for p in val}
+    # Scripts that need only the file lists split the paths by the same rule, with nothing encoded.
+    train_paths, val_paths = data.split_paths([p.path for p in corpus.pieces], 0.3)
+    assert val_paths == [p.path for p in val] and train_paths == [p.path for p in train]
