@@ -11,8 +11,14 @@ nothing is ever unpickled. The SHA-256 saved with the metadata has no key, so an
 recompute it: it catches accidental damage (a flipped bit, a truncated copy), not tampering.
 Everything else is checked before it can cost anything: the file is a regular file whose header
 fits in it, the metadata is JSON of the expected types and bounded depth, the configuration is
-within `musicgpt.model`'s size bounds, and every tensor's shape in the header equals the shape
-the configuration implies, all before a tensor is read or a model built.
+within `musicgpt.model_config`'s size bounds, and every tensor's shape in the header equals the
+shape the configuration implies (`expected_shapes`, found on the meta device without allocating),
+all before a tensor is read or a model built.
+
+The torch-free half (finding a checkpoint, reading and checking its header and metadata) lives in
+`musicgpt.checkpoint_header`, so that a fast sampler reads a checkpoint's metadata without
+importing torch; its names are re-exported here. This module adds what needs torch: the shape
+check, the tensors and their checksum, saving, loading, building the model and resuming training.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +34,43 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+from torch.overrides import TorchFunctionMode
 
 from musicgpt.atomic import atomic_write
-from musicgpt.checkpoint_header import FORMAT, check_shapes, json_kind, parse_metadata, read_header
+from musicgpt.checkpoint_header import (
+    DEFAULT_MODEL_DIR,
+    FORMAT,
+    Checkpoint,
+    check_vocabulary,
+    choose_checkpoint,
+    default_model_available,
+    describe,
+    json_kind,
+    latest_run,
+    peek_checkpoint,
+    peek_codec_config,
+    peek_controls,
+    peek_model_config,
+    read_checkpoint_meta,
+    resolve_checkpoint,
+)
 from musicgpt.controls import Controls
-from musicgpt.errors import CheckpointError, MusicGPTError
+from musicgpt.errors import CheckpointError
 from musicgpt.model import ModelConfig, MusicGPT
 from musicgpt.vocab import CodecConfig
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+__all__ = [
+    "content_digest", "save_checkpoint", "expected_shapes", "check_shapes", "read_checkpoint_header",
+    "load_checkpoint", "model_state", "build_model", "load_model", "restore_training", "export_model",
+    # Torch-free, from musicgpt.checkpoint_header, so that `from musicgpt.checkpoint import ...` finds them.
+    "DEFAULT_MODEL_DIR", "Checkpoint", "resolve_checkpoint", "latest_run", "default_model_available",
+    "choose_checkpoint", "read_checkpoint_meta", "peek_checkpoint", "peek_model_config", "peek_codec_config",
+    "peek_controls",
+]
 
-
-@dataclass
-class Checkpoint:
-    """What a checkpoint holds besides the weights."""
-
-    model_config: ModelConfig
-    codec_config: CodecConfig
-    state: dict[str, Any] = field(default_factory=dict)  # step, tokens seen, metrics, train config
-    path: Path | None = None
-    meta: dict[str, Any] = field(default_factory=dict, repr=False)  # raw metadata: aliases, optimizer groups
-    controls: Controls | None = None  # style tags and FIM sentinels; None: none (set from the codec)
-
-    def __post_init__(self) -> None:
-        if self.controls is None:
-            self.controls = Controls(self.codec_config)
+# Tensors besides the model's that a `last` checkpoint holds: optimizer state and random state.
+EXTRA_TENSOR = re.compile(r"optim\.\d+\.\w+|rng\.torch|rng\.cuda\.\d+")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def content_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
@@ -197,69 +215,56 @@ def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def resolve_checkpoint(spec: str | os.PathLike) -> Path:
-    """Turn 'default', a run folder, a .json or a .safetensors path into the weights file to load.
-
-    A run folder resolves to its `best` checkpoint if present, else `last`.
-    """
-    if str(spec) == "default":
-        path = DEFAULT_MODEL_DIR / "model.safetensors"
-        if not path.is_file():
-            raise CheckpointError("the default model is not installed with this copy of musicgpt")
-        return path
-    p = Path(spec)
-    if p.is_dir():
-        for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
-            if (p / name).is_file():
-                return p / name
-        raise CheckpointError(f"{p}: no checkpoint in this folder (expected best.safetensors or last.safetensors)")
-    if p.suffix == ".json":
-        p = p.with_suffix(".safetensors")
-    if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint not found")
-    return p
+def _shape_error(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: weights do not match the configuration ({problem})")
 
 
-def latest_run(runs_dir: str | os.PathLike = "runs") -> Path | None:
-    """The most recently modified run folder under `runs_dir` holding a checkpoint, or None."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return None
-    runs = [d for d in root.iterdir() if d.is_dir() and any(d.glob("*.safetensors"))]
-    return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.safetensors")), default=None)
+class _SkipInit(TorchFunctionMode):
+    """Skips `torch.nn.init`: on the meta device there is nothing to fill, and its random fills
+    there import torch's compiler, seconds spent doing nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
 
 
-def _described(path: Path) -> tuple[Checkpoint, dict[str, tuple[str, tuple[int, ...]]]]:
-    """The checkpoint its header's metadata describes (types and bounds checked), and the shapes."""
-    raw, shapes = read_header(path)
-    meta = parse_metadata(path, raw)
-    try:
-        codec_config = CodecConfig.from_dict(meta["codec_config"])
-        ckpt = Checkpoint(
-            ModelConfig.from_dict(meta["model_config"]),
-            codec_config,
-            dict(meta.get("state", {})),
-            path,
-            meta,
-            Controls.from_dict(meta.get("controls"), codec_config),
-        )
-    except TypeError as e:  # a missing field without a default
-        raise CheckpointError(f"{path}: checkpoint configuration is incomplete ({e})") from None
-    except MusicGPTError as e:
-        raise CheckpointError(f"{path}: bad configuration in checkpoint ({e})") from None
-    return ckpt, shapes
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in `MusicGPT(config).state_dict()`, found without allocating any."""
+    with torch.device("meta"), _SkipInit():  # the meta device allocates nothing
+        return {k: tuple(v.shape) for k, v in MusicGPT(config).state_dict().items()}
+
+
+def check_shapes(path: Path, shapes: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig,
+                  aliases: dict[str, str]) -> None:
+    """Compare the header's tensors with those `config` implies, before any is read or a model built."""
+    expected = {f"model.{k}": v for k, v in expected_shapes(config).items()}
+    for alias, source in aliases.items():
+        if alias not in expected or alias in shapes:
+            raise _shape_error(path, f"alias {alias[:80]} names no tied tensor of this model")
+        if source not in shapes:
+            raise _shape_error(path, f"alias {alias} points to {source[:80]}, which the file does not hold")
+    for name, want in expected.items():
+        stored = shapes.get(aliases.get(name, name))
+        if stored is None:
+            raise _shape_error(path, f"tensor {name} is missing")
+        dtype, shape = stored
+        if shape != want:
+            raise _shape_error(path, f"tensor {name} has shape {list(shape)}, the configuration implies {list(want)}")
+        if dtype not in FLOAT_DTYPES:
+            raise _shape_error(path, f"tensor {name} holds {dtype}, not floating-point numbers")
+    for name in shapes:
+        if name not in expected and not EXTRA_TENSOR.fullmatch(name):
+            raise _shape_error(path, f"unexpected tensor {name[:80]}")
 
 
 def read_checkpoint_header(spec: str | os.PathLike) -> tuple[Checkpoint, dict[str, tuple[str, tuple[int, ...]]]]:
     """A checkpoint's metadata and every tensor's (dtype, shape), from its header alone, all checked:
     types, bounds, the vocabulary against the control tokens, the shapes against the configuration."""
     path = resolve_checkpoint(spec)
-    ckpt, shapes = _described(path)
-    if ckpt.model_config.vocab_size != ckpt.controls.vocab_size:
-        raise CheckpointError(
-            f"{path}: model vocabulary ({ckpt.model_config.vocab_size}) does not match the codec's and "
-            f"control tokens' ({ckpt.controls.vocab_size})"
-        )
+    ckpt, shapes = describe(path)
+    check_vocabulary(ckpt)
     check_shapes(path, shapes, ckpt.model_config, ckpt.meta.get("aliases", {}))
     return ckpt, shapes
 
@@ -317,59 +322,6 @@ def restore_training(
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{ckpt.path}: training state does not match the configuration ({first})") from None
-
-
-def peek_checkpoint(path: str | os.PathLike) -> Checkpoint | None:
-    """What a checkpoint's header metadata describes (no tensors read, shapes not compared), or None
-    if it is unreadable: the caller goes on with defaults and `load_checkpoint` then says exactly
-    what is wrong."""
-    try:
-        return _described(Path(path))[0]
-    except MusicGPTError:
-        return None
-
-
-def peek_model_config(path: str | os.PathLike) -> ModelConfig | None:
-    """The model configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
-    ckpt = peek_checkpoint(path)
-    return ckpt.model_config if ckpt else None
-
-
-def peek_codec_config(path: str | os.PathLike) -> CodecConfig | None:
-    """The codec configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
-    ckpt = peek_checkpoint(path)
-    return ckpt.codec_config if ckpt else None
-
-
-def peek_controls(path: str | os.PathLike) -> Controls | None:
-    """The control tokens (tags, FIM) from a checkpoint's header alone, or None if unreadable."""
-    ckpt = peek_checkpoint(path)
-    return ckpt.controls if ckpt else None
-
-
-def default_model_available() -> bool:
-    """Whether this installation ships the trained default model."""
-    return (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
-
-
-def choose_checkpoint(spec: str | os.PathLike | None, runs_dir: str | os.PathLike = "runs") -> tuple[Path, str]:
-    """The checkpoint a command should use and a one-line note of why.
-
-    An explicit spec wins; otherwise the newest run under `runs_dir`; otherwise the shipped
-    default model; otherwise a clear error telling the user to train first.
-    """
-    if spec is not None:
-        return resolve_checkpoint(spec), ""
-    run = latest_run(runs_dir)
-    if run is not None:
-        path = resolve_checkpoint(run)
-        return path, f"using the newest run's checkpoint {path}"
-    if default_model_available():
-        return resolve_checkpoint("default"), "using the default model shipped with musicgpt"
-    raise CheckpointError(
-        f"no trained model found (no run under {runs_dir}/ and no default model): "
-        "train one first with `musicgpt train midi_data/`"
-    )
 
 
 def export_model(

@@ -1,24 +1,31 @@
-"""Checking a checkpoint from its safetensors header alone, before a tensor is read or a model built.
+"""A checkpoint's metadata, read and checked from its safetensors header alone, without torch.
+
+This module must not import torch (a test checks it): a fast sampler reads a checkpoint's model
+and codec configuration and control tokens through `read_checkpoint_meta` and starts in well under
+a second, where importing torch alone takes seconds. `musicgpt.checkpoint` adds what needs torch:
+comparing the header's shapes with the model's, reading the tensors, saving and building models.
 
 `read_header` refuses anything but a regular file whose header fits in it; `parse_metadata` our
-JSON of the wrong types or depth; `check_shapes` any tensor whose shape differs from what the
-configuration implies (`expected_shapes`, found on the meta device without allocating).
+JSON of the wrong types or depth; `describe` builds the `Checkpoint` the metadata describes, with
+its configurations' bounds checked. `resolve_checkpoint` and `choose_checkpoint` find the file a
+command should use.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from torch.overrides import TorchFunctionMode
 
-from musicgpt.errors import CheckpointError
-from musicgpt.model import ModelConfig, MusicGPT
+from musicgpt.controls import Controls
+from musicgpt.errors import CheckpointError, MusicGPTError
+from musicgpt.model_config import ModelConfig
+from musicgpt.vocab import CodecConfig
 
 FORMAT = "musicgpt-checkpoint-v1"
 # safetensors itself refuses headers over 100 MB; ours are a few kB per layer.
@@ -26,9 +33,23 @@ MAX_HEADER_BYTES = 100_000_000
 # Our metadata nests four levels (state -> train_config -> value, optimizer -> groups -> betas);
 # a bound keeps a hostile file from exhausting the recursion of the JSON parser or the digest.
 MAX_METADATA_DEPTH = 32
-# Tensors besides the model's that a `last` checkpoint holds: optimizer state and random state.
-EXTRA_TENSOR = re.compile(r"optim\.\d+\.\w+|rng\.torch|rng\.cuda\.\d+")
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"  # the model shipped inside the package: "default"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds besides the weights."""
+
+    model_config: ModelConfig
+    codec_config: CodecConfig
+    state: dict[str, Any] = field(default_factory=dict)  # step, tokens seen, metrics, train config
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)  # raw metadata: aliases, optimizer groups
+    controls: Controls | None = None  # style tags and FIM sentinels; None: none (set from the codec)
+
+    def __post_init__(self) -> None:
+        if self.controls is None:
+            self.controls = Controls(self.codec_config)
 
 
 def read_header(path: Path) -> tuple[str | None, dict[str, tuple[str, tuple[int, ...]]]]:
@@ -44,7 +65,7 @@ def read_header(path: Path) -> tuple[str | None, dict[str, tuple[str, tuple[int,
             length = int.from_bytes(f.read(8), "little")
         if not 0 < length <= min(info.st_size - 8, MAX_HEADER_BYTES):
             raise ValueError(f"its header claims {length} bytes and the file has {info.st_size}")
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             raw = (f.metadata() or {}).get("musicgpt")
             shapes = {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -128,45 +149,124 @@ def _check_metadata(path: Path, meta: dict[str, Any]) -> None:
                 raise _malformed(path, "each optimizer group's params must be a list of parameter numbers")
 
 
-def _shape_error(path: Path, problem: str) -> CheckpointError:
-    return CheckpointError(f"{path}: weights do not match the configuration ({problem})")
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """Turn 'default', a run folder, a .json or a .safetensors path into the weights file to load.
+
+    A run folder resolves to its `best` checkpoint if present, else `last`.
+    """
+    if str(spec) == "default":
+        path = DEFAULT_MODEL_DIR / "model.safetensors"
+        if not path.is_file():
+            raise CheckpointError("the default model is not installed with this copy of musicgpt")
+        return path
+    p = Path(spec)
+    if p.is_dir():
+        for name in ("best.safetensors", "last.safetensors", "model.safetensors"):
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"{p}: no checkpoint in this folder (expected best.safetensors or last.safetensors)")
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    return p
 
 
-class _SkipInit(TorchFunctionMode):
-    """Skips `torch.nn.init`: on the meta device there is nothing to fill, and its random fills
-    there import torch's compiler, seconds spent doing nothing."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            return kwargs["tensor"] if "tensor" in kwargs else args[0]
-        return func(*args, **kwargs)
+def latest_run(runs_dir: str | os.PathLike = "runs") -> Path | None:
+    """The most recently modified run folder under `runs_dir` holding a checkpoint, or None."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return None
+    runs = [d for d in root.iterdir() if d.is_dir() and any(d.glob("*.safetensors"))]
+    return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.safetensors")), default=None)
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in `MusicGPT(config).state_dict()`, found without allocating any."""
-    with torch.device("meta"), _SkipInit():  # the meta device allocates nothing
-        return {k: tuple(v.shape) for k, v in MusicGPT(config).state_dict().items()}
+def default_model_available() -> bool:
+    """Whether this installation ships the trained default model."""
+    return (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
 
 
-def check_shapes(path: Path, shapes: dict[str, tuple[str, tuple[int, ...]]], config: ModelConfig,
-                  aliases: dict[str, str]) -> None:
-    """Compare the header's tensors with those `config` implies, before any is read or a model built."""
-    expected = {f"model.{k}": v for k, v in expected_shapes(config).items()}
-    for alias, source in aliases.items():
-        if alias not in expected or alias in shapes:
-            raise _shape_error(path, f"alias {alias[:80]} names no tied tensor of this model")
-        if source not in shapes:
-            raise _shape_error(path, f"alias {alias} points to {source[:80]}, which the file does not hold")
-    for name, want in expected.items():
-        stored = shapes.get(aliases.get(name, name))
-        if stored is None:
-            raise _shape_error(path, f"tensor {name} is missing")
-        dtype, shape = stored
-        if shape != want:
-            raise _shape_error(path, f"tensor {name} has shape {list(shape)}, the configuration implies {list(want)}")
-        if dtype not in FLOAT_DTYPES:
-            raise _shape_error(path, f"tensor {name} holds {dtype}, not floating-point numbers")
-    for name in shapes:
-        if name not in expected and not EXTRA_TENSOR.fullmatch(name):
-            raise _shape_error(path, f"unexpected tensor {name[:80]}")
+def choose_checkpoint(spec: str | os.PathLike | None, runs_dir: str | os.PathLike = "runs") -> tuple[Path, str]:
+    """The checkpoint a command should use and a one-line note of why.
+
+    An explicit spec wins; otherwise the newest run under `runs_dir`; otherwise the shipped
+    default model; otherwise a clear error telling the user to train first.
+    """
+    if spec is not None:
+        return resolve_checkpoint(spec), ""
+    run = latest_run(runs_dir)
+    if run is not None:
+        path = resolve_checkpoint(run)
+        return path, f"using the newest run's checkpoint {path}"
+    if default_model_available():
+        return resolve_checkpoint("default"), "using the default model shipped with musicgpt"
+    raise CheckpointError(
+        f"no trained model found (no run under {runs_dir}/ and no default model): "
+        "train one first with `musicgpt train midi_data/`"
+    )
+
+
+def describe(path: Path) -> tuple[Checkpoint, dict[str, tuple[str, tuple[int, ...]]]]:
+    """The checkpoint its header's metadata describes (types and bounds checked), and the shapes."""
+    raw, shapes = read_header(path)
+    meta = parse_metadata(path, raw)
+    try:
+        codec_config = CodecConfig.from_dict(meta["codec_config"])
+        ckpt = Checkpoint(
+            ModelConfig.from_dict(meta["model_config"]),
+            codec_config,
+            dict(meta.get("state", {})),
+            path,
+            meta,
+            Controls.from_dict(meta.get("controls"), codec_config),
+        )
+    except TypeError as e:  # a missing field without a default
+        raise CheckpointError(f"{path}: checkpoint configuration is incomplete ({e})") from None
+    except MusicGPTError as e:
+        raise CheckpointError(f"{path}: bad configuration in checkpoint ({e})") from None
+    return ckpt, shapes
+
+
+def check_vocabulary(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint whose model vocabulary differs from its codec's and control tokens'."""
+    if ckpt.model_config.vocab_size != ckpt.controls.vocab_size:
+        raise CheckpointError(
+            f"{ckpt.path}: model vocabulary ({ckpt.model_config.vocab_size}) does not match the codec's and "
+            f"control tokens' ({ckpt.controls.vocab_size})"
+        )
+
+
+def read_checkpoint_meta(spec: str | os.PathLike) -> Checkpoint:
+    """What a checkpoint's header describes, all checked but the tensors' shapes (which need torch):
+    types, bounds, the vocabulary against the control tokens. No tensor is read."""
+    ckpt, _ = describe(resolve_checkpoint(spec))
+    check_vocabulary(ckpt)
+    return ckpt
+
+
+def peek_checkpoint(path: str | os.PathLike) -> Checkpoint | None:
+    """What a checkpoint's header metadata describes (no tensors read, shapes not compared), or None
+    if it is unreadable: the caller goes on with defaults and `load_checkpoint` then says exactly
+    what is wrong."""
+    try:
+        return describe(Path(path))[0]
+    except MusicGPTError:
+        return None
+
+
+def peek_model_config(path: str | os.PathLike) -> ModelConfig | None:
+    """The model configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
+    ckpt = peek_checkpoint(path)
+    return ckpt.model_config if ckpt else None
+
+
+def peek_codec_config(path: str | os.PathLike) -> CodecConfig | None:
+    """The codec configuration from a checkpoint's header alone (no tensors read), or None if unreadable."""
+    ckpt = peek_checkpoint(path)
+    return ckpt.codec_config if ckpt else None
+
+
+def peek_controls(path: str | os.PathLike) -> Controls | None:
+    """The control tokens (tags, FIM) from a checkpoint's header alone, or None if unreadable."""
+    ckpt = peek_checkpoint(path)
+    return ckpt.controls if ckpt else None

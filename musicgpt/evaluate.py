@@ -21,7 +21,7 @@ from musicgpt import data
 from musicgpt.controls import Controls
 from musicgpt.devices import pick_device
 from musicgpt.errors import MusicGPTError
-from musicgpt.model import MAX_CONTEXT
+from musicgpt.model_config import MAX_CONTEXT
 from musicgpt.tags import tag_pieces
 from musicgpt.windows import IGNORE_INDEX, batches, eval_batches, infill_windows
 

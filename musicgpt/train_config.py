@@ -14,7 +14,7 @@ import torch
 from musicgpt.attention import choose_kernel
 from musicgpt.errors import MusicGPTError
 from musicgpt.fim import FIM_RATE
-from musicgpt.model import PRESETS
+from musicgpt.model_config import PRESETS
 
 
 @dataclass

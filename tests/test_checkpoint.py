@@ -107,6 +107,29 @@ def test_configs_can_be_peeked_from_the_header_alone(tmp_path):
         assert checkpoint.peek_model_config(tmp_path / bad) is None
 
 
+TORCH_FREE_SCRIPT = """
+import sys
+from musicgpt.checkpoint_header import read_checkpoint_meta
+c = read_checkpoint_meta("default")
+print(c.model_config.n_layer)
+assert "torch" not in sys.modules, "reading a checkpoint's metadata imported torch"
+"""
+
+
+def test_metadata_is_read_without_importing_torch():
+    """What a fast sampler needs to start (configs, controls, which file) never imports torch."""
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ))  # PYTHONPATH points at this checkout (conftest)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == str(checkpoint.read_checkpoint_meta("default").model_config.n_layer)
+
+
+def test_metadata_alone_agrees_with_the_full_header_check(tmp_path):
+    checkpoint.save_checkpoint(tmp_path / "best", _model(), CodecConfig(), state={"step": 3})
+    ckpt, _ = checkpoint.read_checkpoint_header(tmp_path)
+    assert checkpoint_header.read_checkpoint_meta(tmp_path) == ckpt and ckpt.state["step"] == 3
+
+
 # ----------------------------------------------------------------------------- hostile checkpoints
 # Each is a valid tiny checkpoint whose metadata (or tensors) were rewritten and whose digest was
 # recomputed, as anyone can: the digest passes, so the loader's own checks must catch the problem.
@@ -157,6 +180,7 @@ HOSTILE = {
     "max_rel_dist 2**31": (_config(max_rel_dist=2**31), "max_rel_dist must be at most"),
     "too many parameters": (_config(n_layer=256, n_embd=4096, mlp_dim=65536), "parameters is more than"),
     "vocab_size 2**16": (_config(vocab_size=2**16), "vocab_size must be at most"),
+    "vocab_size not the controls'": (_config(vocab_size=391), r"model vocabulary \(391\) does not match"),
     "codec step_ms 10**6": (lambda m, t: m["codec_config"].update(step_ms=10**6), "step_ms must be in"),
     # wrong types
     "n_layer a string": (_config(n_layer="3"), "n_layer must be a positive integer"),
@@ -369,7 +393,7 @@ def test_an_intact_checkpoint_with_optimizer_resumes(tmp_path):
 def test_shapes_and_parameter_count_are_computed_without_building(fields):
     config = ModelConfig(**{**preset("tiny").to_dict(), **fields})
     model = MusicGPT(config)
-    assert checkpoint_header.expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert checkpoint.expected_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert config.num_params() == model.num_params()
 
 

@@ -7,7 +7,7 @@ import pretty_midi
 import pytest
 from conftest import make_piece
 
-from musicgpt import checkpoint
+from musicgpt import checkpoint_header
 from musicgpt.cli import main
 from musicgpt.sample import SampleRequest, sample_files
 
@@ -122,7 +122,7 @@ def test_tokens_and_seconds_are_exclusive(capsys):
 
 def test_no_checkpoint_anywhere_asks_to_train_first(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")
+    monkeypatch.setattr(checkpoint_header, "DEFAULT_MODEL_DIR", tmp_path / "no-default-model")
     rc, paths, err = _sample(capsys)
     assert rc == 1 and not paths
     assert err.count("\n") == 1 and "musicgpt train" in err
