@@ -213,8 +213,12 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
                    help=f"never go more than S seconds without a new note (default {MAX_PAUSE_SECONDS:g}; 0: no limit)")
     p.add_argument("--max-note", type=float, metavar="S",
                    help=f"end generated notes held longer than S seconds (default {MAX_NOTE_SECONDS:g}; 0: no limit)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for one or two samples, else torch's choice)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default: 1 for one or two samples, else the engine's choice)")
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="cpu (default), cuda, mps or auto")
+    p.add_argument("--backend", default="auto", choices=("auto", "onnx", "torch"),
+                   help="auto (default): ONNX Runtime on the CPU when installed (pip install 'musicgpt[fast]'), "
+                        "else torch")
 
 
 def _decoding_options(args: argparse.Namespace) -> dict:
@@ -230,7 +234,7 @@ def _decoding_options(args: argparse.Namespace) -> dict:
                 raise MusicGPTError(f"{flag} must be a number of seconds >= 0 (0: no limit), got {value!r}")
             limits[field_name] = math.inf if value == 0 else value
     return dict(num_samples=args.num_samples, seed=args.seed, sampling=sampling, device=args.device,
-                threads=args.threads, **limits)
+                threads=args.threads, backend=args.backend, **limits)
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:

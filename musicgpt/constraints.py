@@ -12,10 +12,9 @@ there:
     struck before its context window, and they would otherwise ring to the end of the piece.
 A row ends at EOS or when its music reaches `max_steps` time steps.
 
-The bookkeeping (`RowState`) runs on the host in plain Python, on the token the decoding loop
-fetches once per step anyway: a few microseconds, where two dozen tiny tensor ops per token
-would cost a GPU sampler a fifth of its speed (and numpy's per-call cost shows on a CPU). The
-device sees one mask added to the logits.
+The bookkeeping (`RowState`) runs in plain Python on the token the decoding loop has chosen:
+a few microseconds, where two dozen tiny array ops per token would cost more than the model's
+step. The logits get one mask added.
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from musicgpt import codec
 from musicgpt.vocab import NOTE_OFF, NUM_PITCHES, TIME_SHIFT, CodecConfig
@@ -64,13 +61,12 @@ class Rules:
         self._steps = self.steps.tolist()
         self.base = np.zeros(self.vocab_size, dtype=np.float32)
         self.base[self.banned] = -np.inf
-        self._ban: Tensor | None = None  # self.base on the logits' device
 
     def initial(self, rows: int) -> list[RowState]:
         return [self.start.copy() for _ in range(rows)]
 
-    def mask_logits(self, logits: Tensor, rows: list[RowState]) -> Tensor:
-        """Logits with every token the rules forbid for each row set to -inf."""
+    def mask_logits(self, logits: np.ndarray, rows: list[RowState]) -> np.ndarray:
+        """Float32 logits [B, V] with every token the rules forbid for each row set to -inf."""
         n, mask = self.config.max_shift_steps, None
         for i, row in enumerate(rows):
             oldest = row.elapsed - min(row.struck.values()) if row.struck else -1
@@ -87,11 +83,7 @@ class Rules:
                         mask[i, NOTE_OFF + key] = 0.0
             else:  # TIME_SHIFT + k moves time on k + 1 steps
                 mask[i, TIME_SHIFT + max(room, 0):TIME_SHIFT + n] = -np.inf
-        if mask is not None:
-            return logits.float() + torch.from_numpy(mask).to(logits.device)
-        if self._ban is None or self._ban.device != logits.device:
-            self._ban = torch.from_numpy(self.base).to(logits.device)
-        return logits.float() + self._ban
+        return logits.astype(np.float32, copy=False) + (self.base if mask is None else mask)
 
     def advance(self, rows: list[RowState], tokens: list[int]) -> None:
         """Update each row's state with its new token."""
@@ -107,8 +99,8 @@ class Rules:
 
     def ends(self, tokens, elapsed):
         """Whether each token ends its row, given the row's elapsed steps including it (ints,
-        or tensors of candidates)."""
-        # (no EOS rule: `tokens < 0` is False in the type of `tokens`, int or tensor)
+        or arrays of candidates)."""
+        # (no EOS rule: `tokens < 0` is False in the type of `tokens`, int or array)
         ended = tokens == self.eos_id if self.eos_id is not None else tokens < 0
         return ended | (elapsed >= self.max_steps)
 

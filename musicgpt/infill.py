@@ -21,11 +21,10 @@ import pretty_midi
 
 from musicgpt import codec
 from musicgpt.atomic import check_output_file
-from musicgpt.checkpoint import choose_checkpoint, load_model, peek_controls
+from musicgpt.backends import load_engine
+from musicgpt.checkpoint_header import choose_checkpoint, peek_controls
 from musicgpt.controls import Controls
-from musicgpt.devices import pick_device
 from musicgpt.errors import MidiReadError, MusicGPTError
-from musicgpt.generate import generate
 from musicgpt.midi_io import Notes, read_notes, subset
 from musicgpt.sample import (
     SampleRequest,
@@ -33,7 +32,6 @@ from musicgpt.sample import (
     fit_seconds,
     make_output_folder,
     seed_or_new,
-    set_sampling_threads,
 )
 from musicgpt.sampling import MAX_NOTE_SECONDS, MAX_PAUSE_SECONDS, MAX_SECONDS, TOKENS_PER_SECOND_CAP, SamplingConfig
 from musicgpt.validate import is_real
@@ -59,7 +57,8 @@ class InfillRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     style: str | None = None  # a style tag of the model, put before FIM_PREFIX as in training
     device: str = "cpu"
-    threads: int | None = None  # None: 1 on CPU for one or two samples, else torch's choice
+    threads: int | None = None  # None: 1 on CPU for one or two samples, else the engine's choice
+    backend: str = "auto"  # musicgpt.backends: ONNX Runtime on the CPU when installed, else torch
     max_pause_seconds: float = MAX_PAUSE_SECONDS  # math.inf: no limit
     max_note_seconds: float = MAX_NOTE_SECONDS  # math.inf: no limit
 
@@ -77,7 +76,7 @@ class InfillRequest:
         folder = self.out_dir if self.output is None else Path(self.output).parent
         # The decoding options are those of `sample`, checked the same way.
         SampleRequest(num_samples=self.num_samples, seed=self.seed, sampling=self.sampling, out_dir=folder,
-                      threads=self.threads, max_pause_seconds=self.max_pause_seconds,
+                      threads=self.threads, backend=self.backend, max_pause_seconds=self.max_pause_seconds,
                       max_note_seconds=self.max_note_seconds).validate()
         if self.output is not None:
             check_output_file(self.output)
@@ -239,7 +238,6 @@ def infill_files(request: InfillRequest, *, progress: bool = True, runs_dir: str
     never overwriting, or `output` for one sample.
     """
     r = request.validate()
-    device = pick_device(r.device)
     notes = read_notes(r.midi)
     if not len(notes):
         raise MidiReadError(f"{r.midi}: no notes to infill")
@@ -249,19 +247,19 @@ def infill_files(request: InfillRequest, *, progress: bool = True, runs_dir: str
     _fim_controls(path, header, r.style)
     if why:
         print(f"musicgpt: {why}", file=sys.stderr)
-    set_sampling_threads(device, r.threads, r.num_samples)
-    model, ckpt = load_model(path, device)
+    engine = load_engine(path, backend=r.backend, device=r.device, threads=r.threads, num_samples=r.num_samples)
+    ckpt = engine.checkpoint
     fim_ids, tag = _fim_controls(path, ckpt.controls, r.style)
     config = ckpt.codec_config
     check_times(r.start, r.end, notes, config)
     gap = split_piece(notes, r.start, r.end, config)
-    prompt = infill_prompt(gap, fim_ids, model.config.context_len, tag)
+    prompt = infill_prompt(gap, fim_ids, ckpt.model_config.context_len, tag)
     seed = seed_or_new(r.seed, r.sampling)
-    middles = generate(model, prompt.tokens, max_new_tokens=prompt.max_new_tokens, sampling=r.sampling,
+    middles = engine.generate(prompt.tokens, max_new_tokens=prompt.max_new_tokens, sampling=r.sampling,
                        num_samples=r.num_samples, seed=seed, codec_config=config, max_seconds=gap.seconds,
                        progress=progress, ban_eos=True, max_pause_seconds=r.max_pause_seconds,
                        max_note_seconds=r.max_note_seconds, music_before=prompt.music_before)
-    return _write(r, gap, prompt, [fit_seconds(m.numpy(), gap.seconds, config) for m in middles], seed)
+    return _write(r, gap, prompt, [fit_seconds(m, gap.seconds, config) for m in middles], seed)
 
 
 def _write(r: InfillRequest, gap: Gap, prompt: InfillPrompt, middles: list[np.ndarray], seed: int) -> list[Path]:

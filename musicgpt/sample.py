@@ -14,15 +14,14 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from musicgpt import codec
 from musicgpt.atomic import check_output_folder
-from musicgpt.checkpoint import choose_checkpoint, load_model, peek_controls
+from musicgpt.backends import BACKENDS, load_engine
+from musicgpt.checkpoint_header import choose_checkpoint, peek_controls
 from musicgpt.controls import Controls
-from musicgpt.devices import pick_device
+from musicgpt.devices import check_device_name
 from musicgpt.errors import MidiReadError, MusicGPTError
-from musicgpt.generate import generate
 from musicgpt.midi_io import Notes, read_notes
 from musicgpt.sampling import (
     DEFAULT_SECONDS,
@@ -53,7 +52,8 @@ class SampleRequest:
     out_dir: str | Path = "samples"
     include_primer: bool = False
     device: str = "cpu"
-    threads: int | None = None  # None: 1 on CPU for one or two samples, else torch's choice
+    threads: int | None = None  # None: 1 on CPU for one or two samples, else the engine's choice
+    backend: str = "auto"  # musicgpt.backends: ONNX Runtime on the CPU when installed, else torch
     max_pause_seconds: float = MAX_PAUSE_SECONDS  # math.inf: no limit
     max_note_seconds: float = MAX_NOTE_SECONDS  # math.inf: no limit
     style: str | None = None  # a style tag the model was trained with (`musicgpt info` lists them)
@@ -75,6 +75,9 @@ class SampleRequest:
             raise MusicGPTError("--primer-seconds needs --primer and a positive number of seconds")
         if self.threads is not None and (not is_integer(self.threads) or self.threads < 1):
             raise MusicGPTError(f"--threads must be an integer >= 1, got {self.threads}")
+        check_device_name(self.device)
+        if self.backend not in BACKENDS:
+            raise MusicGPTError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         for flag, value in (("--max-pause", self.max_pause_seconds), ("--max-note", self.max_note_seconds)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise MusicGPTError(f"{flag} must be a positive number of seconds, got {value!r}")
@@ -94,14 +97,6 @@ def budget(tokens: int | None, seconds: float | None) -> tuple[int, float]:
         return tokens, math.inf if seconds is None else seconds
     seconds = DEFAULT_SECONDS if seconds is None else seconds
     return max(64, math.ceil(seconds * TOKENS_PER_SECOND_CAP)), seconds
-
-
-def set_sampling_threads(device: str, threads: int | None, num_samples: int) -> None:
-    """On CPU, one thread for one or two samples unless `threads` says otherwise: a one-token step
-    of a small model is latency-bound, and extra threads only add synchronisation (and collapse
-    when other programs share the cores)."""
-    if device == "cpu" and (threads or num_samples <= 2):
-        torch.set_num_threads(threads or 1)
 
 
 def seed_or_new(seed: int | None, sampling: SamplingConfig) -> int:
@@ -166,13 +161,12 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     """Generate `request.num_samples` pieces (one batch) and write them as MIDI files; return their paths.
 
     Everything the user passed is checked, and the primer read, before the model is loaded; the
-    checkpoint is chosen by `choose_checkpoint` (explicit, newest run, shipped default). Files
-    are named `<primer stem or silence>-<YYYYmmdd-HHMMSS>-seed<seed>-<k>.mid` and never overwrite.
-    Threads as `set_sampling_threads` chooses them.
+    checkpoint is chosen by `choose_checkpoint` (explicit, newest run, shipped default), the
+    engine by `musicgpt.backends.load_engine`. Files are named
+    `<primer stem or silence>-<YYYYmmdd-HHMMSS>-seed<seed>-<k>.mid` and never overwrite.
     """
     r = request.validate()
     max_new, max_seconds = budget(r.tokens, r.seconds)
-    device = pick_device(r.device)
     primer_notes = read_notes(r.primer) if r.primer is not None else None  # a bad file fails first
     path, why = choose_checkpoint(r.checkpoint, runs_dir)
     header = peek_controls(path)  # None for a damaged file: load_model below says what is wrong
@@ -184,8 +178,8 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
         primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
     if why:
         print(f"musicgpt: {why}", file=sys.stderr)
-    set_sampling_threads(device, r.threads, r.num_samples)
-    model, ckpt = load_model(path, device)
+    engine = load_engine(path, backend=r.backend, device=r.device, threads=r.threads, num_samples=r.num_samples)
+    ckpt = engine.checkpoint
     if header is None or ckpt.controls != controls:  # the header was unreadable, or disagreed
         config = ckpt.codec_config
         style = [ckpt.controls.tag_id(r.style)] if r.style is not None else []
@@ -194,7 +188,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     out_dir = make_output_folder(r.out_dir)
     seed = seed_or_new(r.seed, r.sampling)
     prompt = np.concatenate([style, [config.eos_id], primer_tokens]).astype(np.int64)  # as training frames it
-    pieces = generate(model, prompt, max_new_tokens=max_new, sampling=r.sampling, num_samples=r.num_samples,
+    pieces = engine.generate(prompt, max_new_tokens=max_new, sampling=r.sampling, num_samples=r.num_samples,
                       seed=seed, codec_config=config, max_seconds=max_seconds, progress=progress,
                       ban_eos=True, start_with_note=r.primer is None, max_pause_seconds=r.max_pause_seconds,
                       max_note_seconds=r.max_note_seconds)
@@ -202,7 +196,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     stem += f"-{datetime.now():%Y%m%d-%H%M%S}-seed{seed}"
     paths = []
     for k, piece in enumerate(pieces):
-        piece = fit_seconds(piece.numpy(), max_seconds, config)
+        piece = fit_seconds(piece, max_seconds, config)
         midi = _continuation(primer_tokens, piece, config, r.include_primer)
         path = claim_file(out_dir, f"{stem}-{k}")
         codec.write_midi(midi, path)

@@ -5,6 +5,9 @@
   graph, since batch-1 sampling on a GPU is bound by kernel launches;
 - `RecomputeStepper`: re-runs the whole visible context each step, the slow reference.
 
+Each is a `musicgpt.decode.Stepper`: token ids in and float32 logits out as numpy arrays, so the
+decoding loop itself (`musicgpt.decode`) is the same for every backend.
+
 A relative-attention model keeps going past its window with a sliding window (distances, not
 positions, are what it knows, so this is exact with respect to `forward(..., attn_window=W)`).
 An absolute-position model cannot slide: when its cache is full, the most recent half context is
@@ -13,29 +16,13 @@ re-encoded at positions 0.. and decoding continues from there.
 
 from __future__ import annotations
 
-from typing import Protocol
-
+import numpy as np
 import torch
 from torch import Tensor
 
 from musicgpt.attention import AttentionPlan, RingKVCache
 from musicgpt.errors import MusicGPTError
 from musicgpt.model import MusicGPT
-
-
-class Stepper(Protocol):
-    """What a decoding loop needs: logits for the next token, and beam reordering."""
-
-    window: int
-
-    def start(self, prompt: Tensor, batch: int) -> Tensor:
-        """Encode the prompt [1, P] once for `batch` rows; logits [batch, V] for the next token."""
-
-    def step(self, seq: Tensor, pos: int) -> Tensor:
-        """Logits [B, V] for the token after seq[:, pos], which the stepper has not seen yet."""
-
-    def reorder(self, rows: Tensor) -> None:
-        """Row b continues old row rows[b] (beam search)."""
 
 
 def receptive_field(model: MusicGPT, window: int) -> int:
@@ -45,19 +32,27 @@ def receptive_field(model: MusicGPT, window: int) -> int:
     return model.config.n_layer * (window - 1) + 1
 
 
+def host_logits(logits: Tensor) -> np.ndarray:
+    """Float32 logits on the host, where `musicgpt.decode` chooses tokens."""
+    return logits.float().cpu().numpy()
+
+
 class CachedStepper:
     """Feeds the model one new token per step through its KV cache."""
 
     def __init__(self, model: MusicGPT, window: int):
         self.model, self.window = model, window
+        self.device = model.wte.weight.device
         self.full_at = model.config.context_len if model.config.attention == "absolute" else None
 
-    def start(self, prompt: Tensor, batch: int) -> Tensor:
+    def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
+        tokens = torch.as_tensor(prompt, device=self.device).view(1, -1)
+        self.recent = tokens[:, -(self.full_at or 1):].expand(batch, -1)  # what an absolute model re-encodes
         self.cache = self.model.new_cache(1, window=self.window)
-        logits = self._prefill(prompt[:, -receptive_field(self.model, self.window):])
+        logits = self._prefill(tokens[:, -receptive_field(self.model, self.window):])
         if batch > 1:
-            self.cache.reorder(torch.zeros(batch, dtype=torch.long, device=prompt.device))
-        return logits.expand(batch, -1)
+            self.cache.reorder(torch.zeros(batch, dtype=torch.long, device=self.device))
+        return host_logits(logits.expand(batch, -1))
 
     def _prefill(self, tokens: Tensor) -> Tensor:
         # Window-sized chunks keep each attention matrix at most window x 2 * window.
@@ -65,15 +60,21 @@ class CachedStepper:
             logits = self.model.decode_step(chunk, self.cache)
         return logits[:, -1]
 
-    def step(self, seq: Tensor, pos: int) -> Tensor:
-        if self.full_at is not None and self.cache.length >= self.full_at:
-            keep = max(1, self.full_at // 2)  # absolute positions cannot slide: re-encode
-            self.cache = self.model.new_cache(seq.size(0), window=self.window)
-            return self._prefill(seq[:, pos + 1 - keep:pos + 1])
-        return self.model.decode_step(seq[:, pos:pos + 1], self.cache)[:, -1]
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        new = torch.as_tensor(tokens, device=self.device).view(-1, 1)
+        if self.full_at is None:
+            return host_logits(self.model.decode_step(new, self.cache)[:, -1])
+        self.recent = torch.cat([self.recent, new], 1)[:, -self.full_at:]
+        if self.cache.length >= self.full_at:  # absolute positions cannot slide: re-encode
+            keep = max(1, self.full_at // 2)
+            self.cache = self.model.new_cache(len(tokens), window=self.window)
+            return host_logits(self._prefill(self.recent[:, -keep:]))
+        return host_logits(self.model.decode_step(new, self.cache)[:, -1])
 
-    def reorder(self, rows: Tensor) -> None:
+    def reorder(self, rows: np.ndarray) -> None:
+        rows = torch.as_tensor(rows, device=self.device)
         self.cache.reorder(rows)
+        self.recent = self.recent.index_select(0, rows)
 
 
 class GraphStepper:
@@ -82,17 +83,19 @@ class GraphStepper:
 
     def __init__(self, model: MusicGPT, window: int, graph: bool | None = None):
         self.model, self.window, self.graph = model, window, graph
+        self.device = model.wte.weight.device
 
-    def start(self, prompt: Tensor, batch: int) -> Tensor:
+    def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
         self.decoder = GraphDecoder(self.model, batch, window=self.window, graph=self.graph)
+        prompt = torch.as_tensor(prompt, device=self.device).view(1, -1)
         prompt = prompt[:, -receptive_field(self.model, self.window):]
-        return self.decoder.prefill(prompt).expand(batch, -1)
+        return host_logits(self.decoder.prefill(prompt).expand(batch, -1))
 
-    def step(self, seq: Tensor, pos: int) -> Tensor:
-        return self.decoder.step(seq[:, pos])
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return host_logits(self.decoder.step(torch.as_tensor(tokens, device=self.device)))
 
-    def reorder(self, rows: Tensor) -> None:
-        self.decoder.reorder(rows)
+    def reorder(self, rows: np.ndarray) -> None:
+        self.decoder.reorder(torch.as_tensor(rows, device=self.device))
 
 
 class RecomputeStepper:
@@ -100,19 +103,23 @@ class RecomputeStepper:
 
     def __init__(self, model: MusicGPT, window: int):
         self.model, self.window = model, window
+        self.device = model.wte.weight.device
         self.reach = receptive_field(model, window)
 
-    def start(self, prompt: Tensor, batch: int) -> Tensor:
-        return self._run(prompt[:, -self.reach:]).expand(batch, -1)
+    def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
+        self.seq = torch.as_tensor(prompt, device=self.device).view(1, -1)[:, -self.reach:].expand(batch, -1)
+        return self._run()
 
-    def step(self, seq: Tensor, pos: int) -> Tensor:
-        return self._run(seq[:, max(0, pos + 1 - self.reach):pos + 1])
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        new = torch.as_tensor(tokens, device=self.device).view(-1, 1)
+        self.seq = torch.cat([self.seq, new], 1)[:, -self.reach:]
+        return self._run()
 
-    def _run(self, tokens: Tensor) -> Tensor:
-        return self.model(tokens, attn_window=self.window).logits[:, -1]
+    def _run(self) -> np.ndarray:
+        return host_logits(self.model(self.seq, attn_window=self.window).logits[:, -1])
 
-    def reorder(self, rows: Tensor) -> None:
-        pass  # nothing cached; the caller reorders the token buffer
+    def reorder(self, rows: np.ndarray) -> None:
+        self.seq = self.seq.index_select(0, torch.as_tensor(rows, device=self.device))
 
 
 class GraphDecoder:

@@ -233,7 +233,7 @@ def test_cli_infill_end_to_end(fim_run, song, tmp_path, capsys):
 def test_a_model_trained_without_fim_refuses_in_one_line(tmp_path, song, monkeypatch, capsys):
     run = train_tiny(tmp_path, 0.0, 1)
     capsys.readouterr()
-    monkeypatch.setattr(infill, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(infill, "load_engine", lambda *a, **k: pytest.fail("loaded the model"))
     assert cli.main(["infill", str(song), "--start", "1", "--end", "2", "--checkpoint", str(run),
                      "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
@@ -259,7 +259,7 @@ def test_a_model_trained_without_fim_refuses_in_one_line(tmp_path, song, monkeyp
 ])
 def test_bad_options_fail_in_one_line_before_the_model_loads(fim_run, song, tmp_path, monkeypatch, capsys,
                                                              args, message):
-    monkeypatch.setattr(infill, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(infill, "load_engine", lambda *a, **k: pytest.fail("loaded the model"))
     monkeypatch.chdir(tmp_path)
     args = [a.format(tmp=tmp_path, song=song) for a in args]
     assert cli.main(["infill", str(song), "--checkpoint", str(fim_run), *args]) == 1

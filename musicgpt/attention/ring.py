@@ -1,0 +1,101 @@
+"""Attention against a ring of past keys held outside the model: the kernels of the exported step.
+
+An exported decoding step (`musicgpt.onnx_export`) is a pure function: the caller owns the key
+and value buffers and passes them in, and the graph returns only the new tokens' keys and
+values, which the caller writes into its ring. Copying whole caches in and out of a graph every
+token would cost more than the model. Each kernel here is both the `KeyValueCache` and the
+`AttentionPlan` that `MusicGPT.run_blocks` calls, so the exported graph runs the model's own
+layers and only the attention arithmetic is laid out for the ring.
+
+The ring keeps the last R = window - 1 positions, position p in slot p % R, per layer: keys
+transposed [B, H, D, R] (a query times them is one matrix product, no transpose per token) and
+values [B, H, R, D]. The new token attends to the ring plus itself: `window` keys, as
+`MusicGPT.forward(..., attn_window=window)` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from musicgpt.attention.eager import relative_bias
+
+
+def ring_positions(pos: Tensor, slots: int) -> Tensor:
+    """The position held by each ring slot before position `pos` is written ([slots]; negative:
+    never written)."""
+    s = torch.arange(slots, device=pos.device)
+    return pos - 1 - torch.remainder(pos - 1 - s, slots)
+
+
+class RingStep:
+    """One new token per row at position `pos`, against the ring `past` (k0, v0, k1, v1, ...).
+
+    The relative term needs no gather: the distances of the slots, read in slot order, are the
+    distances R .. 1 rotated by pos, so the per-distance logits are built in that order once and
+    rotated with two slices.
+    """
+
+    def __init__(self, pos: Tensor, past: Sequence[Tensor]):
+        self.past, self.new = past, []
+        self.slots = past[0].shape[-1]
+        unwritten = ring_positions(pos, self.slots) < 0
+        self.hidden = torch.where(unwritten, float("-inf"), 0.0)  # [R]: only before R tokens
+        self.cut = self.slots - 1 - torch.remainder(pos - 1, self.slots)
+        self.layer = 0
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep the new key/value [B, H, 1, D] as an output; attention reads the ring itself."""
+        self.layer = layer
+        self.new += [k, v]
+        return k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor | None,
+               dropout_p: float = 0.0) -> tuple[Tensor, None]:
+        keys, values = self.past[2 * self.layer], self.past[2 * self.layer + 1]
+        R = self.slots
+        q = q * q.size(-1) ** -0.5
+        far = min(rel_emb.size(1) - 1, R)  # distances >= far share the last embedding
+        # Embeddings of the distances far, far-1, ..., 1; all distances from R down to far use
+        # the first, so the logits of distances R .. 1 are that one repeated, then the rest.
+        table = torch.cat([rel_emb[:, far:far + 1], rel_emb[:, 1:far].flip(1)], 1)
+        by_distance = q @ table.transpose(-1, -2)  # [B, H, 1, far]
+        by_distance = torch.cat([by_distance[..., :1].expand(-1, -1, -1, R - far + 1),
+                                 by_distance[..., 1:]], -1)  # distances R .. 1
+        bias = torch.cat([by_distance[..., self.cut:], by_distance[..., :self.cut]], -1)
+        scores_ring = q @ keys + bias + self.hidden
+        scores_self = (q * (k + rel_emb[:, :1])).sum(-1, keepdim=True)  # distance 0
+        w = torch.cat([scores_ring, scores_self], -1).softmax(-1)
+        return w[..., :R] @ values + w[..., R:] * v, None
+
+
+class RingChunk:
+    """T new tokens per row at positions pos .. pos+T-1 (T < window), against the ring `past`:
+    the prefill kernel. Distances are gathered, as `eager.relative_bias` does when decoding."""
+
+    def __init__(self, pos: Tensor, past: Sequence[Tensor], n_new: int, max_rel_dist: int):
+        self.past, self.new = past, []
+        self.slots = R = past[0].shape[-1]
+        queries = pos + torch.arange(n_new, device=pos.device)
+        keys = torch.cat([ring_positions(pos, R), queries])
+        dist = queries[:, None] - keys[None, :]  # [T, R + T]
+        visible = (dist >= 0) & (dist <= R) & (keys[None, :] >= 0)
+        self.rel_index = dist.clamp(0, max_rel_dist - 1)
+        self.hidden = torch.where(visible, 0.0, float("-inf"))
+        self.layer = 0
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.layer = layer
+        self.new += [k, v]
+        return k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor | None,
+               dropout_p: float = 0.0) -> tuple[Tensor, None]:
+        keys, values = self.past[2 * self.layer], self.past[2 * self.layer + 1]
+        scale = q.size(-1) ** -0.5
+        scores = torch.cat([q @ keys, q @ k.transpose(-1, -2)], -1) * scale
+        scores = scores + relative_bias(q, rel_emb, self.rel_index) + self.hidden
+        w = scores.softmax(-1)
+        return w[..., :self.slots] @ values + w[..., self.slots:] @ v, None

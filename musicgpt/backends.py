@@ -1,0 +1,122 @@
+"""Which engine runs a sampling request: ONNX Runtime on the CPU when it is installed, else torch.
+
+Both continue token sequences through `musicgpt.decode`'s loops, so a seed gives the same
+tokens on either (up to float rounding in the last bits of the logits). The ONNX engine never
+imports torch once its export exists; the first use of a checkpoint exports it (with torch, a
+few seconds) beside the checkpoint, or into the user cache where that folder is read-only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from musicgpt.checkpoint_header import Checkpoint, read_checkpoint_meta
+from musicgpt.errors import MusicGPTError
+from musicgpt.onnx_stepper import (
+    OnnxStepper,
+    available,
+    export_folder,
+    file_digest,
+    find_export,
+)
+
+BACKENDS = ("auto", "onnx", "torch")
+
+
+class Engine:
+    """A checkpoint's model ready to continue prompts: `generate(prompt, **options)` takes the
+    options of `musicgpt.generate.generate` and returns the new tokens of each row."""
+
+    def __init__(self, checkpoint: Checkpoint, backend: str, generate: Callable[..., list[np.ndarray]]):
+        self.checkpoint, self.backend, self.generate = checkpoint, backend, generate
+
+
+def choose_backend(name: str, device: str, ckpt: Checkpoint | None) -> str:
+    """"onnx" or "torch" for a request; `ckpt` is the header's description (None: unreadable)."""
+    if name not in BACKENDS:
+        raise MusicGPTError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "torch":
+        return name
+    reason = None
+    if not available():
+        reason = "onnxruntime is not installed (pip install 'musicgpt[fast]')"
+    elif device != "cpu":
+        reason = f"it runs on the CPU, not --device {device}"
+    elif ckpt is not None and ckpt.model_config.attention != "relative":
+        reason = "it needs a relative-attention model"
+    if name == "onnx" and reason:
+        raise MusicGPTError(f"--backend onnx: {reason}")
+    return "torch" if reason or ckpt is None else "onnx"
+
+
+def onnx_cache_dir() -> Path:
+    """Where exports go when the checkpoint's own folder cannot be written: beside the token cache."""
+    from musicgpt.data import default_cache_dir
+
+    return default_cache_dir() / "onnx"
+
+
+def onnx_export_for(path: Path, ckpt: Checkpoint, window: int | None = None) -> Path:
+    """The folder of an up-to-date ONNX export of the checkpoint at `path`, exporting it first
+    (this needs torch) if there is none."""
+    context = ckpt.model_config.context_len
+    window = window or context
+    digest = file_digest(path)
+    beside = export_folder(path, window, context)
+    cached = onnx_cache_dir() / f"{digest[:24]}-w{window}"
+    found = find_export([beside, cached], digest, window)
+    if found is not None:
+        return found
+    from musicgpt.checkpoint import load_model
+    from musicgpt.onnx_export import export_onnx
+
+    model, _ = load_model(path)
+    for folder in (beside, cached):
+        try:
+            export_onnx(model, folder, window=window, source=digest)
+        except OSError:
+            continue  # a read-only checkpoint folder: the user cache next
+        print(f"musicgpt: exported the model for ONNX Runtime once, to {folder}", file=sys.stderr)
+        return folder
+    raise MusicGPTError(f"{path}: cannot write its ONNX export to {beside} or {cached}")
+
+
+def load_engine(path: Path, *, backend: str = "auto", device: str = "cpu", threads: int | None = None,
+                num_samples: int = 1) -> Engine:
+    """The engine for the checkpoint at `path`. Threads: `threads`, else one for one or two
+    samples (a one-token step of a small model is latency-bound), else the engine's choice."""
+    from musicgpt.checkpoint_header import peek_checkpoint
+
+    if choose_backend(backend, device, peek_checkpoint(path)) == "onnx":
+        ckpt = read_checkpoint_meta(path)
+        stepper = OnnxStepper(onnx_export_for(path, ckpt), threads=threads or _onnx_threads(num_samples))
+
+        def run(prompt, **options) -> list[np.ndarray]:
+            from musicgpt.decode import decode
+
+            return decode(stepper, prompt, vocab_size=ckpt.model_config.vocab_size, **options)
+
+        return Engine(ckpt, "onnx", run)
+    return _torch_engine(path, device, threads, num_samples)
+
+
+def _onnx_threads(num_samples: int) -> int:
+    return 1 if num_samples <= 2 else 0  # 0: ONNX Runtime's default, one per core
+
+
+def _torch_engine(path: Path, device: str, threads: int | None, num_samples: int) -> Engine:
+    import torch
+
+    from musicgpt.checkpoint import load_model
+    from musicgpt.devices import pick_device
+    from musicgpt.generate import generate
+
+    device = pick_device(device)
+    if device == "cpu" and (threads or num_samples <= 2):
+        torch.set_num_threads(threads or 1)  # extra threads only add synchronisation here
+    model, ckpt = load_model(path, device)
+    return Engine(ckpt, "torch", lambda prompt, **options: generate(model, prompt, **options))

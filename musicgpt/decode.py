@@ -1,0 +1,269 @@
+"""Decoding over any stepper: logit filters, then sampled, greedy or beam search, in numpy.
+
+No torch here. The same loops drive the torch model (`musicgpt.generate`, on any device) and
+the ONNX Runtime step (`musicgpt.onnx_stepper`), so a seed draws the same noise on every backend
+and a command that samples on the CPU never has to import torch. A stepper is what turns the
+token just chosen into the next logits; the musical rules of what a row may emit are
+`musicgpt.constraints`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Protocol
+
+import numpy as np
+
+from musicgpt.constraints import Rules, prompt_state, seconds_to_steps
+from musicgpt.errors import MusicGPTError
+from musicgpt.sampling import MAX_NEW_TOKENS, MAX_NUM_SAMPLES, SamplingConfig
+from musicgpt.validate import is_integer
+from musicgpt.vocab import CodecConfig
+
+TINY = np.finfo(np.float32).tiny  # keeps the race's noise away from an exact zero
+
+
+class Stepper(Protocol):
+    """What a decoding loop needs from a model: logits for the next token, and beam reordering."""
+
+    window: int  # tokens the model attends over (the repetition penalty looks as far back)
+
+    def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
+        """Encode the prompt (1-D token ids) once for `batch` rows; float32 logits [batch, V]."""
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed each row's new token ([B] ids); float32 logits [B, V] for the token after it."""
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Row b continues old row rows[b] (beam search)."""
+
+
+# ----------------------------------------------------------------------------- logit filters
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis; -inf logits get probability 0."""
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def filter_logits(logits: np.ndarray, cfg: SamplingConfig, generated: np.ndarray | None = None) -> np.ndarray:
+    """Logits [B, V] with cfg's processors applied and removed tokens at -inf (input untouched).
+
+    Order, as in Hugging Face transformers: repetition penalty (over `generated` [B, T] token
+    ids), temperature, top-k, top-p, min-p, typical-p. Top-k keeps every token tied with the
+    k-th best logit, so it may keep more than k; the mass filters always keep at least one.
+    """
+    if generated is not None and cfg.repetition_penalty != 1.0:
+        logits = penalize_repeats(logits, generated, cfg.repetition_penalty)
+    if cfg.temperature != 1.0:
+        logits = logits / np.asarray(cfg.temperature, dtype=logits.dtype)
+    V = logits.shape[-1]
+    if 0 < cfg.top_k < V:
+        kth = np.partition(logits, V - cfg.top_k, axis=-1)[..., V - cfg.top_k:V - cfg.top_k + 1]
+        logits = np.where(logits < kth, -np.inf, logits)
+    if cfg.top_p < 1.0:  # most probable first
+        logits = _keep_smallest_set(logits, -logits, cfg.top_p)
+    if cfg.min_p > 0.0:
+        probs = softmax(logits)
+        logits = np.where(probs < cfg.min_p * probs.max(-1, keepdims=True), -np.inf, logits)
+    if cfg.typical_p < 1.0:  # Meister et al. 2022: closest to the expected surprise first
+        logp = log_softmax(logits)
+        with np.errstate(invalid="ignore"):  # 0 * -inf = nan counts as 0
+            entropy = -np.nansum(np.exp(logp) * logp, -1, keepdims=True)
+        logits = _keep_smallest_set(logits, np.abs(-logp - entropy), cfg.typical_p)
+    return logits
+
+
+def penalize_repeats(logits: np.ndarray, generated: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL rule: the logits of tokens in `generated` are divided by penalty if positive, else multiplied."""
+    seen = np.take_along_axis(logits, generated, -1)
+    seen = np.where(seen > 0, seen / penalty, seen * penalty).astype(logits.dtype)
+    out = logits.copy()
+    np.put_along_axis(out, generated, seen, -1)
+    return out
+
+
+def _keep_smallest_set(logits: np.ndarray, key: np.ndarray, mass: float) -> np.ndarray:
+    """Keep tokens in ascending `key` order (ties by index) until they hold `mass`; at least one."""
+    order = np.argsort(key, axis=-1, kind="stable")
+    probs = np.take_along_axis(softmax(logits), order, -1)
+    before = np.cumsum(probs, -1) - probs  # mass of the tokens ranked ahead of each
+    drop = before >= mass
+    drop[..., 0] = False
+    dropped = np.empty_like(drop)
+    np.put_along_axis(dropped, order, drop, -1)
+    return np.where(dropped, -np.inf, logits)
+
+
+# ----------------------------------------------------------------------------- decoding loops
+
+def _progress_bar(enabled: bool, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", desc="sampling", disable=not enabled, file=sys.stderr, leave=False)
+
+
+def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules: Rules, batch: int,
+                seed: int, progress: bool = False) -> list[np.ndarray]:
+    """Greedy or sampled decoding of `batch` rows from one prompt; rows stop at EOS or time."""
+    P, N = len(prompt), rules.max_new_tokens
+    seq = np.empty((batch, P + N), dtype=np.int64)  # one buffer for the whole run: no per-step concat
+    seq[:, :P] = prompt
+    rng = np.random.default_rng(seed)
+    lengths, alive = [0] * batch, [True] * batch
+    rows = rules.initial(batch)
+    penalize = cfg.repetition_penalty != 1.0
+    logits = stepper.start(prompt, batch)
+    with _progress_bar(progress, N) as bar:
+        for t in range(N):
+            pos = P + t
+            logits = rules.mask_logits(logits, rows)
+            seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
+            if cfg.greedy:
+                if penalize:
+                    logits = penalize_repeats(logits, seen, cfg.repetition_penalty)
+                token = logits.argmax(-1)
+            else:  # exponential race: argmax p / E with E ~ Exp(1) draws p, one vectorised draw
+                probs = softmax(filter_logits(logits, cfg, seen))
+                noise = rng.standard_exponential(probs.shape, dtype=np.float32) + TINY
+                token = (probs / noise).argmax(-1)
+            seq[:, pos] = token
+            tokens = token.tolist()
+            rules.advance(rows, tokens)
+            for k in range(batch):  # a row's final token (EOS or the last shift) still counts
+                if alive[k]:
+                    lengths[k] += 1
+                    alive[k] = not rules.ends(tokens[k], rows[k].elapsed)
+            bar.update()
+            if t + 1 == N or not any(alive):
+                break
+            logits = stepper.step(token)
+    return [_strip_eos(seq[k, P:P + n], rules.eos_id) for k, n in enumerate(lengths)]
+
+
+def _strip_eos(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
+    if eos_id is not None and len(tokens) and tokens[-1] == eos_id:
+        tokens = tokens[:-1]
+    return tokens.copy()
+
+
+def beam_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules: Rules,
+              progress: bool = False) -> np.ndarray:
+    """Beam search as in Hugging Face: hypotheses end at EOS or at max_seconds, score / len ** lp.
+
+    Per step the B * V continuations are ranked; the best B that do not end become the new
+    beams (their stepper rows reordered), and ending ones ranked within the top B are kept as
+    finished hypotheses. It stops when B finished ones cannot be beaten by the running beams.
+    """
+    B, P, N = cfg.num_beams, len(prompt), rules.max_new_tokens
+    seq = np.empty((B, P + N), dtype=np.int64)
+    seq[:, :P] = prompt
+    scores = np.full(B, -np.inf)
+    scores[0] = 0.0  # all beams start identical: expand from the first only
+    state = rules.initial(B)
+    finished: list[tuple[float, np.ndarray]] = []
+    logits = stepper.start(prompt, B)
+    done = False
+    with _progress_bar(progress, N) as bar:
+        for t in range(N):
+            pos, norm = P + t, (t + 1) ** cfg.length_penalty
+            logits = rules.mask_logits(logits, state)
+            if cfg.repetition_penalty != 1.0:
+                logits = penalize_repeats(logits, seq[:, max(0, pos - stepper.window):pos], cfg.repetition_penalty)
+            cand = (scores[:, None] + log_softmax(logits)).ravel()
+            order = np.argsort(-cand, kind="stable")  # stable: ties as argmax
+            ranked = cand[order]
+            V = logits.shape[-1]
+            beam, token = order // V, order % V
+            steps = np.array([r.elapsed for r in state])[beam] + rules.steps[token]
+            ends = rules.ends(token, steps)
+            keep = np.flatnonzero(~ends)[:B]
+            for r in np.flatnonzero(ends[:B]).tolist():
+                hyp = np.append(seq[beam[r], P:pos], token[r])
+                finished.append((float(ranked[r]) / norm, _strip_eos(hyp, rules.eos_id)))
+            finished = sorted(finished, key=lambda h: -h[0])[:B]
+            rows = beam[keep]
+            seq = seq[rows]
+            seq[:, pos] = token[keep]
+            scores = ranked[keep]
+            state = [state[r].copy() for r in rows.tolist()]
+            rules.advance(state, token[keep].tolist())
+            stepper.reorder(rows)
+            bar.update()
+            done = len(finished) >= B and scores[0] / norm <= finished[-1][0]
+            if done or t + 1 == N:
+                break
+            logits = stepper.step(seq[:, pos])
+    if not done:
+        norm = (t + 1) ** cfg.length_penalty
+        finished += [(s / norm, seq[b, P:pos + 1].copy()) for b, s in enumerate(scores.tolist())]
+    return max(finished, key=lambda h: h[0])[1]
+
+
+# ----------------------------------------------------------------------------- one request
+
+def decode(stepper: Stepper, prompt, *, vocab_size: int, max_new_tokens: int,
+           sampling: SamplingConfig | None = None, num_samples: int = 1, seed: int = 0,
+           codec_config: CodecConfig | None = None, max_seconds: float = math.inf,
+           stop_at_eos: bool = True, ban_eos: bool = False, start_with_note: bool = False,
+           max_pause_seconds: float = math.inf, max_note_seconds: float = math.inf,
+           music_before=None, progress: bool = False, beam: bool = False) -> list[np.ndarray]:
+    """Continue `prompt` (1-D token ids) with a model of `vocab_size` tokens behind `stepper`; the
+    new tokens of each row (one row for beam search, which `sampling.num_beams > 1` or `beam`
+    asks for). Options as `musicgpt.generate.generate`."""
+    cfg = (sampling or SamplingConfig()).validate()
+    if not is_integer(num_samples) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise MusicGPTError(f"num_samples must be an integer from 1 to {MAX_NUM_SAMPLES}, got {num_samples!r}")
+    if cfg.num_beams > 1 and num_samples > 1:
+        raise MusicGPTError("beam search is deterministic: use --num-samples 1 with --beams")
+    codec_config = codec_config or CodecConfig()
+    if vocab_size < codec_config.vocab_size:
+        raise MusicGPTError(f"model vocabulary ({vocab_size}) is smaller than the codec's "
+                            f"({codec_config.vocab_size})")
+    if not is_integer(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise MusicGPTError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS:,}, got {max_new_tokens!r}")
+    prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)
+    if len(prompt) == 0:
+        raise MusicGPTError("the prompt must hold at least one token (start from EOS)")
+    music = prompt if music_before is None else np.asarray(music_before, dtype=np.int64)
+    rules = decoding_rules(music, max_new_tokens, codec_config, vocab_size, max_seconds=max_seconds,
+                           stop_at_eos=stop_at_eos, ban_eos=ban_eos, start_with_note=start_with_note,
+                           max_pause_seconds=max_pause_seconds, max_note_seconds=max_note_seconds)
+    if beam or cfg.num_beams > 1:
+        return [beam_rows(stepper, prompt, cfg, rules, progress)]
+    return sample_rows(stepper, prompt, cfg, rules, num_samples, seed, progress)
+
+
+def _steps(seconds: float, config: CodecConfig) -> float:
+    """Codec time steps covering `seconds`; math.inf stays infinite (no limit)."""
+    return seconds_to_steps(seconds, config) if math.isfinite(seconds) else math.inf
+
+
+def decoding_rules(music: np.ndarray, max_new_tokens: int, codec_config: CodecConfig, vocab_size: int, *,
+                   max_seconds: float, stop_at_eos: bool, ban_eos: bool, start_with_note: bool,
+                   max_pause_seconds: float, max_note_seconds: float) -> Rules:
+    """The decoding rules of one request (musicgpt.constraints) after `music` (token ids), its limits checked."""
+    # Padding is never music, and control tokens (tags, FIM sentinels) only ever come as input.
+    banned = [codec_config.pad_id, *range(codec_config.vocab_size, vocab_size)]
+    if ban_eos:
+        banned.append(codec_config.eos_id)  # a length was asked for: the piece goes on to it
+    limits = {}
+    for name, seconds in (("max_pause_seconds", max_pause_seconds), ("max_note_seconds", max_note_seconds)):
+        if not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise MusicGPTError(f"{name} must be a positive number of seconds (math.inf: no limit), got {seconds!r}")
+        limits[name] = max(_steps(seconds, codec_config), 1)
+    if not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise MusicGPTError(f"max_seconds must be a positive number (math.inf: no limit), got {max_seconds!r}")
+    max_steps = _steps(max_seconds, codec_config)
+    start = prompt_state(music.ravel(), codec_config)
+    if start_with_note:  # from silence: the piece begins with a note, not a pause
+        start.quiet = math.inf
+    return Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,
+                 banned, start, max_quiet=limits["max_pause_seconds"], max_held=limits["max_note_seconds"],
+                 vocab_size=vocab_size)

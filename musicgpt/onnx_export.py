@@ -1,0 +1,113 @@
+"""Exporting a model's sampling step to ONNX, for `musicgpt.onnx_stepper` to run without torch.
+
+Two graphs per checkpoint and window, both traced from the model's own layers
+(`MusicGPT.embed` and `run_blocks`) with a ring kernel from `musicgpt.attention.ring`:
+  - `step.onnx`: one new token per row, the graph run for every sampled token;
+  - `chunk.onnx`: up to window - 1 new tokens, for reading the prompt in a few calls.
+Inputs: `tokens` [B, T] int64, `pos` (the position of the first new token) and the ring, one
+`kN` [B, H, D, window-1] and `vN` [B, H, window-1, D] per layer; outputs: `logits` [B, V] for
+the token after the last new one, and `new_kN` / `new_vN` [B, H, T, D], which the caller writes
+into slots (pos + t) % (window - 1). `meta.json`, written last, says what the folder holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from musicgpt.atomic import atomic_write
+from musicgpt.attention.ring import RingChunk, RingStep
+from musicgpt.errors import MusicGPTError
+from musicgpt.model import MusicGPT
+from musicgpt.onnx_stepper import EXPORT_VERSION, ring_names
+
+OPSET = 17
+
+
+class StepGraph(nn.Module):
+    """`MusicGPT` on one new token per row against a ring of past keys (`RingStep`)."""
+
+    def __init__(self, model: MusicGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, pos: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
+        kernel = RingStep(pos, ring)
+        logits, _ = self.model.run_blocks(self.model.embed(tokens), kernel, kernel)
+        return (logits[:, -1], *kernel.new)
+
+
+class ChunkGraph(nn.Module):
+    """`MusicGPT` on several new tokens per row against a ring of past keys (`RingChunk`)."""
+
+    def __init__(self, model: MusicGPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, pos: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
+        kernel = RingChunk(pos, ring, tokens.size(1), self.model.config.max_rel_dist)
+        logits, _ = self.model.run_blocks(self.model.embed(tokens), kernel, kernel)
+        return (logits[:, -1], *kernel.new)
+
+
+def empty_ring(model: MusicGPT, batch: int, window: int) -> list[Tensor]:
+    """Zeroed ring buffers (k0, v0, k1, v1, ...) in the layout the graphs take."""
+    c = model.config
+    ring = []
+    for _ in range(c.n_layer):
+        ring += [torch.zeros(batch, c.n_head, c.d_head, window - 1),
+                 torch.zeros(batch, c.n_head, window - 1, c.d_head)]
+    return ring
+
+
+def _graph_bytes(graph: nn.Module, tokens: Tensor, ring: list[Tensor]) -> bytes:
+    n_layer = len(ring) // 2
+    inputs, outputs = ["tokens", "pos", *ring_names(n_layer)], ["logits", *ring_names(n_layer, "new_")]
+    axes = {"tokens": {0: "batch", 1: "new"}, "logits": {0: "batch"},
+            **{name: {0: "batch"} for name in ring_names(n_layer)},
+            **{name: {0: "batch", 2: "new"} for name in ring_names(n_layer, "new_")}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the tracer's notes on shapes it records as dynamic
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: seconds where the torch.export one takes a quarter of a minute.
+        torch.onnx.export(graph, (tokens, torch.tensor(0), *ring), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=inputs, output_names=outputs, dynamic_axes=axes)
+    return buffer.getvalue()
+
+
+def export_onnx(model: MusicGPT, folder: str | Path, *, window: int | None = None, source: str = "") -> Path:
+    """Write `step.onnx`, `chunk.onnx` and `meta.json` for `model` (relative attention, eval mode)
+    into `folder`; `source` (the checkpoint's digest) is recorded in meta.json. Returns the folder."""
+    if model.config.attention != "relative":
+        raise MusicGPTError("the ONNX step needs a relative-attention model (absolute positions "
+                            "cannot slide past the context)")
+    c = model.config
+    window = window or c.context_len
+    if window < 2:
+        raise MusicGPTError(f"the ONNX step needs a window of at least 2 tokens, got {window}")
+    if model.wte.weight.dtype != torch.float32:  # the graphs run in float32; leave the caller's model be
+        model = copy.deepcopy(model).float()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ring = empty_ring(model, 1, window)
+    was_training = model.training
+    try:  # the exporter puts a wrapper back in its own mode, and the model with it
+        with torch.no_grad():
+            step = _graph_bytes(StepGraph(model).eval(), torch.zeros(1, 1, dtype=torch.long), ring)
+            chunk = _graph_bytes(ChunkGraph(model).eval(), torch.zeros(1, 2, dtype=torch.long), ring)
+    finally:
+        model.train(was_training)
+    for name, data in (("step.onnx", step), ("chunk.onnx", chunk)):
+        with atomic_write(folder / name) as f:
+            f.write(data)
+    meta = {"version": EXPORT_VERSION, "source": source, "window": window, "n_layer": c.n_layer,
+            "n_head": c.n_head, "d_head": c.d_head, "vocab_size": c.vocab_size}
+    with atomic_write(folder / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+    return folder

@@ -1,0 +1,175 @@
+"""Sampling on ONNX Runtime without torch: a `musicgpt.decode.Stepper` over exported step graphs.
+
+`import torch` alone takes seconds and a tiny model's step is a hundred small operations, each
+paying torch's dispatch cost; ONNX Runtime imports in a tenth of a second and runs the same
+graph with a few microseconds per operation. The graphs are traced from the model by
+`musicgpt.onnx_export` and kept beside the checkpoint (`<stem>-onnx/`, or the user cache when
+that folder cannot be written), checked against the checkpoint's digest before use.
+
+This module imports neither torch nor the exporter: onnxruntime and numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+from musicgpt.errors import MusicGPTError
+
+EXPORT_VERSION = 1  # bump when the graphs' inputs, outputs or kernels change
+# ONNX Runtime fuses `q * scale` into the ring product as a FusedMatMul, whose kernel is several
+# times slower than the plain MatMul for one query row against the whole ring.
+DISABLED_OPTIMIZERS = ["MatMulScaleFusion"]
+SHORT_PROMPT = 8  # prompts up to this long go through the step graph (no second session to load)
+
+
+def available() -> bool:
+    """Whether onnxruntime is installed (`pip install 'musicgpt[fast]'`)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def ring_names(n_layer: int, prefix: str = "") -> list[str]:
+    """The graphs' ring inputs (k0, v0, k1, ...) or, with prefix "new_", their new-key outputs."""
+    return [f"{prefix}{kv}{i}" for i in range(n_layer) for kv in "kv"]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: what an export is checked against."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_folder(checkpoint: str | Path, window: int, context_len: int) -> Path:
+    """Where the export of `checkpoint` for `window` lives beside it: `<stem>-onnx[-w<window>]/`."""
+    checkpoint = Path(checkpoint)
+    suffix = "" if window == context_len else f"-w{window}"
+    return checkpoint.with_name(f"{checkpoint.stem}-onnx{suffix}")
+
+
+def read_export_meta(folder: str | Path) -> dict | None:
+    """The meta.json of an export folder, or None if there is no complete export there."""
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("version") == EXPORT_VERSION else None
+
+
+def find_export(folders: list[Path], digest: str, window: int) -> Path | None:
+    """The first of `folders` holding an export of the checkpoint with this digest and window."""
+    for folder in folders:
+        meta = read_export_meta(folder)
+        if meta and meta.get("source") == digest and meta.get("window") == window:
+            return folder
+    return None
+
+
+class OnnxStepper:
+    """Runs an exported model one token per step, keeping the ring of past keys in numpy buffers.
+
+    The step graph is bound once to the ring buffers and to preallocated outputs (ONNX Runtime
+    reads and writes numpy memory in place), so a step copies only the new keys into the ring.
+    """
+
+    def __init__(self, folder: str | Path, threads: int = 1):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        meta = read_export_meta(self.folder)
+        if meta is None:
+            raise MusicGPTError(f"{self.folder}: no ONNX export of this version here")
+        self.window, self.n_layer = meta["window"], meta["n_layer"]
+        self.n_head, self.d_head, self.vocab_size = meta["n_head"], meta["d_head"], meta["vocab_size"]
+        self.slots = self.window - 1
+        self.reach = self.n_layer * self.slots + 1  # prompt tokens that still matter
+        self.options = ort.SessionOptions()
+        self.options.intra_op_num_threads = threads
+        self.options.inter_op_num_threads = 1
+        self.options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.step_session = self._session("step.onnx")
+        self.chunk_session = None  # loaded for the first long prompt
+
+    def _session(self, name: str):
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(self.folder / name), self.options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=DISABLED_OPTIMIZERS)
+
+    def _allocate(self, batch: int) -> None:
+        """Zeroed ring buffers for `batch` rows, the step's outputs, and the binding between them."""
+        H, D, R = self.n_head, self.d_head, self.slots
+        self.ring = []
+        for _ in range(self.n_layer):
+            self.ring += [np.zeros((batch, H, D, R), np.float32), np.zeros((batch, H, R, D), np.float32)]
+        self.tokens = np.zeros((batch, 1), np.int64)
+        self.pos_buffer = np.zeros((), np.int64)
+        self.logits = np.zeros((batch, self.vocab_size), np.float32)
+        self.new = [np.zeros((batch, H, 1, D), np.float32) for _ in self.ring]
+        self._bind()
+
+    def _bind(self) -> None:
+        import onnxruntime as ort
+
+        binding = self.step_session.io_binding()
+        inputs = {"tokens": self.tokens, "pos": self.pos_buffer, **dict(zip(ring_names(self.n_layer), self.ring))}
+        for name, array in inputs.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        outputs = {"logits": self.logits, **dict(zip(ring_names(self.n_layer, "new_"), self.new))}
+        for name, array in outputs.items():
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self.binding = binding
+
+    def _write(self, new: list[np.ndarray], pos: int) -> None:
+        """Put the new keys/values [B, H, T, D] of positions pos .. pos+T-1 into their slots."""
+        slots = (pos + np.arange(new[0].shape[2])) % self.slots
+        for i in range(self.n_layer):
+            self.ring[2 * i][:, :, :, slots] = new[2 * i].transpose(0, 1, 3, 2)
+            self.ring[2 * i + 1][:, :, slots, :] = new[2 * i + 1]
+
+    def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
+        prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)[-self.reach:]
+        self._allocate(1)
+        self.pos = 0
+        if len(prompt) <= SHORT_PROMPT:
+            for token in prompt:
+                logits = self.step(np.array([token]))
+        else:
+            logits = self._prefill(prompt)
+        if batch > 1:  # every row starts from the prompt's ring
+            ring, pos = self.ring, self.pos
+            self._allocate(batch)
+            for mine, theirs in zip(self.ring, ring):
+                mine[...] = theirs
+            self.pos = pos
+        return np.repeat(logits, batch, 0)
+
+    def _prefill(self, prompt: np.ndarray) -> np.ndarray:
+        if self.chunk_session is None:
+            self.chunk_session = self._session("chunk.onnx")
+        for start in range(0, len(prompt), self.slots):
+            chunk = prompt[start:start + self.slots]
+            feeds = {"tokens": chunk[None], "pos": np.array(self.pos, np.int64),
+                     **dict(zip(ring_names(self.n_layer), self.ring))}
+            logits, *new = self.chunk_session.run(None, feeds)
+            self._write(new, self.pos)
+            self.pos += len(chunk)
+        return logits
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        self.tokens[:, 0] = tokens
+        self.pos_buffer[...] = self.pos
+        self.step_session.run_with_iobinding(self.binding)
+        self._write(self.new, self.pos)
+        self.pos += 1
+        return self.logits.copy()
+
+    def reorder(self, rows: np.ndarray) -> None:
+        for buffer in self.ring:  # in place: the binding keeps pointing at these buffers
+            buffer[...] = buffer[rows]
