@@ -44,7 +44,8 @@ class Stepper(Protocol):
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis; -inf logits get probability 0."""
     e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+    e /= e.sum(-1, keepdims=True)
+    return e
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -82,23 +83,23 @@ def filter_logits(logits: np.ndarray, cfg: SamplingConfig, generated: np.ndarray
 
 def penalize_repeats(logits: np.ndarray, generated: np.ndarray, penalty: float) -> np.ndarray:
     """CTRL rule: the logits of tokens in `generated` are divided by penalty if positive, else multiplied."""
-    seen = np.take_along_axis(logits, generated, -1)
-    seen = np.where(seen > 0, seen / penalty, seen * penalty).astype(logits.dtype)
+    rows = np.arange(len(logits))[:, None]
+    seen = logits[rows, generated]
     out = logits.copy()
-    np.put_along_axis(out, generated, seen, -1)
+    out[rows, generated] = np.where(seen > 0, seen / penalty, seen * penalty)
     return out
 
 
 def _keep_smallest_set(logits: np.ndarray, key: np.ndarray, mass: float) -> np.ndarray:
     """Keep tokens in ascending `key` order (ties by index) until they hold `mass`; at least one."""
+    rows = np.arange(len(logits))[:, None]
     order = np.argsort(key, axis=-1, kind="stable")
-    probs = np.take_along_axis(softmax(logits), order, -1)
-    before = np.cumsum(probs, -1) - probs  # mass of the tokens ranked ahead of each
-    drop = before >= mass
-    drop[..., 0] = False
-    dropped = np.empty_like(drop)
-    np.put_along_axis(dropped, order, drop, -1)
-    return np.where(dropped, -np.inf, logits)
+    probs = softmax(logits)[rows, order]
+    before = np.cumsum(probs, -1) - probs  # mass of the tokens ranked ahead of each: never falls
+    kept = np.maximum((before < mass).sum(-1, keepdims=True), 1)  # so the kept ones are a prefix
+    rank = np.empty_like(order)
+    rank[rows, order] = np.arange(order.shape[-1])
+    return np.where(rank < kept, logits, -np.inf)
 
 
 # ----------------------------------------------------------------------------- decoding loops

@@ -25,6 +25,7 @@ EXPORT_VERSION = 1  # bump when the graphs' inputs, outputs or kernels change
 # times slower than the plain MatMul for one query row against the whole ring.
 DISABLED_OPTIMIZERS = ["MatMulScaleFusion"]
 SHORT_PROMPT = 8  # prompts up to this long go through the step graph (no second session to load)
+CHUNK = 256  # prompt tokens per chunk: a chunk's attention costs chunk x (window + chunk)
 
 
 def available() -> bool:
@@ -93,14 +94,16 @@ class OnnxStepper:
         self.options.intra_op_num_threads = threads
         self.options.inter_op_num_threads = 1
         self.options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.step_session = self._session("step.onnx")
-        self.chunk_session = None  # loaded for the first long prompt
+        self.sessions = {}  # graph name -> session, each loaded when first needed
 
     def _session(self, name: str):
-        import onnxruntime as ort
+        if name not in self.sessions:
+            import onnxruntime as ort
 
-        return ort.InferenceSession(str(self.folder / name), self.options, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=DISABLED_OPTIMIZERS)
+            self.sessions[name] = ort.InferenceSession(str(self.folder / name), self.options,
+                                                       providers=["CPUExecutionProvider"],
+                                                       disabled_optimizers=DISABLED_OPTIMIZERS)
+        return self.sessions[name]
 
     def _allocate(self, batch: int) -> None:
         """Zeroed ring buffers for `batch` rows, the step's outputs, and the binding between them."""
@@ -117,6 +120,7 @@ class OnnxStepper:
     def _bind(self) -> None:
         import onnxruntime as ort
 
+        self.step_session = self._session("step.onnx" if len(self.tokens) == 1 else "rows.onnx")
         binding = self.step_session.io_binding()
         inputs = {"tokens": self.tokens, "pos": self.pos_buffer, **dict(zip(ring_names(self.n_layer), self.ring))}
         for name, array in inputs.items():
@@ -151,13 +155,12 @@ class OnnxStepper:
         return np.repeat(logits, batch, 0)
 
     def _prefill(self, prompt: np.ndarray) -> np.ndarray:
-        if self.chunk_session is None:
-            self.chunk_session = self._session("chunk.onnx")
-        for start in range(0, len(prompt), self.slots):
-            chunk = prompt[start:start + self.slots]
+        size = min(CHUNK, self.slots)
+        for start in range(0, len(prompt), size):
+            chunk = prompt[start:start + size]
             feeds = {"tokens": chunk[None], "pos": np.array(self.pos, np.int64),
                      **dict(zip(ring_names(self.n_layer), self.ring))}
-            logits, *new = self.chunk_session.run(None, feeds)
+            logits, *new = self._session("chunk.onnx").run(None, feeds)
             self._write(new, self.pos)
             self.pos += len(chunk)
         return logits
@@ -166,7 +169,10 @@ class OnnxStepper:
         self.tokens[:, 0] = tokens
         self.pos_buffer[...] = self.pos
         self.step_session.run_with_iobinding(self.binding)
-        self._write(self.new, self.pos)
+        slot = self.pos % self.slots  # one slot: plain indexing, several times faster than _write's
+        for i in range(self.n_layer):
+            self.ring[2 * i][:, :, :, slot] = self.new[2 * i][:, :, 0]
+            self.ring[2 * i + 1][:, :, slot] = self.new[2 * i + 1][:, :, 0]
         self.pos += 1
         return self.logits.copy()
 

@@ -38,9 +38,10 @@ class RingStep:
     rotated with two slices.
     """
 
-    def __init__(self, pos: Tensor, past: Sequence[Tensor]):
+    def __init__(self, pos: Tensor, past: Sequence[Tensor], slots: int, d_head: int):
+        # Sizes come in as numbers, not read off tensors, so a traced graph holds them as constants.
         self.past, self.new = past, []
-        self.slots = past[0].shape[-1]
+        self.slots, self.scale = slots, d_head ** -0.5
         unwritten = ring_positions(pos, self.slots) < 0
         self.hidden = torch.where(unwritten, float("-inf"), 0.0)  # [R]: only before R tokens
         self.cut = self.slots - 1 - torch.remainder(pos - 1, self.slots)
@@ -56,7 +57,7 @@ class RingStep:
                dropout_p: float = 0.0) -> tuple[Tensor, None]:
         keys, values = self.past[2 * self.layer], self.past[2 * self.layer + 1]
         R = self.slots
-        q = q * q.size(-1) ** -0.5
+        q = q * self.scale
         far = min(rel_emb.size(1) - 1, R)  # distances >= far share the last embedding
         # Embeddings of the distances far, far-1, ..., 1; all distances from R down to far use
         # the first, so the logits of distances R .. 1 are that one repeated, then the rest.

@@ -1,0 +1,175 @@
+"""The ONNX Runtime backend: ring kernels against the model's own decode, the exported graphs against
+the model, the same tokens for a seed on both backends, the export's cache, and no torch when sampling."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model, make_piece
+
+from musicgpt import backends, onnx_stepper
+from musicgpt.checkpoint import save_checkpoint
+from musicgpt.decode import decode
+from musicgpt.errors import MusicGPTError
+from musicgpt.generate import beam_search, generate
+from musicgpt.onnx_export import ChunkGraph, StepGraph, empty_ring, export_onnx
+from musicgpt.sampling import SamplingConfig
+from musicgpt.vocab import CodecConfig
+
+EOS = CodecConfig().eos_id
+needs_ort = pytest.mark.skipif(not onnx_stepper.available(),
+                               reason="onnxruntime is not installed (pip install 'musicgpt[fast]')")
+# Relative distances shorter than, equal to and longer than the ring: the three ways its
+# per-distance logits are laid out.
+WINDOWS = pytest.mark.parametrize("max_rel_dist", [6, 16, 40])
+
+
+def _model(max_rel_dist=16, window=16, dtype=torch.float64):
+    return make_model(context_len=window, max_rel_dist=max_rel_dist, std=0.3).to(dtype)
+
+
+def _write(ring, new, pos, slots):
+    """What the stepper does with a graph's new keys: position p goes to slot p % slots."""
+    for i in range(0, len(ring), 2):
+        for t in range(new[i].size(2)):
+            ring[i][:, :, :, (pos + t) % slots] = new[i][:, :, t]
+            ring[i + 1][:, :, (pos + t) % slots] = new[i + 1][:, :, t]
+
+
+@WINDOWS
+def test_ring_step_equals_the_models_decode_far_past_the_window(max_rel_dist):
+    model, window = _model(max_rel_dist), 16
+    seq = torch.randint(0, 390, (2, 70), generator=torch.Generator().manual_seed(0))
+    want = model.decode_step(seq, model.new_cache(2))
+    ring, step = [r.double() for r in empty_ring(model, 2, window)], StepGraph(model, window)
+    with torch.no_grad():
+        for p in range(seq.size(1)):
+            logits, *new = step(seq[:, p:p + 1], torch.tensor(p), *ring)
+            _write(ring, new, p, window - 1)
+            torch.testing.assert_close(logits, want[:, p], rtol=0, atol=1e-10)
+
+
+@WINDOWS
+def test_ring_chunks_equal_the_models_decode_for_any_chunking(max_rel_dist):
+    model, window = _model(max_rel_dist), 16
+    seq = torch.randint(0, 390, (1, 70), generator=torch.Generator().manual_seed(1))
+    want = model.decode_step(seq, model.new_cache(1))
+    ring, chunk = [r.double() for r in empty_ring(model, 1, window)], ChunkGraph(model, window)
+    pos = 0
+    with torch.no_grad():
+        for size in (1, 5, 15, 2, 15, 15, 10, 7):  # up to window - 1 tokens at a time
+            logits, *new = chunk(seq[:, pos:pos + size], torch.tensor(pos), *ring)
+            _write(ring, new, pos, window - 1)
+            pos += size
+            torch.testing.assert_close(logits, want[:, pos - 1], rtol=0, atol=1e-10)
+    assert pos == seq.size(1)
+
+
+@needs_ort
+@pytest.mark.parametrize("prompt_len", [3, 40])  # through the step graph, through chunks
+def test_exported_graphs_give_the_models_logits(tmp_path, monkeypatch, prompt_len):
+    monkeypatch.setattr(onnx_stepper, "CHUNK", 6)
+    model = _model(dtype=torch.float32)
+    export_onnx(model, tmp_path, source="test")
+    seq = torch.randint(0, 390, (1, 80), generator=torch.Generator().manual_seed(2))
+    want = model.decode_step(seq, model.new_cache(1))[0].numpy()
+    stepper = onnx_stepper.OnnxStepper(tmp_path)
+    got = [stepper.start(seq[0, :prompt_len].numpy(), 3)]
+    assert got[0].shape == (3, model.config.vocab_size)
+    for p in range(prompt_len, 80):
+        got.append(stepper.step(np.full(3, seq[0, p].item())))
+    np.testing.assert_allclose(np.stack(got), np.broadcast_to(want[prompt_len - 1:, None], (81 - prompt_len, 3, 390)),
+                               rtol=0, atol=1e-4)
+    assert stepper.pos == min(prompt_len, stepper.reach) + 80 - prompt_len  # the prompt was cut to what matters
+
+
+@needs_ort
+@pytest.mark.parametrize("sampling, samples", [
+    (SamplingConfig(), 1),
+    (SamplingConfig(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3), 3),
+    (SamplingConfig(typical_p=0.9, min_p=0.05, top_p=1.0), 2),
+    (SamplingConfig(greedy=True, repetition_penalty=2.0), 1),
+])
+def test_a_seed_gives_the_same_tokens_on_both_backends(tmp_path, sampling, samples):
+    model = _model(dtype=torch.float32)
+    export_onnx(model, tmp_path, source="test")
+    args = dict(max_new_tokens=60, sampling=sampling, num_samples=samples, seed=7, stop_at_eos=False,
+                max_note_seconds=0.5, max_pause_seconds=0.3)
+    with_torch = generate(model, [EOS, 60, 300], **args)
+    with_onnx = decode(onnx_stepper.OnnxStepper(tmp_path), [EOS, 60, 300], vocab_size=390, **args)
+    assert [t.tolist() for t in with_onnx] == [t.tolist() for t in with_torch]
+    assert len(with_torch[0]) == 60  # far past the 16-token window
+
+
+@needs_ort
+def test_beam_search_reorders_the_onnx_rows_like_the_kv_cache(tmp_path):
+    model = _model(dtype=torch.float32)
+    export_onnx(model, tmp_path, source="test")
+    args = dict(max_new_tokens=40, sampling=SamplingConfig(num_beams=4), max_seconds=2.0)
+    want = beam_search(model, [EOS, 64], **args)
+    got = decode(onnx_stepper.OnnxStepper(tmp_path), [EOS, 64], vocab_size=390, beam=True, **args)[0]
+    assert got.tolist() == want.tolist()
+
+
+def _checkpoint(tmp_path, seed=0):
+    model = make_model(context_len=32, max_rel_dist=32, std=0.3)
+    if seed:
+        with torch.no_grad():
+            model.wte.weight.add_(seed)
+    return save_checkpoint(tmp_path / "run" / "best", model, CodecConfig())
+
+
+@needs_ort
+def test_the_export_is_kept_beside_the_checkpoint_and_redone_when_it_changes(tmp_path, monkeypatch):
+    path = _checkpoint(tmp_path)
+    ckpt = backends.read_checkpoint_meta(path)
+    folder = backends.onnx_export_for(path, ckpt)
+    assert folder == tmp_path / "run" / "best-onnx" and (folder / "step.onnx").is_file()
+    exports = []
+    monkeypatch.setattr("musicgpt.onnx_export.export_onnx", lambda *a, **k: exports.append(a) or a[1])
+    assert backends.onnx_export_for(path, ckpt) == folder and not exports  # found, not exported again
+    path = _checkpoint(tmp_path, seed=1)  # new weights under the same name: the export is stale
+    assert backends.onnx_export_for(path, ckpt) == folder and len(exports) == 1
+
+
+@needs_ort
+def test_a_read_only_checkpoint_folder_exports_to_the_user_cache(tmp_path, monkeypatch):
+    path = _checkpoint(tmp_path)
+    real = export_onnx
+
+    def refuse_beside(model, folder, **kw):
+        if folder.parent == path.parent:
+            raise PermissionError(13, "read-only")
+        return real(model, folder, **kw)
+
+    monkeypatch.setattr("musicgpt.onnx_export.export_onnx", refuse_beside)
+    folder = backends.onnx_export_for(path, backends.read_checkpoint_meta(path))
+    assert folder.parent == backends.onnx_cache_dir() and (folder / "meta.json").is_file()
+
+
+def test_backend_choice_says_why_onnx_cannot_run(monkeypatch):
+    ckpt = backends.read_checkpoint_meta("default")
+    with pytest.raises(MusicGPTError, match="--backend onnx: it runs on the CPU"):
+        backends.choose_backend("onnx", "cuda", ckpt)
+    assert backends.choose_backend("torch", "cpu", ckpt) == "torch"
+    assert backends.choose_backend("auto", "cpu", None) == "torch"  # unreadable: torch names the problem
+    monkeypatch.setattr(backends, "available", lambda: False)
+    assert backends.choose_backend("auto", "cpu", ckpt) == "torch"
+    with pytest.raises(MusicGPTError, match=r"pip install 'musicgpt\[fast\]'"):
+        backends.choose_backend("onnx", "cpu", ckpt)
+
+
+@needs_ort
+def test_sampling_with_onnx_never_imports_torch(tmp_path):
+    path = _checkpoint(tmp_path)
+    backends.onnx_export_for(path, backends.read_checkpoint_meta(path))  # exported once, with torch
+    primer = make_piece(tmp_path / "primer.mid", seconds=4.0)
+    code = ("import sys; from musicgpt.cli import main; "
+            f"rc = main(['sample', '--checkpoint', {str(path)!r}, '--primer', {str(primer)!r}, "
+            f"'--seconds', '2', '--seed', '1', '--out', {str(tmp_path / 'out')!r}]); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "out").glob("*.mid"))) == 1
