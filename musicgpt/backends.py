@@ -43,7 +43,7 @@ def choose_backend(name: str, device: str, ckpt: Checkpoint | None) -> str:
         return name
     reason = None
     if not available():
-        reason = "onnxruntime is not installed (pip install 'musicgpt[fast]')"
+        reason = "onnxruntime and onnx are not installed (pip install 'musicgpt[fast]')"
     elif device != "cpu":
         reason = f"it runs on the CPU, not --device {device}"
     elif ckpt is not None and ckpt.model_config.attention != "relative":

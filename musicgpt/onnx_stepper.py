@@ -29,8 +29,8 @@ CHUNK = 256  # prompt tokens per chunk: a chunk's attention costs chunk x (windo
 
 
 def available() -> bool:
-    """Whether onnxruntime is installed (`pip install 'musicgpt[fast]'`)."""
-    return importlib.util.find_spec("onnxruntime") is not None
+    """Whether onnxruntime, and onnx for torch to export with, are installed (`musicgpt[fast]`)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 def ring_names(n_layer: int, prefix: str = "") -> list[str]:

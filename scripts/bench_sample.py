@@ -1,10 +1,15 @@
-"""Sampling speed: the KV-cached sampler against full recompute, per-token cost along a piece, end to end.
+"""Sampling speed: the KV-cached sampler against full recompute, per-token cost along a piece, end to end,
+and the ONNX Runtime backend against torch.
 
     python scripts/bench_sample.py --threads 1                          # CPU: `small`-sized, context 2049
     python scripts/bench_sample.py --preset base --device cuda --batch 1 8
     python scripts/bench_sample.py --e2e-checkpoint runs/mine           # + `musicgpt sample --seconds 60`
+    python scripts/bench_sample.py --skip-speed --backends --e2e-checkpoint default --e2e-primer song.mid
 
-Both sides run `musicgpt.generate.generate` (top-p 0.95 sampling, EOS ignored) on a randomly
+`--backends` times the two engines of `musicgpt sample` on one checkpoint in one run: per token
+(batch 1, one thread each) and end to end in fresh processes, old (torch) against new (ONNX
+Runtime) as ratios, then itemises the new path's start-up. Otherwise both sides run
+`musicgpt.generate.generate` (top-p 0.95 sampling, EOS ignored) on a randomly
 initialised model whose context covers every length, so no sliding window is involved: speed
 does not depend on the weights. Full recompute is too slow to run to 2048 tokens on a CPU, so it
 is timed on `--recompute-steps` consecutive steps at a grid of lengths, and the time of a whole
@@ -187,6 +192,148 @@ def end_to_end(args) -> str:
     ])
 
 
+def _backend_steppers(spec: str):
+    """The checkpoint's path and vocabulary size, and its two engines' steppers, one thread each:
+    old = torch's KV cache (what `--backend torch` runs), new = the ONNX Runtime step."""
+    from musicgpt.backends import onnx_export_for
+    from musicgpt.checkpoint import load_model, resolve_checkpoint
+    from musicgpt.onnx_stepper import OnnxStepper
+    from musicgpt.steppers import CachedStepper
+
+    torch.set_num_threads(1)
+    path = resolve_checkpoint(spec)
+    model, ckpt = load_model(path)
+    return path, ckpt.model_config.vocab_size, {
+        "torch": CachedStepper(model, model.config.context_len),
+        "onnx": OnnxStepper(onnx_export_for(path, ckpt), threads=1)}
+
+
+def _step_rate(stepper, window: int, n: int) -> float:
+    """Tokens/s of `n` bare steps once the window is full (steady state)."""
+    rng = torch.Generator().manual_seed(0)
+    stepper.start(torch.randint(0, EOS, (window,), generator=rng).numpy(), 1)
+    tokens = torch.randint(0, EOS, (n, 1), generator=rng).numpy()
+    t = time.perf_counter()
+    for token in tokens:
+        stepper.step(token)
+    return n / (time.perf_counter() - t)
+
+
+def _sampling_rate(stepper, vocab_size: int, n: int) -> float:
+    """Tokens/s of `musicgpt.decode` sampling n tokens from silence with the default settings."""
+    from musicgpt.decode import decode
+
+    t = time.perf_counter()
+    out = decode(stepper, [EOS], vocab_size=vocab_size, max_new_tokens=n, seed=0, stop_at_eos=False,
+                 start_with_note=True, max_pause_seconds=4.0, max_note_seconds=12.0)
+    return len(out[0]) / (time.perf_counter() - t)
+
+
+def per_token_backends(args) -> str:
+    """Batch-1 tokens/s of both engines, bare steps and whole sampling; rounds interleaved, best kept."""
+    path, vocab, steppers = _backend_steppers(str(args.e2e_checkpoint))
+    window = steppers["torch"].window
+    best = {(name, kind): 0.0 for name in steppers for kind in ("step", "sample")}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for name, stepper in steppers.items():
+                best[name, "step"] = max(best[name, "step"], _step_rate(stepper, window, args.backend_tokens))
+                best[name, "sample"] = max(best[name, "sample"], _sampling_rate(stepper, vocab, args.backend_tokens))
+    lines = [f"checkpoint {path}, window {window}, batch 1, one thread each; best of {args.repeats} "
+             f"interleaved rounds of {args.backend_tokens} tokens", "",
+             "| per token | torch tok/s (old) | ONNX Runtime tok/s (new) | new / old |", "|---|---:|---:|---:|"]
+    for kind, what in (("step", "model step, window full"), ("sample", "sampling from silence (top-p 0.95, limits)")):
+        old, new = best["torch", kind], best["onnx", kind]
+        lines.append(f"| {what} | {old:,.0f} | {new:,.0f} | {new / old:.2f}x |")
+    return "\n".join(lines)
+
+
+def _sample_cmd(args, out: str, backend: str) -> list[str]:
+    cmd = [sys.executable, "-m", "musicgpt", "sample", "--checkpoint", str(args.e2e_checkpoint),
+           "--seconds", str(args.e2e_seconds), "--seed", "0", "--out", out, "--backend", backend]
+    return cmd + (["--primer", str(args.e2e_primer)] if args.e2e_primer else [])
+
+
+def e2e_backends(args) -> str:
+    """Fresh `musicgpt sample` processes with each backend, interleaved; best and median wall time."""
+    import pretty_midi
+
+    walls, notes = {"torch": [], "onnx": []}, {}
+    with tempfile.TemporaryDirectory() as out:
+        for backend in walls:  # untimed: the ONNX export is made once, as a first use would
+            subprocess.run(_sample_cmd(args, out, backend), capture_output=True, check=True)
+        for _ in range(args.e2e_repeats):
+            for backend in walls:
+                t = time.perf_counter()
+                done = subprocess.run(_sample_cmd(args, out, backend), capture_output=True, text=True)
+                walls[backend].append(time.perf_counter() - t)
+                if done.returncode:
+                    sys.exit(f"bench_sample: {backend} failed:\n{done.stderr}")
+                midi = pretty_midi.PrettyMIDI(done.stdout.strip().splitlines()[-1])
+                notes[backend] = [(n.pitch, n.start, n.end, n.velocity) for n in midi.instruments[0].notes]
+    primer = f" --primer {args.e2e_primer}" if args.e2e_primer else ""
+    lines = [f"`musicgpt sample --checkpoint {args.e2e_checkpoint}{primer} --seconds {args.e2e_seconds:g} "
+             f"--seed 0 --backend B`, {args.e2e_repeats} fresh processes each, interleaved", "",
+             "| backend | wall s, best | median | runs |", "|---|---:|---:|---|"]
+    for backend, w in walls.items():
+        lines.append(f"| {backend} | {min(w):.2f} | {statistics.median(w):.2f} | {', '.join(f'{x:.2f}' for x in w)} |")
+    ratio = statistics.median(walls["torch"]) / statistics.median(walls["onnx"])
+    same = "the same notes" if notes["torch"] == notes["onnx"] else "DIFFERENT notes"
+    lines += ["", f"new is {ratio:.2f}x as fast (medians), {min(walls['torch']) / min(walls['onnx']):.2f}x "
+                  f"(bests); both wrote {same} ({len(notes['onnx'])} notes)."]
+    return "\n".join(lines)
+
+
+def itemise(checkpoint: str, primer: str | None, seconds: float) -> dict[str, float]:
+    """Seconds of each phase of a `sample` on ONNX Runtime, in this (fresh) process, in order."""
+    clock, times = [time.perf_counter()], {}
+
+    def lap(name: str) -> None:
+        clock.append(time.perf_counter())
+        times[name] = clock[-1] - clock[-2]
+
+    import numpy as np  # noqa: F401 (timed)
+    lap("import numpy")
+    import onnxruntime  # noqa: F401 (timed)
+    lap("import onnxruntime")
+    from musicgpt import backends, codec, midi_io
+    from musicgpt.decode import decode
+    from musicgpt.onnx_stepper import OnnxStepper
+    lap("import musicgpt (codec, MIDI, sampler)")
+    meta = backends.read_checkpoint_meta(checkpoint)
+    folder = backends.onnx_export_for(meta.path, meta)
+    lap("read the checkpoint's metadata, check its export (SHA-256 of the weights)")
+    stepper = OnnxStepper(folder, threads=1)
+    stepper._session("step.onnx")  # noqa: SLF001 (timed on its own)
+    lap("load the step graph")
+    tokens = codec.encode(midi_io.read_notes(primer), meta.codec_config) if primer else []
+    prompt = [meta.codec_config.eos_id, *tokens]
+    lap("read and encode the primer")
+    stepper.start(np.asarray(prompt), 1)
+    lap(f"read the prompt's last {min(len(prompt), stepper.reach)} tokens (chunk graph)")
+    decode(stepper, prompt, vocab_size=meta.model_config.vocab_size, max_new_tokens=int(seconds * 100),
+           max_seconds=seconds, seed=0, ban_eos=True, max_pause_seconds=4.0, max_note_seconds=12.0)
+    lap(f"sample {seconds:g} s of music (prompt read again)")
+    return times
+
+
+def itemise_table(args) -> str:
+    """The start-up of the new path item by item, from a fresh process."""
+    import json
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    interpreter = time.perf_counter() - t
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_sample; "
+            f"print(json.dumps(bench_sample.itemise({str(args.e2e_checkpoint)!r}, "
+            f"{str(args.e2e_primer) if args.e2e_primer else None!r}, {args.e2e_seconds})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    items = {"start the Python interpreter": interpreter, **json.loads(done.stdout.strip().splitlines()[-1])}
+    lines = ["| phase (ONNX Runtime path, fresh process) | s |", "|---|---:|"]
+    lines += [f"| {name} | {s:.3f} |" for name, s in items.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small", help="model sizes (default small; context raised to fit)")
@@ -202,13 +349,20 @@ def main() -> None:
     p.add_argument("--e2e-primer", type=Path, help="primer MIDI for the end-to-end run")
     p.add_argument("--e2e-repeats", type=int, default=3, help="fresh processes timed (the median is given)")
     p.add_argument("--skip-speed", action="store_true", help="only the end-to-end run")
+    p.add_argument("--backends", action="store_true",
+                   help="torch against ONNX Runtime on --e2e-checkpoint: per token, end to end, start-up items")
+    p.add_argument("--backend-tokens", type=int, default=2000, help="tokens per per-token round (--backends)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
     if not args.skip_speed:
         print(speed_table(args))
-    if args.e2e_checkpoint:
+    if args.e2e_checkpoint and args.backends:
+        for section in (per_token_backends, e2e_backends, itemise_table):
+            print()
+            print(section(args), flush=True)
+    elif args.e2e_checkpoint:
         print()
         print(end_to_end(args))
 

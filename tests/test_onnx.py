@@ -20,7 +20,7 @@ from musicgpt.vocab import CodecConfig
 
 EOS = CodecConfig().eos_id
 needs_ort = pytest.mark.skipif(not onnx_stepper.available(),
-                               reason="onnxruntime is not installed (pip install 'musicgpt[fast]')")
+                               reason="onnxruntime and onnx are not installed (pip install 'musicgpt[fast]')")
 # Relative distances shorter than, equal to and longer than the ring: the three ways its
 # per-distance logits are laid out.
 WINDOWS = pytest.mark.parametrize("max_rel_dist", [6, 16, 40])
