@@ -96,7 +96,8 @@ class OnnxStepper:
         self.options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.sessions = {}  # graph name -> session, each loaded when first needed
 
-    def _session(self, name: str):
+    def session(self, name: str):
+        """The ONNX Runtime session of one of the export's graphs, loaded on first use."""
         if name not in self.sessions:
             import onnxruntime as ort
 
@@ -120,7 +121,7 @@ class OnnxStepper:
     def _bind(self) -> None:
         import onnxruntime as ort
 
-        self.step_session = self._session("step.onnx" if len(self.tokens) == 1 else "rows.onnx")
+        self.step_session = self.session("step.onnx" if len(self.tokens) == 1 else "rows.onnx")
         binding = self.step_session.io_binding()
         inputs = {"tokens": self.tokens, "pos": self.pos_buffer, **dict(zip(ring_names(self.n_layer), self.ring))}
         for name, array in inputs.items():
@@ -160,7 +161,7 @@ class OnnxStepper:
             chunk = prompt[start:start + size]
             feeds = {"tokens": chunk[None], "pos": np.array(self.pos, np.int64),
                      **dict(zip(ring_names(self.n_layer), self.ring))}
-            logits, *new = self._session("chunk.onnx").run(None, feeds)
+            logits, *new = self.session("chunk.onnx").run(None, feeds)
             self._write(new, self.pos)
             self.pos += len(chunk)
         return logits

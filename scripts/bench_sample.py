@@ -304,7 +304,7 @@ def itemise(checkpoint: str, primer: str | None, seconds: float) -> dict[str, fl
     folder = backends.onnx_export_for(meta.path, meta)
     lap("read the checkpoint's metadata, check its export (SHA-256 of the weights)")
     stepper = OnnxStepper(folder, threads=1)
-    stepper._session("step.onnx")  # noqa: SLF001 (timed on its own)
+    stepper.session("step.onnx")
     lap("load the step graph")
     tokens = codec.encode(midi_io.read_notes(primer), meta.codec_config) if primer else []
     prompt = [meta.codec_config.eos_id, *tokens]
