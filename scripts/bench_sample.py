@@ -284,39 +284,6 @@ def e2e_backends(args) -> str:
     return "\n".join(lines)
 
 
-def itemise(checkpoint: str, primer: str | None, seconds: float) -> dict[str, float]:
-    """Seconds of each phase of a `sample` on ONNX Runtime, in this (fresh) process, in order."""
-    clock, times = [time.perf_counter()], {}
-
-    def lap(name: str) -> None:
-        clock.append(time.perf_counter())
-        times[name] = clock[-1] - clock[-2]
-
-    import numpy as np  # noqa: F401 (timed)
-    lap("import numpy")
-    import onnxruntime  # noqa: F401 (timed)
-    lap("import onnxruntime")
-    from musicgpt import backends, codec, midi_io
-    from musicgpt.decode import decode
-    from musicgpt.onnx_stepper import OnnxStepper
-    lap("import musicgpt (codec, MIDI, sampler)")
-    meta = backends.read_checkpoint_meta(checkpoint)
-    folder = backends.onnx_export_for(meta.path, meta)
-    lap("read the checkpoint's metadata, check its export (SHA-256 of the weights)")
-    stepper = OnnxStepper(folder, threads=1)
-    stepper.session("step.onnx")
-    lap("load the step graph")
-    tokens = codec.encode(midi_io.read_notes(primer), meta.codec_config) if primer else []
-    prompt = [meta.codec_config.eos_id, *tokens]
-    lap("read and encode the primer")
-    stepper.start(np.asarray(prompt), 1)
-    lap(f"read the prompt's last {min(len(prompt), stepper.reach)} tokens (chunk graph)")
-    decode(stepper, prompt, vocab_size=meta.model_config.vocab_size, max_new_tokens=int(seconds * 100),
-           max_seconds=seconds, seed=0, ban_eos=True, max_pause_seconds=4.0, max_note_seconds=12.0)
-    lap(f"sample {seconds:g} s of music (prompt read again)")
-    return times
-
-
 def itemise_table(args) -> str:
     """The start-up of the new path item by item, from a fresh process."""
     import json
@@ -324,10 +291,9 @@ def itemise_table(args) -> str:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     interpreter = time.perf_counter() - t
-    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_sample; "
-            f"print(json.dumps(bench_sample.itemise({str(args.e2e_checkpoint)!r}, "
-            f"{str(args.e2e_primer) if args.e2e_primer else None!r}, {args.e2e_seconds})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    cmd = [sys.executable, str(Path(__file__).with_name("sample_phases.py")), str(args.e2e_checkpoint),
+           "--seconds", str(args.e2e_seconds)] + (["--primer", str(args.e2e_primer)] if args.e2e_primer else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     items = {"start the Python interpreter": interpreter, **json.loads(done.stdout.strip().splitlines()[-1])}
     lines = ["| phase (ONNX Runtime path, fresh process) | s |", "|---|---:|"]
     lines += [f"| {name} | {s:.3f} |" for name, s in items.items()]
