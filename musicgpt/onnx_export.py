@@ -54,7 +54,7 @@ class ChunkGraph(nn.Module):
         self.model, self.window = model, window
 
     def forward(self, tokens: Tensor, pos: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
-        kernel = RingChunk(pos, ring, tokens.size(1), self.model.config.max_rel_dist)
+        kernel = RingChunk(pos, ring, self.window - 1, tokens.size(1), self.model.config.max_rel_dist)
         logits, _ = self.model.run_blocks(self.model.embed(tokens), kernel, kernel)
         return (logits[:, -1], *kernel.new)
 

@@ -30,7 +30,26 @@ def ring_positions(pos: Tensor, slots: int) -> Tensor:
     return pos - 1 - torch.remainder(pos - 1 - s, slots)
 
 
-class RingStep:
+class RingKernel:
+    """What both kernels share: the ring `past` (k0, v0, k1, v1, ...) and the new keys/values
+    [B, H, T, D] each layer hands over, which become the graph's outputs."""
+
+    def __init__(self, past: Sequence[Tensor], slots: int):
+        self.past, self.slots, self.new = past, slots, []
+        self.layer = 0
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep the new keys/values as outputs; the attention reads the ring itself."""
+        self.layer = layer
+        self.new += [k, v]
+        return k, v
+
+    def ring(self) -> tuple[Tensor, Tensor]:
+        """This layer's ring keys [B, H, D, R] and values [B, H, R, D]."""
+        return self.past[2 * self.layer], self.past[2 * self.layer + 1]
+
+
+class RingStep(RingKernel):
     """One new token per row at position `pos`, against the ring `past` (k0, v0, k1, v1, ...).
 
     The relative term needs no gather: the distances of the slots, read in slot order, are the
@@ -40,22 +59,15 @@ class RingStep:
 
     def __init__(self, pos: Tensor, past: Sequence[Tensor], slots: int, d_head: int):
         # Sizes come in as numbers, not read off tensors, so a traced graph holds them as constants.
-        self.past, self.new = past, []
-        self.slots, self.scale = slots, d_head ** -0.5
-        unwritten = ring_positions(pos, self.slots) < 0
+        super().__init__(past, slots)
+        self.scale = d_head ** -0.5
+        unwritten = ring_positions(pos, slots) < 0
         self.hidden = torch.where(unwritten, float("-inf"), 0.0)  # [R]: only before R tokens
-        self.cut = self.slots - 1 - torch.remainder(pos - 1, self.slots)
-        self.layer = 0
-
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Keep the new key/value [B, H, 1, D] as an output; attention reads the ring itself."""
-        self.layer = layer
-        self.new += [k, v]
-        return k, v
+        self.cut = slots - 1 - torch.remainder(pos - 1, slots)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor | None,
                dropout_p: float = 0.0) -> tuple[Tensor, None]:
-        keys, values = self.past[2 * self.layer], self.past[2 * self.layer + 1]
+        keys, values = self.ring()
         R = self.slots
         q = q * self.scale
         far = min(rel_emb.size(1) - 1, R)  # distances >= far share the last embedding
@@ -72,29 +84,23 @@ class RingStep:
         return w[..., :R] @ values + w[..., R:] * v, None
 
 
-class RingChunk:
+class RingChunk(RingKernel):
     """T new tokens per row at positions pos .. pos+T-1 (T < window), against the ring `past`:
     the prefill kernel. Distances are gathered, as `eager.relative_bias` does when decoding."""
 
-    def __init__(self, pos: Tensor, past: Sequence[Tensor], n_new: int, max_rel_dist: int):
-        self.past, self.new = past, []
-        self.slots = R = past[0].shape[-1]
+    def __init__(self, pos: Tensor, past: Sequence[Tensor], slots: int, n_new: int, max_rel_dist: int):
+        super().__init__(past, slots)
+        R = slots
         queries = pos + torch.arange(n_new, device=pos.device)
         keys = torch.cat([ring_positions(pos, R), queries])
         dist = queries[:, None] - keys[None, :]  # [T, R + T]
         visible = (dist >= 0) & (dist <= R) & (keys[None, :] >= 0)
         self.rel_index = dist.clamp(0, max_rel_dist - 1)
         self.hidden = torch.where(visible, 0.0, float("-inf"))
-        self.layer = 0
-
-    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.layer = layer
-        self.new += [k, v]
-        return k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor | None,
                dropout_p: float = 0.0) -> tuple[Tensor, None]:
-        keys, values = self.past[2 * self.layer], self.past[2 * self.layer + 1]
+        keys, values = self.ring()
         scale = q.size(-1) ** -0.5
         scores = torch.cat([q @ keys, q @ k.transpose(-1, -2)], -1) * scale
         scores = scores + relative_bias(q, rel_emb, self.rel_index) + self.hidden
