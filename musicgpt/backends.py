@@ -3,7 +3,9 @@
 Both continue token sequences through `musicgpt.decode`'s loops, so a seed gives the same
 tokens on either (up to float rounding in the last bits of the logits). The ONNX engine never
 imports torch once its export exists; the first use of a checkpoint exports it (with torch, a
-few seconds) beside the checkpoint, or into the user cache where that folder is read-only.
+few seconds) into the user cache, keyed by the SHA-256 of the checkpoint file. Only exports this
+program wrote are loaded: an ONNX file found beside a downloaded checkpoint would be native code's
+input from a stranger, where the checkpoint itself is safetensors that is never unpickled.
 """
 
 from __future__ import annotations
@@ -16,13 +18,7 @@ import numpy as np
 
 from musicgpt.checkpoint_header import Checkpoint, read_checkpoint_meta
 from musicgpt.errors import MusicGPTError
-from musicgpt.onnx_stepper import (
-    OnnxStepper,
-    available,
-    export_folder,
-    file_digest,
-    find_export,
-)
+from musicgpt.onnx_stepper import OnnxStepper, available, file_digest, read_export_meta
 
 BACKENDS = ("auto", "onnx", "torch")
 
@@ -54,35 +50,32 @@ def choose_backend(name: str, device: str, ckpt: Checkpoint | None) -> str:
 
 
 def onnx_cache_dir() -> Path:
-    """Where exports go when the checkpoint's own folder cannot be written: beside the token cache."""
+    """Where exports are kept: the `onnx` folder of musicgpt's cache (beside the token cache)."""
     from musicgpt.data import default_cache_dir
 
     return default_cache_dir() / "onnx"
 
 
 def onnx_export_for(path: Path, ckpt: Checkpoint, window: int | None = None) -> Path:
-    """The folder of an up-to-date ONNX export of the checkpoint at `path`, exporting it first
-    (this needs torch) if there is none."""
-    context = ckpt.model_config.context_len
-    window = window or context
+    """The folder of the ONNX export of the checkpoint at `path`, exporting it first (this needs
+    torch) if the cache holds none for these exact weights and window."""
+    window = window or ckpt.model_config.context_len
     digest = file_digest(path)
-    beside = export_folder(path, window, context)
-    cached = onnx_cache_dir() / f"{digest[:24]}-w{window}"
-    found = find_export([beside, cached], digest, window)
-    if found is not None:
-        return found
+    folder = onnx_cache_dir() / f"{digest[:32]}-w{window}"
+    meta = read_export_meta(folder)
+    if meta and meta.get("source") == digest and meta.get("window") == window:
+        return folder
     from musicgpt.checkpoint import load_model
     from musicgpt.onnx_export import export_onnx
 
     model, _ = load_model(path)
-    for folder in (beside, cached):
-        try:
-            export_onnx(model, folder, window=window, source=digest)
-        except OSError:
-            continue  # a read-only checkpoint folder: the user cache next
-        print(f"musicgpt: exported the model for ONNX Runtime once, to {folder}", file=sys.stderr)
-        return folder
-    raise MusicGPTError(f"{path}: cannot write its ONNX export to {beside} or {cached}")
+    try:
+        export_onnx(model, folder, window=window, source=digest)
+    except OSError as e:
+        raise MusicGPTError(f"{folder}: cannot write the ONNX export ({e.strerror or e}); "
+                            f"use --backend torch or set MUSICGPT_CACHE") from None
+    print(f"musicgpt: exported the model for ONNX Runtime once, to {folder}", file=sys.stderr)
+    return folder
 
 
 def load_engine(path: Path, *, backend: str = "auto", device: str = "cpu", threads: int | None = None,

@@ -3,8 +3,8 @@
 `import torch` alone takes seconds and a tiny model's step is a hundred small operations, each
 paying torch's dispatch cost; ONNX Runtime imports in a tenth of a second and runs the same
 graph with a few microseconds per operation. The graphs are traced from the model by
-`musicgpt.onnx_export` and kept beside the checkpoint (`<stem>-onnx/`, or the user cache when
-that folder cannot be written), checked against the checkpoint's digest before use.
+`musicgpt.onnx_export` and kept in the user cache, keyed by the checkpoint's digest
+(`musicgpt.backends`).
 
 This module imports neither torch nor the exporter: onnxruntime and numpy only.
 """
@@ -47,13 +47,6 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def export_folder(checkpoint: str | Path, window: int, context_len: int) -> Path:
-    """Where the export of `checkpoint` for `window` lives beside it: `<stem>-onnx[-w<window>]/`."""
-    checkpoint = Path(checkpoint)
-    suffix = "" if window == context_len else f"-w{window}"
-    return checkpoint.with_name(f"{checkpoint.stem}-onnx{suffix}")
-
-
 def read_export_meta(folder: str | Path) -> dict | None:
     """The meta.json of an export folder, or None if there is no complete export there."""
     try:
@@ -61,15 +54,6 @@ def read_export_meta(folder: str | Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) and meta.get("version") == EXPORT_VERSION else None
-
-
-def find_export(folders: list[Path], digest: str, window: int) -> Path | None:
-    """The first of `folders` holding an export of the checkpoint with this digest and window."""
-    for folder in folders:
-        meta = read_export_meta(folder)
-        if meta and meta.get("source") == digest and meta.get("window") == window:
-            return folder
-    return None
 
 
 class OnnxStepper:
@@ -101,9 +85,14 @@ class OnnxStepper:
         if name not in self.sessions:
             import onnxruntime as ort
 
-            self.sessions[name] = ort.InferenceSession(str(self.folder / name), self.options,
-                                                       providers=["CPUExecutionProvider"],
-                                                       disabled_optimizers=DISABLED_OPTIMIZERS)
+            try:
+                self.sessions[name] = ort.InferenceSession(str(self.folder / name), self.options,
+                                                           providers=["CPUExecutionProvider"],
+                                                           disabled_optimizers=DISABLED_OPTIMIZERS)
+            except Exception as e:  # ONNX Runtime's error classes are not part of its public API
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise MusicGPTError(f"{self.folder / name}: cannot load this ONNX export ({first}); "
+                                    f"delete {self.folder} and it is exported again") from None
         return self.sessions[name]
 
     def _allocate(self, batch: int) -> None:

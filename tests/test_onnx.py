@@ -122,31 +122,39 @@ def _checkpoint(tmp_path, seed=0):
 
 
 @needs_ort
-def test_the_export_is_kept_beside_the_checkpoint_and_redone_when_it_changes(tmp_path, monkeypatch):
+def test_the_export_is_cached_by_digest_and_redone_when_the_checkpoint_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSICGPT_CACHE", str(tmp_path / "cache"))
     path = _checkpoint(tmp_path)
     ckpt = backends.read_checkpoint_meta(path)
     folder = backends.onnx_export_for(path, ckpt)
-    assert folder == tmp_path / "run" / "best-onnx" and (folder / "step.onnx").is_file()
+    assert folder.parent == backends.onnx_cache_dir() and (folder / "step.onnx").is_file()
+    assert not list(path.parent.glob("*onnx*"))  # nothing is written, or trusted, beside the checkpoint
     exports = []
     monkeypatch.setattr("musicgpt.onnx_export.export_onnx", lambda *a, **k: exports.append(a) or a[1])
     assert backends.onnx_export_for(path, ckpt) == folder and not exports  # found, not exported again
-    path = _checkpoint(tmp_path, seed=1)  # new weights under the same name: the export is stale
-    assert backends.onnx_export_for(path, ckpt) == folder and len(exports) == 1
+    path = _checkpoint(tmp_path, seed=1)  # new weights under the same name: a new export
+    assert backends.onnx_export_for(path, ckpt) != folder and len(exports) == 1
 
 
 @needs_ort
-def test_a_read_only_checkpoint_folder_exports_to_the_user_cache(tmp_path, monkeypatch):
+def test_an_export_that_cannot_be_written_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MUSICGPT_CACHE", str(tmp_path / "cache"))  # no export from another test
     path = _checkpoint(tmp_path)
-    real = export_onnx
 
-    def refuse_beside(model, folder, **kw):
-        if folder.parent == path.parent:
-            raise PermissionError(13, "read-only")
-        return real(model, folder, **kw)
+    def refuse(model, folder, **kw):
+        raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("musicgpt.onnx_export.export_onnx", refuse_beside)
-    folder = backends.onnx_export_for(path, backends.read_checkpoint_meta(path))
-    assert folder.parent == backends.onnx_cache_dir() and (folder / "meta.json").is_file()
+    monkeypatch.setattr("musicgpt.onnx_export.export_onnx", refuse)
+    with pytest.raises(MusicGPTError, match="cannot write the ONNX export.*--backend torch"):
+        backends.onnx_export_for(path, backends.read_checkpoint_meta(path))
+
+
+@needs_ort
+def test_a_damaged_export_fails_in_one_line(tmp_path):
+    export_onnx(_model(dtype=torch.float32), tmp_path, source="test")
+    (tmp_path / "step.onnx").write_bytes(b"not a graph")
+    with pytest.raises(MusicGPTError, match=r"step.onnx: cannot load this ONNX export .*delete"):
+        onnx_stepper.OnnxStepper(tmp_path).start(np.array([EOS]), 1)
 
 
 def test_backend_choice_says_why_onnx_cannot_run(monkeypatch):
