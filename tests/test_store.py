@@ -41,16 +41,35 @@ def store_files(root: Path) -> dict[str, bytes]:
     return files
 
 
-def test_the_drawn_piece_is_the_one_choice_draws():
+def test_the_drawn_piece_is_the_one_choice_draws(tmp_path):
+    # Pieces of random lengths, some weighted 0 by their tag: the dataset's O(log N) draw picks the
+    # piece numpy's choice picks with the weights of the code before it, from the same numbers.
     rng = np.random.default_rng(0)
-    weights = rng.random(1000) * (rng.random(1000) < 0.7) + 1e-12
-    weights /= weights.sum()
-    cdf = weights.cumsum()
+    pieces = [data.Piece(tmp_path / f"{k}.mid", np.full(int(rng.integers(1, 500)), 60, np.int16),
+                         ("a", "b", "never", None)[k % 4]) for k in range(1000)]
+    tag_weights = {"a": 2.5, "never": 0.0}
+    ds = windows.TokenWindowDataset(pieces, 16, CodecConfig(), seed=7, tag_weights=tag_weights)
+    drawn = np.array([(len(p.tokens) + 2) * tag_weights.get(p.tag, 1.0) for p in pieces])
+    weights = drawn / drawn.sum()
+    cdf = weights.cumsum()  # what Generator.choice computes for one draw (numpy/random/_generator.pyx)
     cdf /= cdf[-1]
+    assert ds.cdf.tobytes() == cdf.tobytes()  # bit for bit, so no draw can ever differ
     for index in range(3000):
         ours, theirs = np.random.default_rng([7, index]), np.random.default_rng([7, index])
-        assert int(cdf.searchsorted(ours.random(), side="right")) == int(theirs.choice(len(weights), p=weights))
+        assert int(ds.cdf.searchsorted(ours.random(), side="right")) == int(theirs.choice(len(weights), p=weights))
         assert ours.random() == theirs.random()  # the same numbers were consumed
+
+
+def test_held_out_ranks_names_as_their_hex_digests_ties_in_order():
+    import hashlib
+
+    paths = [Path(f"d{k % 7}/n{k % 40}.mid") for k in range(300)]  # every name in several folders
+    for fraction in (0.0, 0.05, 0.1, 0.37):
+        order = sorted(range(len(paths)), key=lambda k: hashlib.sha1(paths[k].name.encode()).hexdigest())
+        expected = order[:max(1, round(len(paths) * fraction))] if fraction else []
+        assert data.held_out(paths, fraction) == set(expected)
+        assert data.held_out_digests(np.array([data.name_digest(p) for p in paths], "S20"),
+                                     fraction).tolist() == expected
 
 
 def test_store_windows_equal_folder_windows(tmp_path):
