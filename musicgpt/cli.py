@@ -32,8 +32,14 @@ CHECKPOINT_HELP = "run folder, .safetensors file or 'default' (default: the newe
 COMMANDS = {
     "encode": ("turn a MIDI file into readable event tokens, one per line", None),
     "decode": ("turn a token file (one event name per line) back into MIDI", None),
-    "train": ("train a model on a folder of MIDI files",
-              "Train a relative-attention GPT on every MIDI file under DATA_DIR. Options left out "
+    "prepare": ("encode a folder of MIDI files once into a token store for `train` and `eval`",
+                "Encode every MIDI file under DATA_DIR in parallel into the token store STORE (shards of "
+                "tokens and an index, read through memory maps by `musicgpt train STORE`). Run it again to "
+                "resume a killed run or to add the folder's new files; files already in the store are not "
+                "encoded again. Bad files are skipped with their reason."),
+    "train": ("train a model on a folder of MIDI files or a token store",
+              "Train a relative-attention GPT on every MIDI file under DATA_DIR, or on the pieces of a token "
+              "store written by `musicgpt prepare`. Options left out "
               "take per-device defaults (CPU: the tiny preset, about ten minutes on 2 cores)."),
     "sample": ("write new MIDI with a trained model, from silence or continuing a primer",
                "Generate piano music with a trained model and write it as MIDI files (listed on stdout). "
@@ -53,9 +59,10 @@ COMMANDS = {
                   "arcs from a query note back to the notes it attends to, one colour per head. The output's "
                   "extension picks the format: .png or .svg (a picture) or .html (an interactive, offline page). "
                   "Layers, heads and notes are counted from 0."),
-    "eval": ("held-out loss of a trained model on a folder of MIDI files",
-             "Score a checkpoint on the validation files of DATA_DIR (the same files training holds "
-             "out) cut into non-overlapping windows of the model's context: cross-entropy in nats/token and "
+    "eval": ("held-out loss of a trained model on a folder of MIDI files or a token store",
+             "Score a checkpoint on the validation files of DATA_DIR, a MIDI folder or a token store (the same "
+             "files training holds out) cut into non-overlapping windows of the model's context: cross-entropy "
+             "in nats/token and "
              "bits/token, and perplexity. --all scores every file, e.g. a folder the model never saw."),
     "stats": ("compare musical statistics of MIDI files (e.g. samples) with a reference set",
               "Pitch range, pitch-class histogram and entropy, polyphony, notes per second, inter-onset "
@@ -139,9 +146,28 @@ _TRAIN_OPTIONS = (
 )
 
 
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "prepare")
+    p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
+    p.add_argument("--out", required=True, metavar="STORE", help="token store folder to write or add to")
+    p.add_argument("--workers", type=int, metavar="N", help="encoding processes (default: one per CPU)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="do not read or write the per-file token cache")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from musicgpt.prepare import prepare_store
+
+    r = prepare_store(args.data_dir, args.out, workers=args.workers, use_cache=args.use_cache)
+    print(f"{r.store}: added {r.added} pieces ({r.added_tokens:,} tokens), skipped {len(r.skipped)}; "
+          f"the store holds {r.pieces} pieces, {r.tokens:,} tokens in {r.shards} shard(s)", file=sys.stderr)
+    return 0
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "train")
-    p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
+    p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively) or a token store")
     for flag, kind, text in _TRAIN_OPTIONS:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default %(default)s)")
@@ -380,7 +406,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "eval")
-    p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively)")
+    p.add_argument("data_dir", help="folder of .mid/.midi files (searched recursively) or a token store")
     p.add_argument("--checkpoint", metavar="CKPT", help=CHECKPOINT_HELP)
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of files held out, as in training (default %(default)s)")
@@ -459,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"musicgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_infill, _add_info, _add_eval, _add_stats, _add_attention, _add_render,
-                _add_encode, _add_decode):
+    for add in (_add_prepare, _add_train, _add_sample, _add_infill, _add_info, _add_eval, _add_stats,
+                _add_attention, _add_render, _add_encode, _add_decode):
         add(sub)
     return parser
 

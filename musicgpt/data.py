@@ -396,12 +396,26 @@ def split_paths(paths: list[Path], val_fraction: float = 0.1) -> tuple[list[Path
     return [p for k, p in enumerate(paths) if k not in held], [p for k, p in enumerate(paths) if k in held]
 
 
+def name_digest(path: str | os.PathLike) -> bytes:
+    """The sha1 digest of a file's name (not its folder): what decides its side of the split."""
+    return hashlib.sha1(name_bytes(Path(path).name)).digest()
+
+
 def held_out(paths: list[Path], val_fraction: float) -> set[int]:
     """Indices of the paths whose file names hash lowest: the validation share of `split_files`."""
+    digests = np.array([name_digest(p) for p in paths], dtype="S20")
+    return {int(k) for k in held_out_digests(digests, val_fraction)}
+
+
+def held_out_digests(digests: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Positions of the lowest `round(n * val_fraction)` name digests (at least one of two or more).
+
+    A stable sort of the raw digests orders them as their hex strings, ties in list order; a
+    token store ranks its pieces' stored digests with this same function (`musicgpt.store`).
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise MusicGPTError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    order = sorted(range(len(paths)), key=lambda k: hashlib.sha1(name_bytes(paths[k].name)).hexdigest())
-    n_val = round(len(paths) * val_fraction)
-    if val_fraction > 0 and len(paths) >= 2:
+    n_val = round(len(digests) * val_fraction)
+    if val_fraction > 0 and len(digests) >= 2:
         n_val = max(1, n_val)
-    return set(order[:n_val])
+    return np.argsort(np.asarray(digests, dtype="S20"), kind="stable")[:n_val]

@@ -1,4 +1,5 @@
-"""Held-out loss of a trained model: `musicgpt eval DATA_DIR` in nats/token, bits/token and perplexity.
+"""Held-out loss of a trained model: `musicgpt eval DATA_DIR` (a MIDI folder or token store) in
+nats/token, bits/token and perplexity.
 
 The validation files are chosen exactly as training chooses them (`data.split_files` on the
 file names), cut into non-overlapping windows of the model's context, and every real target is
@@ -22,6 +23,7 @@ from musicgpt.controls import Controls
 from musicgpt.devices import pick_device
 from musicgpt.errors import MusicGPTError
 from musicgpt.model_config import MAX_CONTEXT
+from musicgpt.store import TokenStore, is_store
 from musicgpt.tags import tag_pieces
 from musicgpt.windows import IGNORE_INDEX, batches, eval_batches, infill_windows
 
@@ -112,7 +114,8 @@ def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike |
                     val_fraction: float = 0.1, all_files: bool = False, seq_len: int | None = None,
                     batch_size: int = 8, device: str = "cpu", progress: bool = True,
                     runs_dir: str | os.PathLike = "runs") -> EvalResult:
-    """Score a checkpoint on the validation split of `data_dir` (every file with `all_files`).
+    """Score a checkpoint on the validation split of `data_dir` (every file with `all_files`); a
+    token store's split is the one its source folder would give.
 
     Windows are the model's context long unless `seq_len` says otherwise; without `checkpoint`
     the newest run is used, else the shipped default model (`choose_checkpoint`).
@@ -120,7 +123,8 @@ def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike |
     from musicgpt.checkpoint import choose_checkpoint, load_model
 
     check_options(val_fraction=val_fraction, seq_len=seq_len, batch_size=batch_size)
-    files = data.find_midi_files(data_dir)  # a bad folder fails before any weights are read
+    tokens = TokenStore(data_dir) if is_store(data_dir) else None
+    files = data.find_midi_files(data_dir) if tokens is None else []  # a bad folder fails before any weights are read
     device = pick_device(device)
     path, why = choose_checkpoint(checkpoint, runs_dir)
     if why:
@@ -131,10 +135,7 @@ def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike |
     if mcfg.attention == "absolute" and seq_len > mcfg.context_len:
         raise MusicGPTError(f"--seq-len {seq_len} exceeds this absolute-attention model's context of "
                             f"{mcfg.context_len}")
-    corpus = data.encode_files(files, ckpt.codec_config, progress=progress)
-    if not corpus.pieces:
-        raise MusicGPTError(f"{data_dir}: none of the MIDI files could be read")
-    tag_pieces(corpus.pieces, data_dir)
+    corpus = read_corpus(data_dir, files, tokens, ckpt.codec_config, progress)
     pieces, split = choose_pieces(corpus.pieces, val_fraction, all_files)
     nats, tokens, windows = loss_on_pieces(model, pieces, ckpt.codec_config, seq_len=seq_len, batch_size=batch_size,
                                            device=device, progress=progress, controls=ckpt.controls)
@@ -148,6 +149,24 @@ def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike |
         corpus_files=len(corpus.pieces), windows=windows, seq_len=seq_len, tokens=tokens, nats=nats,
         skipped=[f"{p}: {why}" for p, why in corpus.skipped], infill_nats=infill,
     )
+
+
+def read_corpus(data_dir, files: list[Path], tokens: TokenStore | None, codec_config, progress: bool) -> data.Corpus:
+    """The folder's files encoded and tagged, or every piece of a token store (views of its shards,
+    in store order) when it was encoded with the model's codec."""
+    if tokens is None:
+        corpus = data.encode_files(files, codec_config, progress=progress)
+        if not corpus.pieces:
+            raise MusicGPTError(f"{data_dir}: none of the MIDI files could be read")
+        tag_pieces(corpus.pieces, data_dir)
+        return corpus
+    if tokens.codec_config != codec_config:
+        raise MusicGPTError(f"{data_dir}: the store was encoded with codec {tokens.codec_config.to_dict()}, "
+                            f"but the model uses {codec_config.to_dict()}")
+    if not len(tokens):
+        raise MusicGPTError(f"{data_dir}: the token store holds no pieces")
+    skipped = [(Path(name), why) for name, why in tokens.manifest.get("skipped", {}).items()]
+    return data.Corpus(tokens.pieces(range(len(tokens))), skipped, codec_config)
 
 
 def format_result(r: EvalResult) -> str:

@@ -1,4 +1,4 @@
-"""Training: `musicgpt train DATA_DIR` on one CPU, one GPU, or several under torchrun.
+"""Training: `musicgpt train DATA_DIR` (a MIDI folder or a token store) on one CPU, one GPU, or several under torchrun.
 
 The loop is nanoGPT's: AdamW (decay on matrices only), linear warmup then cosine decay,
 gradient accumulation and clipping, bf16 autocast on CUDA. `train` reads as its steps: join the
@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -35,6 +36,7 @@ from musicgpt.errors import Interrupted, MusicGPTError
 from musicgpt.evaluate import mean_loss
 from musicgpt.interrupts import deferred_signals
 from musicgpt.model import ModelConfig, MusicGPT, preset
+from musicgpt.store import StorePieces, TokenStore, is_store
 from musicgpt.train_config import RESUME_OVERRIDES, TrainConfig, lr_at, resolve
 from musicgpt.vocab import CodecConfig
 
@@ -82,12 +84,19 @@ class RunState:
 
 @dataclass
 class Corpus:
-    """The encoded training and validation pieces, and the codec that encoded them."""
+    """The encoded training and validation pieces, and the codec that encoded them. From a token
+    store, `train` is a `store.StorePieces` (memory-mapped) and `val` holds views of its shards."""
 
     codec_config: CodecConfig
-    train: list[data.Piece]
+    train: list[data.Piece] | StorePieces
     val: list[data.Piece]
     tags: tuple[str, ...] = ()  # every piece's tag, sorted
+
+    @property
+    def train_tokens(self) -> int:
+        if isinstance(self.train, StorePieces):
+            return self.train.num_tokens
+        return sum(len(p.tokens) for p in self.train)
 
 
 @dataclass
@@ -136,12 +145,31 @@ def resume_config(cfg: TrainConfig) -> tuple[TrainConfig, tuple | None]:
 
 
 def load_corpus(cfg: TrainConfig, codec_config, progress: bool) -> Corpus:
-    """Encode the data folder (with the codec of the run or model we continue, if any) and split it."""
+    """Encode the data folder (with the codec of the run or model we continue, if any) and split it;
+    a token store (`musicgpt prepare`) is opened instead, its codec checked against that one."""
+    if is_store(cfg.data_dir):
+        return store_corpus(cfg, codec_config)
     encoded = data.encode_folder(cfg.data_dir, codec_config, progress=progress)
     train_pieces, val_pieces = data.split_files(encoded.pieces, cfg.val_fraction)
     if not val_pieces:
         val_pieces = train_pieces  # a one-file corpus: validate on it rather than not at all
     return Corpus(encoded.config, train_pieces, val_pieces, encoded.tags)
+
+
+def store_corpus(cfg: TrainConfig, codec_config) -> Corpus:
+    """The training pieces of a token store, memory-mapped, and its validation pieces, split as
+    `load_corpus` splits the folder it was prepared from."""
+    tokens = TokenStore(cfg.data_dir)
+    if codec_config is not None and codec_config != tokens.codec_config:
+        raise MusicGPTError(f"{cfg.data_dir}: the store was encoded with codec {tokens.codec_config.to_dict()}, "
+                            f"but the model continued uses {codec_config.to_dict()}")
+    if not len(tokens):
+        raise MusicGPTError(f"{cfg.data_dir}: the token store holds no pieces")
+    train_numbers, val_numbers = tokens.split(cfg.val_fraction)
+    if not len(val_numbers):
+        val_numbers = train_numbers  # a one-file corpus: validate on it rather than not at all
+    tags = tuple(sorted({tokens.tag_names[c] for c in np.unique(tokens.index["tag"]) if c >= 0}))
+    return Corpus(tokens.codec_config, tokens.source(train_numbers), tokens.pieces(val_numbers), tags)
 
 
 def run_controls(cfg: TrainConfig, corpus: Corpus, resumed, init) -> Controls:
@@ -224,7 +252,7 @@ def wrap_model(run: Run) -> None:
     run.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and cuda else nullcontext()
 
 
-def make_loader(run: Run, pieces: list) -> torch.utils.data.DataLoader:
+def make_loader(run: Run, pieces: list | StorePieces) -> torch.utils.data.DataLoader:
     """The training batches from the run's current step on, this rank's share of each."""
     cfg, cuda = run.cfg, run.device.startswith("cuda")
     dataset = windows.TokenWindowDataset(pieces, cfg.seq_len, run.codec_config, seed=cfg.seed,
@@ -295,7 +323,7 @@ def announce(run: Run, corpus: Corpus) -> None:
     mcfg, cfg = run.model.config, run.cfg
     print(f"musicgpt: training {mcfg.n_layer}-layer {mcfg.attention} model "
           f"({run.model.num_params() / 1e6:.2f}M params) on {len(corpus.train)} files "
-          f"({sum(len(p.tokens) for p in corpus.train):,} tokens), validating on {len(corpus.val)}; "
+          f"({corpus.train_tokens:,} tokens), validating on {len(corpus.val)}; "
           f"device {run.device}; run folder {run.run_dir}", file=sys.stderr)
     if (run.device.startswith("cuda") and mcfg.attention == "relative" and mcfg.attn_dropout > 0
             and cfg.seq_len >= FLEX_MIN_LEN):
@@ -377,8 +405,9 @@ def validation_batches(run: Run, corpus: Corpus) -> dict[str, list]:
     out = {"val": windows.eval_batches(corpus.val, cfg.seq_len, run.codec_config, cfg.batch_size, limit,
                                        run.controls)}
     if run.controls.fim:
-        infill = windows.infill_windows(corpus.val, cfg.seq_len, run.codec_config, run.controls, seed=cfg.seed)
-        out["val_infill"] = windows.batches(infill, cfg.batch_size, limit)
+        infill = windows.infill_windows(corpus.val, cfg.seq_len, run.codec_config, run.controls, seed=cfg.seed,
+                                        limit=limit)
+        out["val_infill"] = windows.batches(infill, cfg.batch_size)
     return out
 
 
