@@ -8,7 +8,7 @@ for comparison, from the folder-backed dataset (pieces in memory; it now draws i
 beside the cost of the O(N) `rng.choice` draw both used before, which a window then paid on top.
 Prints a markdown table naming the machine.
 
-    python scripts/bench_data.py [--sizes 1000 10000 100000] [--root /tmp/musicgpt-bench]
+    python scripts/bench_data.py [--sizes 1000 10000 100000] [--root DIR (default: the temp folder)]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def bench_size(root: Path, n: int, folder_max: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
-    parser.add_argument("--root", type=Path, default=Path("/tmp/musicgpt-bench"))
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "musicgpt-bench")
     parser.add_argument("--folder-max", type=int, default=100000, help="largest size timed folder-backed too")
     args = parser.parse_args()
     rows = [bench_size(args.root, n, args.folder_max) for n in args.sizes]
