@@ -47,7 +47,8 @@ COMMANDS = {
                "there is cut at --start, notes struck inside the gap are replaced, and new notes end by --end. "
                "Files are listed on stdout."),
     "info": ("describe a checkpoint: size, context, style tags, infilling, training data and loss", None),
-    "render": ("render MIDI to a WAV file through FluidSynth (pip install 'musicgpt[audio]')", None),
+    "render": ("render MIDI to a WAV file with tinysoundfont or FluidSynth (pip install --no-deps tinysoundfont)",
+               None),
     "attention": ("draw which earlier notes a note attends to, as arcs over a piano roll",
                   "Run a trained model once over the start of a MIDI file and draw its self-attention as "
                   "arcs from a query note back to the notes it attends to, one colour per head. The output's "
@@ -261,10 +262,12 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     options = _decoding_options(args)
     if args.wav:
-        from musicgpt.render import INSTALL_HINT, fluidsynth_available
+        from musicgpt.render import choose_synth
 
-        if not fluidsynth_available():
-            raise MusicGPTError(f"--wav: {INSTALL_HINT}")
+        try:
+            choose_synth()
+        except MusicGPTError as e:
+            raise MusicGPTError(f"--wav: {e}") from None
     request = SampleRequest(
         checkpoint=args.checkpoint, primer=args.primer, primer_seconds=args.primer_seconds, tokens=args.tokens,
         seconds=args.seconds, out_dir=args.out, include_primer=args.include_primer, style=args.style, **options,
@@ -308,6 +311,8 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="WAV file to write (default: beside the MIDI file)")
     p.add_argument("--soundfont", type=Path, help="a .sf2 soundfont (default: pretty_midi's bundled General MIDI one)")
     p.add_argument("--sample-rate", type=int, default=44100, help="samples per second (default %(default)s)")
+    p.add_argument("--synth", default="auto", choices=("auto", "tinysoundfont", "fluidsynth"),
+                   help="synthesizer (default auto: tinysoundfont if installed, else FluidSynth)")
     p.set_defaults(func=_run_render)
 
 
@@ -315,7 +320,7 @@ def _run_render(args: argparse.Namespace) -> int:
     from musicgpt.render import render_wav
 
     out = render_wav(args.midi, args.output or args.midi.with_suffix(".wav"), soundfont=args.soundfont,
-                     sample_rate=args.sample_rate)
+                     sample_rate=args.sample_rate, synth=args.synth)
     print(out)
     return 0
 
