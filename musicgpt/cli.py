@@ -54,6 +54,10 @@ COMMANDS = {
                   "arcs from a query note back to the notes it attends to, one colour per head. The output's "
                   "extension picks the format: .png or .svg (a picture) or .html (an interactive, offline page). "
                   "Layers, heads and notes are counted from 0."),
+    "app": ("compose in the browser: a local page to generate, hear, continue and infill (musicgpt[app])",
+            "Serve a page on this machine to choose a primer, generate variations, listen to them, download them, "
+            "continue or infill a result and open its attention arcs. Needs `pip install 'musicgpt[app]'`; "
+            "nothing is fetched from the internet."),
     "eval": ("held-out loss of a trained model on a folder of MIDI files",
              "Score a checkpoint on the validation files of DATA_DIR (the same files training holds "
              "out) cut into non-overlapping windows of the model's context: cross-entropy in nats/token and "
@@ -364,6 +368,24 @@ def _run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "app")
+    p.add_argument("--port", type=int, help="port to serve on (default: 7860, or the next free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0 shares it)")
+    p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+    p.add_argument("--checkpoint", metavar="CKPT", help="also offer this model (a run folder, .safetensors or "
+                   "'default'); the shipped model and every run under runs/ are offered anyway")
+    p.set_defaults(func=_run_app)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from musicgpt.app import launch
+
+    launch(host=args.host, port=args.port, open_browser=not args.no_browser, checkpoint=args.checkpoint)
+    return 0
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "info")
     p.add_argument("checkpoint", nargs="?", metavar="CKPT", help=CHECKPOINT_HELP)
@@ -465,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"musicgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_train, _add_sample, _add_infill, _add_info, _add_eval, _add_stats, _add_attention, _add_render,
-                _add_encode, _add_decode):
+                _add_app, _add_encode, _add_decode):
         add(sub)
     return parser
 
