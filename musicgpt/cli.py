@@ -53,12 +53,17 @@ COMMANDS = {
                "there is cut at --start, notes struck inside the gap are replaced, and new notes end by --end. "
                "Files are listed on stdout."),
     "info": ("describe a checkpoint: size, context, style tags, infilling, training data and loss", None),
-    "render": ("render MIDI to a WAV file through FluidSynth (pip install 'musicgpt[audio]')", None),
+    "render": ("render MIDI to a WAV file with tinysoundfont or FluidSynth (pip install --no-deps tinysoundfont)",
+               None),
     "attention": ("draw which earlier notes a note attends to, as arcs over a piano roll",
                   "Run a trained model once over the start of a MIDI file and draw its self-attention as "
                   "arcs from a query note back to the notes it attends to, one colour per head. The output's "
                   "extension picks the format: .png or .svg (a picture) or .html (an interactive, offline page). "
                   "Layers, heads and notes are counted from 0."),
+    "app": ("compose in the browser: a local page to generate, hear, continue and infill (musicgpt[app])",
+            "Serve a page on this machine to choose a primer, generate variations, listen to them, download them, "
+            "continue or infill a result and open its attention arcs. Needs `pip install 'musicgpt[app]'`; "
+            "nothing is fetched from the internet."),
     "eval": ("held-out loss of a trained model on a folder of MIDI files or a token store",
              "Score a checkpoint on the validation files of DATA_DIR, a MIDI folder or a token store (the same "
              "files training holds out) cut into non-overlapping windows of the model's context: cross-entropy "
@@ -287,10 +292,12 @@ def _run_sample(args: argparse.Namespace) -> int:
 
     options = _decoding_options(args)
     if args.wav:
-        from musicgpt.render import INSTALL_HINT, fluidsynth_available
+        from musicgpt.render import choose_synth
 
-        if not fluidsynth_available():
-            raise MusicGPTError(f"--wav: {INSTALL_HINT}")
+        try:
+            choose_synth()
+        except MusicGPTError as e:
+            raise MusicGPTError(f"--wav: {e}") from None
     request = SampleRequest(
         checkpoint=args.checkpoint, primer=args.primer, primer_seconds=args.primer_seconds, tokens=args.tokens,
         seconds=args.seconds, out_dir=args.out, include_primer=args.include_primer, style=args.style, **options,
@@ -334,6 +341,8 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="WAV file to write (default: beside the MIDI file)")
     p.add_argument("--soundfont", type=Path, help="a .sf2 soundfont (default: pretty_midi's bundled General MIDI one)")
     p.add_argument("--sample-rate", type=int, default=44100, help="samples per second (default %(default)s)")
+    p.add_argument("--synth", default="auto", choices=("auto", "tinysoundfont", "fluidsynth"),
+                   help="synthesizer (default auto: tinysoundfont if installed, else FluidSynth)")
     p.set_defaults(func=_run_render)
 
 
@@ -341,7 +350,7 @@ def _run_render(args: argparse.Namespace) -> int:
     from musicgpt.render import render_wav
 
     out = render_wav(args.midi, args.output or args.midi.with_suffix(".wav"), soundfont=args.soundfont,
-                     sample_rate=args.sample_rate)
+                     sample_rate=args.sample_rate, synth=args.synth)
     print(out)
     return 0
 
@@ -382,6 +391,24 @@ def _run_attention(args: argparse.Namespace) -> int:
     what = ("every layer and head" if args.grid else
             f"layer {r.layer}, query {note_label(r.excerpt, r.query)}, {len(r.arcs)} arcs")
     print(f"{r.path}: {what} ({len(r.excerpt.tokens)} tokens)", file=sys.stderr)
+    return 0
+
+
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "app")
+    p.add_argument("--port", type=int, help="port to serve on (default: 7860, or the next free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0 shares it)")
+    p.add_argument("--no-browser", action="store_true", help="do not open the page in a browser")
+    p.add_argument("--checkpoint", metavar="CKPT", help="also offer this model (a run folder, .safetensors or "
+                   "'default'); the shipped model and every run under runs/ are offered anyway")
+    p.set_defaults(func=_run_app)
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from musicgpt.app import launch
+
+    launch(host=args.host, port=args.port, open_browser=not args.no_browser, checkpoint=args.checkpoint)
     return 0
 
 
@@ -486,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"musicgpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_prepare, _add_train, _add_sample, _add_infill, _add_info, _add_eval, _add_stats,
-                _add_attention, _add_render, _add_encode, _add_decode):
+                _add_attention, _add_render, _add_app, _add_encode, _add_decode):
         add(sub)
     return parser
 

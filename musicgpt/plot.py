@@ -97,9 +97,10 @@ def label_pitch_axis(ax, low: float, high: float, color: str = "0.85") -> None:
 
 
 def plot_piano_roll(midi_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None,
-                    spans: Sequence[tuple[float, float]] = ()) -> Path:
+                    spans: Sequence[tuple[float, float]] = (), marks: Sequence[float] = ()) -> Path:
     """A piano-roll PNG of a MIDI file (notes of all non-drum instruments); each (start, end) of `spans`
-    is shaded and the notes struck inside it drawn in orange (an infilled gap)."""
+    is shaded and the notes struck inside it drawn in orange (an infilled gap); each time of `marks` is
+    a dashed red line (where a primer ends and the model takes over)."""
     from musicgpt.codec import load_midi
 
     pm = load_midi(midi_path)
@@ -118,6 +119,8 @@ def plot_piano_roll(midi_path: str | os.PathLike, out_png: str | os.PathLike, ti
         ax.set_ylim(float(pitch.min()) - 2, float(pitch.max()) + 2)
     for a, b in spans:
         ax.axvspan(a, b, color="#f4a261", alpha=0.15, zorder=0)
+    for t in marks:
+        ax.axvline(t, color="#d62828", lw=1.5, ls="--", zorder=3)
     ax.set_title(title or Path(midi_path).name, fontsize=10)
     ax.grid(alpha=0.2)
     out = Path(out_png)

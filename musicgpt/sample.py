@@ -175,7 +175,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     style = [controls.tag_id(r.style)] if r.style is not None and header else []  # unknown: lists the tags
     primer_tokens = np.zeros(0, dtype=np.int16)
     if primer_notes is not None:
-        primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
+        primer_tokens = encode_primer(r.primer, primer_notes, config, r.primer_seconds)
     if why:
         print(f"musicgpt: {why}", file=sys.stderr)
     engine = load_engine(path, backend=r.backend, device=r.device, threads=r.threads, num_samples=r.num_samples)
@@ -184,7 +184,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
         config = ckpt.codec_config
         style = [ckpt.controls.tag_id(r.style)] if r.style is not None else []
         if primer_notes is not None:
-            primer_tokens = _encode_primer(r.primer, primer_notes, config, r.primer_seconds)
+            primer_tokens = encode_primer(r.primer, primer_notes, config, r.primer_seconds)
     out_dir = make_output_folder(r.out_dir)
     seed = seed_or_new(r.seed, r.sampling)
     prompt = np.concatenate([style, [config.eos_id], primer_tokens]).astype(np.int64)  # as training frames it
@@ -214,7 +214,8 @@ def make_output_folder(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _encode_primer(primer: str | Path, notes: Notes, config: CodecConfig, seconds: float | None) -> np.ndarray:
+def encode_primer(primer: str | Path, notes: Notes, config: CodecConfig, seconds: float | None) -> np.ndarray:
+    """A primer's tokens (its first `seconds` if given); a one-line MidiReadError if none are notes."""
     tokens = codec.encode(notes, config)
     if seconds is not None:
         tokens = codec.truncate_seconds(tokens, seconds, config)
