@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musicgpt.checkpoint_header import Checkpoint, read_checkpoint_meta
+from musicgpt.checkpoint_header import Checkpoint, check_vocabulary, peek_checkpoint
 from musicgpt.errors import MusicGPTError
 from musicgpt.onnx_stepper import OnnxStepper, available, file_digest, read_export_meta
 
@@ -31,11 +31,16 @@ class Engine:
         self.checkpoint, self.backend, self.generate = checkpoint, backend, generate
 
 
-def choose_backend(name: str, device: str, ckpt: Checkpoint | None) -> str:
-    """"onnx" or "torch" for a request; `ckpt` is the header's description (None: unreadable)."""
+def check_backend_name(name: str) -> str:
+    """`name` if it is one of BACKENDS, else a one-line error."""
     if name not in BACKENDS:
         raise MusicGPTError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-    if name == "torch":
+    return name
+
+
+def choose_backend(name: str, device: str, ckpt: Checkpoint | None) -> str:
+    """"onnx" or "torch" for a request; `ckpt` is the header's description (None: unreadable)."""
+    if check_backend_name(name) == "torch":
         return name
     reason = None
     if not available():
@@ -82,10 +87,9 @@ def load_engine(path: Path, *, backend: str = "auto", device: str = "cpu", threa
                 num_samples: int = 1) -> Engine:
     """The engine for the checkpoint at `path`. Threads: `threads`, else one for one or two
     samples (a one-token step of a small model is latency-bound), else the engine's choice."""
-    from musicgpt.checkpoint_header import peek_checkpoint
-
-    if choose_backend(backend, device, peek_checkpoint(path)) == "onnx":
-        ckpt = read_checkpoint_meta(path)
+    ckpt = peek_checkpoint(path)
+    if choose_backend(backend, device, ckpt) == "onnx":  # a readable header, so ckpt is not None
+        check_vocabulary(ckpt)
         stepper = OnnxStepper(onnx_export_for(path, ckpt), threads=threads or _onnx_threads(num_samples))
 
         def run(prompt, **options) -> list[np.ndarray]:

@@ -172,13 +172,18 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
     return p
 
 
-def latest_run(runs_dir: str | os.PathLike = "runs") -> Path | None:
-    """The most recently modified run folder under `runs_dir` holding a checkpoint, or None."""
+def run_folders(runs_dir: str | os.PathLike = "runs") -> list[Path]:
+    """The run folders under `runs_dir` that hold a checkpoint, by name (none if it is no folder)."""
     root = Path(runs_dir)
     if not root.is_dir():
-        return None
-    runs = [d for d in root.iterdir() if d.is_dir() and any(d.glob("*.safetensors"))]
-    return max(runs, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.safetensors")), default=None)
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.safetensors")))
+
+
+def latest_run(runs_dir: str | os.PathLike = "runs") -> Path | None:
+    """The most recently modified run folder under `runs_dir` holding a checkpoint, or None."""
+    return max(run_folders(runs_dir), key=lambda d: max(f.stat().st_mtime for f in d.glob("*.safetensors")),
+               default=None)
 
 
 def default_model_available() -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 
 from musicgpt import codec
 from musicgpt.atomic import check_output_folder
-from musicgpt.backends import BACKENDS, load_engine
+from musicgpt.backends import check_backend_name, load_engine
 from musicgpt.checkpoint_header import choose_checkpoint, peek_controls
 from musicgpt.controls import Controls
 from musicgpt.devices import check_device_name
@@ -76,8 +76,7 @@ class SampleRequest:
         if self.threads is not None and (not is_integer(self.threads) or self.threads < 1):
             raise MusicGPTError(f"--threads must be an integer >= 1, got {self.threads}")
         check_device_name(self.device)
-        if self.backend not in BACKENDS:
-            raise MusicGPTError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        check_backend_name(self.backend)
         for flag, value in (("--max-pause", self.max_pause_seconds), ("--max-note", self.max_note_seconds)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise MusicGPTError(f"{flag} must be a positive number of seconds, got {value!r}")

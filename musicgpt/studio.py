@@ -19,6 +19,7 @@ from musicgpt.checkpoint_header import (
     default_model_available,
     peek_controls,
     resolve_checkpoint,
+    run_folders,
 )
 from musicgpt.controls import Controls
 from musicgpt.errors import MidiReadError, MusicGPTError
@@ -122,9 +123,7 @@ def list_models(runs_dir: str | Path = "runs", checkpoint: str | None = None) ->
         models[f"{checkpoint} (--checkpoint)"] = str(resolve_checkpoint(checkpoint))
     if default_model_available():
         models["default (shipped)"] = "default"
-    root = Path(runs_dir)
-    runs = sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.safetensors"))) if root.is_dir() else []
-    for run in runs:
+    for run in run_folders(runs_dir):
         models[f"{run.name} (runs/)"] = str(run)
     if not models:
         choose_checkpoint(None, runs_dir)  # raises the "train one first" error

@@ -44,10 +44,11 @@ def itemise(checkpoint: str, primer: str | None, seconds: float) -> dict[str, fl
     import onnxruntime  # noqa: F401 (timed)
     lap("import onnxruntime")
     from musicgpt import backends, codec, midi_io
+    from musicgpt.checkpoint_header import read_checkpoint_meta
     from musicgpt.decode import decode
     from musicgpt.onnx_stepper import OnnxStepper
     lap("import musicgpt (codec, MIDI, sampler)")
-    meta = backends.read_checkpoint_meta(checkpoint)
+    meta = read_checkpoint_meta(checkpoint)
     folder = backends.onnx_export_for(meta.path, meta)
     lap("read the checkpoint's metadata, check its export (SHA-256 of the weights)")
     stepper = OnnxStepper(folder, threads=1)

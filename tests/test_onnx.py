@@ -11,6 +11,7 @@ from conftest import make_model, make_piece
 
 from musicgpt import backends, onnx_stepper
 from musicgpt.checkpoint import save_checkpoint
+from musicgpt.checkpoint_header import read_checkpoint_meta
 from musicgpt.decode import decode
 from musicgpt.errors import MusicGPTError
 from musicgpt.generate import beam_search, generate
@@ -125,7 +126,7 @@ def _checkpoint(tmp_path, seed=0):
 def test_the_export_is_cached_by_digest_and_redone_when_the_checkpoint_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSICGPT_CACHE", str(tmp_path / "cache"))
     path = _checkpoint(tmp_path)
-    ckpt = backends.read_checkpoint_meta(path)
+    ckpt = read_checkpoint_meta(path)
     folder = backends.onnx_export_for(path, ckpt)
     assert folder.parent == backends.onnx_cache_dir() and (folder / "step.onnx").is_file()
     assert not list(path.parent.glob("*onnx*"))  # nothing is written, or trusted, beside the checkpoint
@@ -146,7 +147,7 @@ def test_an_export_that_cannot_be_written_fails_in_one_line(tmp_path, monkeypatc
 
     monkeypatch.setattr("musicgpt.onnx_export.export_onnx", refuse)
     with pytest.raises(MusicGPTError, match="cannot write the ONNX export.*--backend torch"):
-        backends.onnx_export_for(path, backends.read_checkpoint_meta(path))
+        backends.onnx_export_for(path, read_checkpoint_meta(path))
 
 
 @needs_ort
@@ -158,7 +159,7 @@ def test_a_damaged_export_fails_in_one_line(tmp_path):
 
 
 def test_backend_choice_says_why_onnx_cannot_run(monkeypatch):
-    ckpt = backends.read_checkpoint_meta("default")
+    ckpt = read_checkpoint_meta("default")
     with pytest.raises(MusicGPTError, match="--backend onnx: it runs on the CPU"):
         backends.choose_backend("onnx", "cuda", ckpt)
     assert backends.choose_backend("torch", "cpu", ckpt) == "torch"
@@ -172,7 +173,7 @@ def test_backend_choice_says_why_onnx_cannot_run(monkeypatch):
 @needs_ort
 def test_sampling_with_onnx_never_imports_torch(tmp_path):
     path = _checkpoint(tmp_path)
-    backends.onnx_export_for(path, backends.read_checkpoint_meta(path))  # exported once, with torch
+    backends.onnx_export_for(path, read_checkpoint_meta(path))  # exported once, with torch
     primer = make_piece(tmp_path / "primer.mid", seconds=4.0)
     code = ("import sys; from musicgpt.cli import main; "
             f"rc = main(['sample', '--checkpoint', {str(path)!r}, '--primer', {str(primer)!r}, "
