@@ -67,6 +67,11 @@ class Rules:
 
     def mask_logits(self, logits: np.ndarray, rows: list[RowState]) -> np.ndarray:
         """Float32 logits [B, V] with every token the rules forbid for each row set to -inf."""
+        return logits.astype(np.float32, copy=False) + self.mask(rows)
+
+    def mask(self, rows: list[RowState]) -> np.ndarray:
+        """What the rules add to each row's logits: 0, or -inf where a token is forbidden ([B, V],
+        or the shared [V] of fixed bans when no row is near a limit)."""
         n, mask = self.config.max_shift_steps, None
         for i, row in enumerate(rows):
             oldest = row.elapsed - min(row.struck.values()) if row.struck else -1
@@ -83,7 +88,7 @@ class Rules:
                         mask[i, NOTE_OFF + key] = 0.0
             else:  # TIME_SHIFT + k moves time on k + 1 steps
                 mask[i, TIME_SHIFT + max(room, 0):TIME_SHIFT + n] = -np.inf
-        return logits.astype(np.float32, copy=False) + (self.base if mask is None else mask)
+        return self.base if mask is None else mask
 
     def advance(self, rows: list[RowState], tokens: list[int]) -> None:
         """Update each row's state with its new token."""

@@ -25,7 +25,12 @@ TINY = np.finfo(np.float32).tiny  # keeps the race's noise away from an exact ze
 
 
 class Stepper(Protocol):
-    """What a decoding loop needs from a model: logits for the next token, and beam reordering."""
+    """What a decoding loop needs from a model: logits for the next token, and beam reordering.
+
+    A stepper may also draw the next token inside its step, `step_and_draw(tokens, mask, noise,
+    temperature, top_p)` for up to `draw_rows` rows: the rules' mask and the race's noise go in
+    and the chosen tokens come out, so the loop does no array work per token.
+    """
 
     window: int  # tokens the model attends over (the repetition penalty looks as far back)
 
@@ -68,8 +73,8 @@ def filter_logits(logits: np.ndarray, cfg: SamplingConfig, generated: np.ndarray
     if 0 < cfg.top_k < V:
         kth = np.partition(logits, V - cfg.top_k, axis=-1)[..., V - cfg.top_k:V - cfg.top_k + 1]
         logits = np.where(logits < kth, -np.inf, logits)
-    if cfg.top_p < 1.0:  # most probable first
-        logits = _keep_smallest_set(logits, -logits, cfg.top_p)
+    if cfg.top_p < 1.0:
+        logits = _keep_most_probable(logits, cfg.top_p)
     if cfg.min_p > 0.0:
         probs = softmax(logits)
         logits = np.where(probs < cfg.min_p * probs.max(-1, keepdims=True), -np.inf, logits)
@@ -87,6 +92,27 @@ def penalize_repeats(logits: np.ndarray, generated: np.ndarray, penalty: float) 
     seen = logits[rows, generated]
     out = logits.copy()
     out[rows, generated] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def _keep_most_probable(logits: np.ndarray, mass: float) -> np.ndarray:
+    """Keep the most probable tokens until they hold `mass` (ties by index); at least one.
+
+    `_keep_smallest_set` with the key -probability, made cheap for every sampled token: sorting
+    the probabilities alone gives the running mass, and the k-th largest one is the threshold.
+    """
+    probs = softmax(logits)
+    ranked = np.sort(probs, axis=-1)[:, ::-1]
+    before = np.cumsum(ranked, -1) - ranked
+    kept = np.maximum((before < mass).sum(-1), 1)
+    out = logits.copy()
+    for b, k in enumerate(kept.tolist()):
+        row, threshold = probs[b], ranked[b, k - 1]
+        out[b, row < threshold] = -np.inf
+        tied = np.flatnonzero(row == threshold)
+        surplus = len(tied) - (k - int((row > threshold).sum()))  # tied tokens ranked past the k-th
+        if surplus > 0:
+            out[b, tied[len(tied) - surplus:]] = -np.inf
     return out
 
 
@@ -120,21 +146,21 @@ def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules
     lengths, alive = [0] * batch, [True] * batch
     rows = rules.initial(batch)
     penalize = cfg.repetition_penalty != 1.0
-    logits = stepper.start(prompt, batch)
+    in_step = in_step_draw(stepper, cfg, batch)
+
+    def choose(logits: np.ndarray, pos: int) -> np.ndarray:
+        logits = rules.mask_logits(logits, rows)
+        seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
+        if cfg.greedy:
+            return (penalize_repeats(logits, seen, cfg.repetition_penalty) if penalize else logits).argmax(-1)
+        # The exponential race: argmax p / E with E ~ Exp(1) draws p, one vectorised draw.
+        probs = softmax(filter_logits(logits, cfg, seen))
+        return (probs / race_noise(rng, probs.shape)).argmax(-1)
+
+    token = choose(stepper.start(prompt, batch), P)
     with _progress_bar(progress, N) as bar:
         for t in range(N):
-            pos = P + t
-            logits = rules.mask_logits(logits, rows)
-            seen = seq[:, max(0, pos - stepper.window):pos] if penalize else None
-            if cfg.greedy:
-                if penalize:
-                    logits = penalize_repeats(logits, seen, cfg.repetition_penalty)
-                token = logits.argmax(-1)
-            else:  # exponential race: argmax p / E with E ~ Exp(1) draws p, one vectorised draw
-                probs = softmax(filter_logits(logits, cfg, seen))
-                noise = rng.standard_exponential(probs.shape, dtype=np.float32) + TINY
-                token = (probs / noise).argmax(-1)
-            seq[:, pos] = token
+            seq[:, P + t] = token
             tokens = token.tolist()
             rules.advance(rows, tokens)
             for k in range(batch):  # a row's final token (EOS or the last shift) still counts
@@ -144,8 +170,26 @@ def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules
             bar.update()
             if t + 1 == N or not any(alive):
                 break
-            logits = stepper.step(token)
+            if in_step is not None:  # the same draw, made inside the model's step
+                token = in_step(token, rules.mask(rows), race_noise(rng, (batch, rules.vocab_size)),
+                                cfg.temperature, cfg.top_p)
+            else:
+                token = choose(stepper.step(token), P + t + 1)
     return [_strip_eos(seq[k, P:P + n], rules.eos_id) for k, n in enumerate(lengths)]
+
+
+def race_noise(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """The exponential race's noise: Exp(1) per row and token, kept away from zero."""
+    return rng.standard_exponential(shape, dtype=np.float32) + TINY
+
+
+def in_step_draw(stepper: Stepper, cfg: SamplingConfig, batch: int):
+    """The stepper's `step_and_draw` when it can make this run's draws itself (temperature and
+    top-p only, at most `draw_rows` rows), else None: then the loop draws from the logits."""
+    draw = getattr(stepper, "step_and_draw", None)
+    plain = (not cfg.greedy and cfg.top_k == 0 and cfg.min_p == 0.0 and cfg.typical_p == 1.0
+             and cfg.repetition_penalty == 1.0)
+    return draw if draw is not None and plain and batch <= stepper.draw_rows else None
 
 
 def _strip_eos(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:

@@ -1,16 +1,21 @@
 """Exporting a model's sampling step to ONNX, for `musicgpt.onnx_stepper` to run without torch.
 
-Three graphs per checkpoint and window, all traced from the model's own layers
+Four graphs per checkpoint and window, all traced from the model's own layers
 (`MusicGPT.embed` and `run_blocks`) with a ring kernel from `musicgpt.attention.ring`:
-  - `step.onnx`: one new token for one row, the graph run for every sampled token;
-  - `rows.onnx`: the same for any number of rows (several samples, beams);
+  - `step.onnx`: one new token for one row;
+  - `sample.onnx`: the same, then the next token drawn in the graph (temperature and top-p: the
+    default sampling, the graph run for every sampled token);
+  - `rows.onnx`: the step for any number of rows (several samples, beams);
   - `chunk.onnx`: up to window - 1 new tokens of one row, for reading the prompt in a few calls.
 A fixed size is a constant in the traced graph, a variable one is computed in it, so each graph
 varies only what it must: the one-row step has 30 % fewer operations than the any-rows one.
 Inputs: `tokens` [B, T] int64, `pos` (the position of the first new token) and the ring, one
 `kN` [B, H, D, window-1] and `vN` [B, H, window-1, D] per layer; outputs: `logits` [B, V] for
 the token after the last new one, and `new_kN` / `new_vN` [B, H, T, D], which the caller writes
-into slots (pos + t) % (window - 1). `meta.json`, written last, says what the folder holds.
+into slots (pos + t) % (window - 1). `sample.onnx` also takes the draw's `mask` [1, V] (the
+decoding rules, added to the logits), `noise` [1, V] (the race's Exp(1) draws), `temperature`
+and `top_p`, and gives `token` [1] in place of the logits. `meta.json`, written last, says what
+the folder holds.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from musicgpt.atomic import atomic_write
 from musicgpt.attention.ring import RingChunk, RingStep
 from musicgpt.errors import MusicGPTError
 from musicgpt.model import MusicGPT
-from musicgpt.onnx_stepper import EXPORT_VERSION, ring_names
+from musicgpt.onnx_stepper import DRAW_INPUTS, EXPORT_VERSION, ring_names
 
 OPSET = 17
 
@@ -44,6 +49,31 @@ class StepGraph(nn.Module):
         kernel = RingStep(pos, ring, self.window - 1, self.model.config.d_head)
         logits, _ = self.model.run_blocks(self.model.embed(tokens), kernel, kernel)
         return (logits[:, -1], *kernel.new)
+
+
+def race_top_p(logits: Tensor, noise: Tensor, temperature: Tensor, top_p: Tensor) -> Tensor:
+    """The token each row draws from softmax(logits / temperature) cut to its top-p nucleus, by the
+    exponential race against `noise`: `musicgpt.decode`'s sampling, written to run in a graph.
+
+    A token is kept when the tokens more probable than it hold less than top_p, and every token
+    as probable as the last one kept is kept too (the numpy filter keeps such ties by index).
+    """
+    probs = (logits / temperature).softmax(-1)
+    ranked = probs.sort(-1, descending=True).values
+    before = ranked.cumsum(-1) - ranked  # the mass ahead of each ranked token
+    kept = (before < top_p).sum(-1, keepdim=True).clamp(min=1)
+    threshold = ranked.gather(-1, kept - 1)
+    return (torch.where(probs >= threshold, probs, 0.0) / noise).argmax(-1)
+
+
+class SampleGraph(StepGraph):
+    """`StepGraph` that also draws the next token (`race_top_p`) from its logits plus the
+    decoding rules' `mask`, so a sampling loop needs no array work of its own."""
+
+    def forward(self, tokens: Tensor, pos: Tensor, mask: Tensor, noise: Tensor, temperature: Tensor,
+                top_p: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
+        logits, *new = super().forward(tokens, pos, *ring)
+        return (race_top_p(logits + mask, noise, temperature, top_p), *new)
 
 
 class ChunkGraph(nn.Module):
@@ -74,6 +104,13 @@ def _graph_bytes(graph: nn.Module, tokens: Tensor, ring: list[Tensor], *, rows: 
     fixed axis lets the tracer keep sizes as constants instead of computing them in the graph."""
     n_layer = len(ring) // 2
     inputs, outputs = ["tokens", "pos", *ring_names(n_layer)], ["logits", *ring_names(n_layer, "new_")]
+    args = (tokens, torch.tensor(0), *ring)
+    if isinstance(graph, SampleGraph):  # one row: the draw's inputs come after the position
+        V = graph.model.config.vocab_size
+        inputs[2:2] = DRAW_INPUTS
+        outputs[0] = "token"
+        args = (tokens, torch.tensor(0), torch.zeros(1, V), torch.ones(1, V), torch.tensor(1.0),
+                torch.tensor(0.9), *ring)
     batch = {0: "batch"} if rows else {}
     axes = {"tokens": {**batch, **({1: "new"} if new else {})}, "logits": batch,
             **{name: batch for name in ring_names(n_layer)},
@@ -82,7 +119,7 @@ def _graph_bytes(graph: nn.Module, tokens: Tensor, ring: list[Tensor], *, rows: 
     with warnings.catch_warnings():  # the tracer's notes on shapes it records as dynamic
         warnings.simplefilter("ignore")
         # The TorchScript exporter: seconds where the torch.export one takes a quarter of a minute.
-        torch.onnx.export(graph, (tokens, torch.tensor(0), *ring), buffer, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(graph, args, buffer, dynamo=False, opset_version=OPSET,
                           input_names=inputs, output_names=outputs, dynamic_axes=axes)
     return buffer.getvalue()
 
@@ -108,6 +145,7 @@ def export_onnx(model: MusicGPT, folder: str | Path, *, window: int | None = Non
             one, two = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long)
             graphs = {"step.onnx": _graph_bytes(StepGraph(model, window).eval(), one, ring, rows=False, new=False),
                       "rows.onnx": _graph_bytes(StepGraph(model, window).eval(), one, ring, rows=True, new=False),
+                      "sample.onnx": _graph_bytes(SampleGraph(model, window).eval(), one, ring, rows=False, new=False),
                       "chunk.onnx": _graph_bytes(ChunkGraph(model, window).eval(), two, ring, rows=False, new=True)}
     finally:
         model.train(was_training)

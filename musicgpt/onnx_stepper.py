@@ -20,12 +20,13 @@ import numpy as np
 
 from musicgpt.errors import MusicGPTError
 
-EXPORT_VERSION = 1  # bump when the graphs' inputs, outputs or kernels change
+EXPORT_VERSION = 2  # bump when the graphs' inputs, outputs or kernels change
 # ONNX Runtime fuses `q * scale` into the ring product as a FusedMatMul, whose kernel is several
 # times slower than the plain MatMul for one query row against the whole ring.
 DISABLED_OPTIMIZERS = ["MatMulScaleFusion"]
 SHORT_PROMPT = 8  # prompts up to this long go through the step graph (no second session to load)
-CHUNK = 256  # prompt tokens per chunk: a chunk's attention costs chunk x (window + chunk)
+DRAW_INPUTS = ["mask", "noise", "temperature", "top_p"]  # sample.onnx's, after `pos`
+CHUNK = 128  # prompt tokens per chunk: a chunk's attention costs chunk x (window + chunk)
 
 
 def available() -> bool:
@@ -105,6 +106,7 @@ class OnnxStepper:
         self.pos_buffer = np.zeros((), np.int64)
         self.logits = np.zeros((batch, self.vocab_size), np.float32)
         self.new = [np.zeros((batch, H, 1, D), np.float32) for _ in self.ring]
+        self.draw_binding = None  # bound to these buffers when first needed
         self._bind()
 
     def _bind(self) -> None:
@@ -159,12 +161,52 @@ class OnnxStepper:
         self.tokens[:, 0] = tokens
         self.pos_buffer[...] = self.pos
         self.step_session.run_with_iobinding(self.binding)
+        self._keep_new()
+        return self.logits.copy()
+
+    def _keep_new(self) -> None:
+        """Write the step's new keys and values into the ring and move on one position."""
         slot = self.pos % self.slots  # one slot: plain indexing, several times faster than _write's
         for i in range(self.n_layer):
             self.ring[2 * i][:, :, :, slot] = self.new[2 * i][:, :, 0]
             self.ring[2 * i + 1][:, :, slot] = self.new[2 * i + 1][:, :, 0]
         self.pos += 1
-        return self.logits.copy()
+
+    draw_rows = 1  # sample.onnx draws for one row
+
+    def step_and_draw(self, tokens: np.ndarray, mask: np.ndarray, noise: np.ndarray, temperature: float,
+                      top_p: float) -> np.ndarray:
+        """Feed one row's new token and draw the next in the graph (`onnx_export.race_top_p`)
+        from the logits plus `mask`, with the race's `noise`; top_p 1 keeps every token."""
+        if self.draw_binding is None:
+            self._bind_draw()
+        self.tokens[:, 0] = tokens
+        self.pos_buffer[...] = self.pos
+        self.draw_inputs["mask"][...] = mask
+        self.draw_inputs["noise"][...] = noise
+        self.draw_inputs["temperature"][...] = temperature
+        self.draw_inputs["top_p"][...] = top_p if top_p < 1.0 else np.inf
+        self.draw_session.run_with_iobinding(self.draw_binding)
+        self._keep_new()
+        return self.drawn.copy()
+
+    def _bind_draw(self) -> None:
+        import onnxruntime as ort
+
+        self.draw_session = self.session("sample.onnx")
+        V = self.vocab_size
+        self.draw_inputs = {"mask": np.zeros((1, V), np.float32), "noise": np.ones((1, V), np.float32),
+                            "temperature": np.ones((), np.float32), "top_p": np.ones((), np.float32)}
+        self.drawn = np.zeros(1, np.int64)
+        binding = self.draw_session.io_binding()
+        inputs = {"tokens": self.tokens, "pos": self.pos_buffer, **self.draw_inputs,
+                  **dict(zip(ring_names(self.n_layer), self.ring))}
+        outputs = {"token": self.drawn, **dict(zip(ring_names(self.n_layer, "new_"), self.new))}
+        for name, array in inputs.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        for name, array in outputs.items():
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        self.draw_binding = binding
 
     def reorder(self, rows: np.ndarray) -> None:
         for buffer in self.ring:  # in place: the binding keeps pointing at these buffers

@@ -12,10 +12,10 @@ from conftest import make_model, make_piece
 from musicgpt import backends, onnx_stepper
 from musicgpt.checkpoint import save_checkpoint
 from musicgpt.checkpoint_header import read_checkpoint_meta
-from musicgpt.decode import decode
+from musicgpt.decode import TINY, decode, filter_logits, softmax
 from musicgpt.errors import MusicGPTError
 from musicgpt.generate import beam_search, generate
-from musicgpt.onnx_export import ChunkGraph, StepGraph, empty_ring, export_onnx
+from musicgpt.onnx_export import ChunkGraph, StepGraph, empty_ring, export_onnx, race_top_p
 from musicgpt.sampling import SamplingConfig
 from musicgpt.vocab import CodecConfig
 
@@ -88,7 +88,9 @@ def test_exported_graphs_give_the_models_logits(tmp_path, monkeypatch, prompt_le
 
 @needs_ort
 @pytest.mark.parametrize("sampling, samples", [
-    (SamplingConfig(), 1),
+    (SamplingConfig(), 1),  # these three draw inside sample.onnx
+    (SamplingConfig(temperature=0.7, top_p=0.8), 1),
+    (SamplingConfig(temperature=1.3, top_p=1.0), 1),
     (SamplingConfig(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3), 3),
     (SamplingConfig(typical_p=0.9, min_p=0.05, top_p=1.0), 2),
     (SamplingConfig(greedy=True, repetition_penalty=2.0), 1),
@@ -99,9 +101,12 @@ def test_a_seed_gives_the_same_tokens_on_both_backends(tmp_path, sampling, sampl
     args = dict(max_new_tokens=60, sampling=sampling, num_samples=samples, seed=7, stop_at_eos=False,
                 max_note_seconds=0.5, max_pause_seconds=0.3)
     with_torch = generate(model, [EOS, 60, 300], **args)
-    with_onnx = decode(onnx_stepper.OnnxStepper(tmp_path), [EOS, 60, 300], vocab_size=390, **args)
+    stepper = onnx_stepper.OnnxStepper(tmp_path)
+    with_onnx = decode(stepper, [EOS, 60, 300], vocab_size=390, **args)
     assert [t.tolist() for t in with_onnx] == [t.tolist() for t in with_torch]
     assert len(with_torch[0]) == 60  # far past the 16-token window
+    in_graph = samples == 1 and not sampling.greedy and sampling.top_k == 0 and sampling.typical_p == 1.0
+    assert ("sample.onnx" in stepper.sessions) == in_graph
 
 
 @needs_ort
@@ -182,3 +187,55 @@ def test_sampling_with_onnx_never_imports_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "out").glob("*.mid"))) == 1
+
+
+PROBS = np.array([0.5, 0.25, 0.15, 0.1])
+
+
+@pytest.mark.parametrize("temperature, top_p, probs", [
+    (1.0, float("inf"), PROBS),
+    (1.0, 0.7, np.array([2 / 3, 1 / 3, 0, 0])),  # 0.5 + 0.25 reach 0.7
+    (2.0, float("inf"), np.sqrt(PROBS) / np.sqrt(PROBS).sum()),
+])
+def test_the_graphs_draw_follows_the_filtered_distribution(temperature, top_p, probs):
+    rows = 10_000
+    logits = torch.log(torch.tensor(PROBS, dtype=torch.float32)).expand(rows, -1)
+    noise = torch.from_numpy(np.random.default_rng(0).standard_exponential((rows, 4), dtype=np.float32) + TINY)
+    draws = race_top_p(logits, noise, torch.tensor(temperature), torch.tensor(top_p)).numpy()
+    counts = np.bincount(draws, minlength=4)
+    expected = probs * rows
+    assert counts[probs == 0].sum() == 0  # what the filter removed is never drawn
+    assert ((counts - expected) ** 2 / np.where(expected > 0, expected, 1)).sum() < 16.3, counts  # p = 0.001
+
+
+def test_the_graphs_draw_keeps_every_token_tied_with_the_last_one_kept():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.3]]))  # 0.4 + 0.3 reach 0.5 with either 0.3
+    noise = torch.tensor([[1e9, 1.0, 2.0], [1e9, 2.0, 1.0]])  # the 0.4 never wins: which 0.3 does?
+    assert race_top_p(logits.expand(2, -1), noise, torch.tensor(1.0), torch.tensor(0.5)).tolist() == [1, 2]
+
+
+@needs_ort
+def test_the_exported_draw_picks_what_the_models_logits_give(tmp_path):
+    import onnxruntime as ort
+
+    model = _model(dtype=torch.float32)
+    export_onnx(model, tmp_path, source="test")
+    ring = [torch.randn_like(r) for r in empty_ring(model, 1, 16)]
+    names = onnx_stepper.ring_names(model.config.n_layer)
+    feeds = {"tokens": np.array([[60]]), "pos": np.array(40), **{n: r.numpy() for n, r in zip(names, ring)}}
+    with torch.no_grad():
+        logits = StepGraph(model, 16)(torch.tensor([[60]]), torch.tensor(40), *ring)[0]
+    mask = np.zeros((1, 390), np.float32)
+    mask[0, 300:] = -np.inf  # no time shifts, say
+    session = ort.InferenceSession(str(tmp_path / "sample.onnx"), providers=["CPUExecutionProvider"])
+    cfg = SamplingConfig(temperature=1.2, top_p=0.95)
+    allowed = np.isfinite(filter_logits(logits.numpy() + mask, cfg))[0]
+    rng, drawn = np.random.default_rng(1), []
+    for _ in range(200):
+        noise = rng.standard_exponential((1, 390), dtype=np.float32) + TINY
+        token = session.run(None, {**feeds, "mask": mask, "noise": noise, "temperature": np.array(1.2, np.float32),
+                                   "top_p": np.array(0.95, np.float32)})[0]
+        probs = softmax(filter_logits(logits.numpy() + mask, cfg))
+        assert token.tolist() == (probs / noise).argmax(-1).tolist()  # the numpy loop's own draw
+        drawn.append(token[0])
+    assert allowed[drawn].all() and len(set(drawn)) > 3

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from musicgpt.attention.eager import relative_bias
-
 
 def ring_positions(pos: Tensor, slots: int) -> Tensor:
     """The position held by each ring slot before position `pos` is written ([slots]; negative:
@@ -86,23 +84,37 @@ class RingStep(RingKernel):
 
 class RingChunk(RingKernel):
     """T new tokens per row at positions pos .. pos+T-1 (T < window), against the ring `past`:
-    the prefill kernel. Distances are gathered, as `eager.relative_bias` does when decoding."""
+    the prefill kernel. The ring is rotated into position order (oldest first) and the new keys
+    appended, so every query row sees keys at consecutive distances and the relative logits
+    come from the Music Transformer's skew instead of a gather over a [T, R + T] index."""
 
     def __init__(self, pos: Tensor, past: Sequence[Tensor], slots: int, n_new: int, max_rel_dist: int):
         super().__init__(past, slots)
-        R = slots
-        queries = pos + torch.arange(n_new, device=pos.device)
-        keys = torch.cat([ring_positions(pos, R), queries])
-        dist = queries[:, None] - keys[None, :]  # [T, R + T]
-        visible = (dist >= 0) & (dist <= R) & (keys[None, :] >= 0)
-        self.rel_index = dist.clamp(0, max_rel_dist - 1)
-        self.hidden = torch.where(visible, 0.0, float("-inf"))
+        R, T = slots, n_new
+        self.n_new, self.far = T, min(max_rel_dist - 1, R)
+        self.oldest = torch.remainder(pos, R)  # the slot holding position pos - R
+        # Key j holds position pos - R + j, so query i sees it at distance R + i - j.
+        offset = torch.arange(R + T, device=pos.device)[None, :] - torch.arange(T, device=pos.device)[:, None]
+        written = (pos - R + torch.arange(R + T, device=pos.device)) >= 0
+        visible = (offset >= 0) & (offset <= R) & written[None, :]
+        self.hidden = torch.where(visible, 0.0, float("-inf"))  # [T, R + T]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor | None,
                dropout_p: float = 0.0) -> tuple[Tensor, None]:
         keys, values = self.ring()
-        scale = q.size(-1) ** -0.5
-        scores = torch.cat([q @ keys, q @ k.transpose(-1, -2)], -1) * scale
-        scores = scores + relative_bias(q, rel_emb, self.rel_index) + self.hidden
-        w = scores.softmax(-1)
-        return w[..., :self.slots] @ values + w[..., self.slots:] @ v, None
+        R, T, far, cut = self.slots, self.n_new, self.far, self.oldest
+        keys = torch.cat([keys[..., cut:], keys[..., :cut], k.transpose(-1, -2)], -1)  # [B, H, D, R + T]
+        values = torch.cat([values[:, :, cut:], values[:, :, :cut], v], 2)
+        q = q * q.size(-1) ** -0.5
+        # Column c = j - i of the widened `by_distance` holds distance R - c: distances R .. far+1
+        # share the furthest embedding, then far .. 0.
+        by_distance = q @ rel_emb[:, :far + 1].flip(1).transpose(-1, -2)  # [B, H, T, far + 1]: far .. 0
+        if far < R:  # (an empty expand would not export: ONNX Runtime broadcasts 1 against 0 to 1)
+            by_distance = torch.cat([by_distance[..., :1].expand(-1, -1, -1, R - far), by_distance], -1)
+        # The skew: shift row i right by i (pad T columns, flatten, re-cut rows one shorter), so
+        # entry [i, j] is by_distance[i, j - i] for 0 <= j - i <= R; the rest is masked.
+        B, H = q.shape[:2]
+        flat = torch.cat([by_distance, by_distance.new_zeros(B, H, T, T)], -1).reshape(B, H, -1)
+        bias = flat[..., :T * (R + T)].reshape(B, H, T, R + T)
+        w = (q @ keys + bias + self.hidden).softmax(-1)
+        return w @ values, None
