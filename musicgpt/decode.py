@@ -2,7 +2,9 @@
 
 No torch here. The same loops drive the torch model (`musicgpt.generate`, on any device) and
 the ONNX Runtime step (`musicgpt.onnx_stepper`), so a seed draws the same noise on every backend
-and a command that samples on the CPU never has to import torch. A stepper is what turns the
+and a command that samples on the CPU never has to import torch. With the default sampling
+(temperature and top-p, one row) the ONNX Runtime step draws the token itself from the same
+noise and the rules' mask, which spares the loop its array work on every token. A stepper is what turns the
 token just chosen into the next logits; the musical rules of what a row may emit are
 `musicgpt.constraints`.
 """

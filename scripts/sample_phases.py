@@ -23,6 +23,7 @@ class TimedStart:
     def __init__(self, stepper):
         self.stepper, self.window, self.seconds = stepper, stepper.window, 0.0
         self.step, self.reorder = stepper.step, stepper.reorder
+        self.step_and_draw, self.draw_rows = stepper.step_and_draw, stepper.draw_rows
 
     def start(self, prompt, batch):
         t = time.perf_counter()
@@ -52,8 +53,8 @@ def itemise(checkpoint: str, primer: str | None, seconds: float) -> dict[str, fl
     folder = backends.onnx_export_for(meta.path, meta)
     lap("read the checkpoint's metadata, check its export (SHA-256 of the weights)")
     stepper = OnnxStepper(folder, threads=1)
-    stepper.session("step.onnx")
-    lap("load the step graph")
+    stepper.session("sample.onnx")
+    lap("load the sampling step's graph")
     tokens = codec.encode(midi_io.read_notes(primer), meta.codec_config) if primer else []
     prompt = [meta.codec_config.eos_id, *tokens]
     lap("read and encode the primer")
