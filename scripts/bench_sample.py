@@ -9,7 +9,7 @@ and the ONNX Runtime backend against torch.
 `--backends` times the two engines of `musicgpt sample` on one checkpoint in one run: per token
 (batch 1, one thread each) and end to end in fresh processes, old (torch) against new (ONNX
 Runtime) as ratios, then itemises the new path's start-up. Otherwise both sides run
-`musicgpt.generate.generate` (top-p 0.95 sampling, EOS ignored) on a randomly
+`musicgpt.generate.generate` (the default top-p sampling, EOS ignored) on a randomly
 initialised model whose context covers every length, so no sliding window is involved: speed
 does not depend on the weights. Full recompute is too slow to run to 2048 tokens on a CPU, so it
 is timed on `--recompute-steps` consecutive steps at a grid of lengths, and the time of a whole
@@ -242,7 +242,7 @@ def per_token_backends(args) -> str:
     lines = [f"checkpoint {path}, window {window}, batch 1, one thread each; best of {args.repeats} "
              f"interleaved rounds of {args.backend_tokens} tokens", "",
              "| per token | torch tok/s (old) | ONNX Runtime tok/s (new) | new / old |", "|---|---:|---:|---:|"]
-    for kind, what in (("step", "model step, window full"), ("sample", "sampling from silence (top-p 0.95, limits)")):
+    for kind, what in (("step", "model step, window full"), ("sample", "sampling from silence (top-p 0.9, limits)")):
         old, new = best["torch", kind], best["onnx", kind]
         lines.append(f"| {what} | {old:,.0f} | {new:,.0f} | {new / old:.2f}x |")
     return "\n".join(lines)

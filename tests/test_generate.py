@@ -13,7 +13,7 @@ from musicgpt.model import MusicGPT, preset
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
 
 EOS, PAD = CodecConfig().eos_id, CodecConfig().pad_id
-OFF = dict(top_p=1.0)  # SamplingConfig's defaults include top-p 0.95; filter tests switch it off
+OFF = dict(top_p=1.0)  # SamplingConfig's defaults include top-p 0.9; filter tests switch it off
 
 
 def _model(attention="relative", window=32, n_layer=2, seed=0):
