@@ -37,8 +37,8 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # keep the k most likely tokens (ties at the k-th value all kept)
     # Nucleus: the smallest set holding this much probability. 0.9 rather than the common 0.95:
-    # the tail it cuts is where a small model's stray releases and pauses live, and with them
-    # more of its notes ring on for seconds (the default model's card measures both).
+    # the default model leaves fewer notes ringing for seconds at the same statistical overlap
+    # with real music (its model card gives the measurements).
     top_p: float = 0.9
     typical_p: float = 1.0  # locally typical set holding this much probability
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max
