@@ -2,9 +2,10 @@
 
 `import torch` alone takes seconds and a tiny model's step is a hundred small operations, each
 paying torch's dispatch cost; ONNX Runtime imports in a tenth of a second and runs the same
-graph with a few microseconds per operation. The graphs are traced from the model by
-`musicgpt.onnx_export` and kept in the user cache, keyed by the checkpoint's digest
-(`musicgpt.backends`).
+graph at under a microsecond of overhead per operation. The graphs are traced from the model
+by `musicgpt.onnx_export` and kept in the user cache, keyed by the checkpoint's digest
+(`musicgpt.backends`). With the default sampling the graph also draws the next token
+(`step_and_draw`), so the decoding loop does no array work of its own per token.
 
 This module imports neither torch nor the exporter: onnxruntime and numpy only.
 """
@@ -64,6 +65,8 @@ class OnnxStepper:
     reads and writes numpy memory in place), so a step copies only the new keys into the ring.
     """
 
+    draw_rows = 1  # sample.onnx draws for one row
+
     def __init__(self, folder: str | Path, threads: int = 1):
         import onnxruntime as ort
 
@@ -110,17 +113,21 @@ class OnnxStepper:
         self._bind()
 
     def _bind(self) -> None:
+        self.step_session = self.session("step.onnx" if len(self.tokens) == 1 else "rows.onnx")
+        self.binding = self._io_binding(self.step_session, {}, {"logits": self.logits})
+
+    def _io_binding(self, session, inputs: dict, outputs: dict):
+        """`session` bound to these numpy buffers, plus the tokens, position, ring and new keys."""
         import onnxruntime as ort
 
-        self.step_session = self.session("step.onnx" if len(self.tokens) == 1 else "rows.onnx")
-        binding = self.step_session.io_binding()
-        inputs = {"tokens": self.tokens, "pos": self.pos_buffer, **dict(zip(ring_names(self.n_layer), self.ring))}
+        binding = session.io_binding()
+        inputs = {"tokens": self.tokens, "pos": self.pos_buffer, **inputs,
+                  **dict(zip(ring_names(self.n_layer), self.ring))}
         for name, array in inputs.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        outputs = {"logits": self.logits, **dict(zip(ring_names(self.n_layer, "new_"), self.new))}
-        for name, array in outputs.items():
+        for name, array in {**outputs, **dict(zip(ring_names(self.n_layer, "new_"), self.new))}.items():
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
-        self.binding = binding
+        return binding
 
     def _write(self, new: list[np.ndarray], pos: int) -> None:
         """Put the new keys/values [B, H, T, D] of positions pos .. pos+T-1 into their slots."""
@@ -172,8 +179,6 @@ class OnnxStepper:
             self.ring[2 * i + 1][:, :, slot] = self.new[2 * i + 1][:, :, 0]
         self.pos += 1
 
-    draw_rows = 1  # sample.onnx draws for one row
-
     def step_and_draw(self, tokens: np.ndarray, mask: np.ndarray, noise: np.ndarray, temperature: float,
                       top_p: float) -> np.ndarray:
         """Feed one row's new token and draw the next in the graph (`onnx_export.race_top_p`)
@@ -191,22 +196,12 @@ class OnnxStepper:
         return self.drawn.copy()
 
     def _bind_draw(self) -> None:
-        import onnxruntime as ort
-
         self.draw_session = self.session("sample.onnx")
         V = self.vocab_size
         self.draw_inputs = {"mask": np.zeros((1, V), np.float32), "noise": np.ones((1, V), np.float32),
                             "temperature": np.ones((), np.float32), "top_p": np.ones((), np.float32)}
         self.drawn = np.zeros(1, np.int64)
-        binding = self.draw_session.io_binding()
-        inputs = {"tokens": self.tokens, "pos": self.pos_buffer, **self.draw_inputs,
-                  **dict(zip(ring_names(self.n_layer), self.ring))}
-        outputs = {"token": self.drawn, **dict(zip(ring_names(self.n_layer, "new_"), self.new))}
-        for name, array in inputs.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        for name, array in outputs.items():
-            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
-        self.draw_binding = binding
+        self.draw_binding = self._io_binding(self.draw_session, self.draw_inputs, {"token": self.drawn})
 
     def reorder(self, rows: np.ndarray) -> None:
         for buffer in self.ring:  # in place: the binding keeps pointing at these buffers
