@@ -4,9 +4,9 @@ No torch here. The same loops drive the torch model (`musicgpt.generate`, on any
 the ONNX Runtime step (`musicgpt.onnx_stepper`), so a seed draws the same noise on every backend
 and a command that samples on the CPU never has to import torch. With the default sampling
 (temperature and top-p, one row) the ONNX Runtime step draws the token itself from the same
-noise and the rules' mask, which spares the loop its array work on every token. A stepper is what turns the
-token just chosen into the next logits; the musical rules of what a row may emit are
-`musicgpt.constraints`.
+noise and the rules' mask, which spares the loop its array work on every token. A stepper is
+what turns the token just chosen into the next logits; the musical rules of what a row may emit
+are `musicgpt.constraints`.
 """
 
 from __future__ import annotations
@@ -189,9 +189,7 @@ def in_step_draw(stepper: Stepper, cfg: SamplingConfig, batch: int):
     """The stepper's `step_and_draw` when it can make this run's draws itself (temperature and
     top-p only, at most `draw_rows` rows), else None: then the loop draws from the logits."""
     draw = getattr(stepper, "step_and_draw", None)
-    plain = (not cfg.greedy and cfg.top_k == 0 and cfg.min_p == 0.0 and cfg.typical_p == 1.0
-             and cfg.repetition_penalty == 1.0)
-    return draw if draw is not None and plain and batch <= stepper.draw_rows else None
+    return draw if draw is not None and cfg.nucleus_only and batch <= stepper.draw_rows else None
 
 
 def _strip_eos(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:

@@ -64,6 +64,12 @@ class SamplingConfig:
     def deterministic(self) -> bool:
         return self.greedy or self.num_beams > 1
 
+    @property
+    def nucleus_only(self) -> bool:
+        """Sampling with temperature and top-p alone, every other filter at its neutral value."""
+        return (not self.deterministic and self.top_k == 0 and self.min_p == 0.0 and self.typical_p == 1.0
+                and self.repetition_penalty == 1.0)
+
 
 def _check(cfg: SamplingConfig, name: str, ok: bool, rule: str) -> None:
     if not ok:

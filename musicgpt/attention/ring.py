@@ -94,9 +94,9 @@ class RingChunk(RingKernel):
         self.n_new, self.far = T, min(max_rel_dist - 1, R)
         self.oldest = torch.remainder(pos, R)  # the slot holding position pos - R
         # Key j holds position pos - R + j, so query i sees it at distance R + i - j.
-        offset = torch.arange(R + T, device=pos.device)[None, :] - torch.arange(T, device=pos.device)[:, None]
-        written = (pos - R + torch.arange(R + T, device=pos.device)) >= 0
-        visible = (offset >= 0) & (offset <= R) & written[None, :]
+        key = torch.arange(R + T, device=pos.device)
+        offset = key[None, :] - torch.arange(T, device=pos.device)[:, None]
+        visible = (offset >= 0) & (offset <= R) & (pos - R + key >= 0)[None, :]
         self.hidden = torch.where(visible, 0.0, float("-inf"))  # [T, R + T]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor | None,
