@@ -202,12 +202,16 @@ def decode(tokens: Sequence[int] | np.ndarray,
            config: CodecConfig | None = None) -> pretty_midi.PrettyMIDI:
     """A PrettyMIDI (one piano, program 0, 120 bpm) of any token sequence; never fails."""
     notes = decode_notes(tokens, config)
+    return piano_midi(notes.pitch, notes.start, notes.end, notes.velocity)
+
+
+def piano_midi(pitch: np.ndarray, start: np.ndarray, end: np.ndarray, velocity: np.ndarray) -> pretty_midi.PrettyMIDI:
+    """A PrettyMIDI of these notes (seconds) on one piano, program 0, at 120 bpm."""
     pm = pretty_midi.PrettyMIDI(resolution=RESOLUTION, initial_tempo=TEMPO_BPM)
     piano = pretty_midi.Instrument(program=0, name="Piano")
     piano.notes = [
         pretty_midi.Note(velocity=v, pitch=p, start=s, end=e)
-        for p, s, e, v in zip(notes.pitch.tolist(), notes.start.tolist(),
-                              notes.end.tolist(), notes.velocity.tolist())
+        for p, s, e, v in zip(pitch.tolist(), start.tolist(), end.tolist(), velocity.tolist())
     ]
     pm.instruments.append(piano)
     return pm

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ DISABLED_OPTIMIZERS = ["MatMulScaleFusion"]
 SHORT_PROMPT = 8  # prompts up to this long go through the step graph (no second session to load)
 DRAW_INPUTS = ["mask", "noise", "temperature", "top_p"]  # sample.onnx's, after `pos`
 CHUNK = 128  # prompt tokens per chunk: a chunk's attention costs chunk x (window + chunk)
+# Reading a prompt is a few large products, which a second core speeds up (a step is not).
+PREFILL_THREADS = 2
 
 
 def available() -> bool:
@@ -67,9 +70,7 @@ class OnnxStepper:
 
     draw_rows = 1  # sample.onnx draws for one row
 
-    def __init__(self, folder: str | Path, threads: int = 1):
-        import onnxruntime as ort
-
+    def __init__(self, folder: str | Path, threads: int = 1, prefill_threads: int | None = None):
         self.folder = Path(folder)
         meta = read_export_meta(self.folder)
         if meta is None:
@@ -78,10 +79,10 @@ class OnnxStepper:
         self.n_head, self.d_head, self.vocab_size = meta["n_head"], meta["d_head"], meta["vocab_size"]
         self.slots = self.window - 1
         self.reach = self.n_layer * self.slots + 1  # prompt tokens that still matter
-        self.options = ort.SessionOptions()
-        self.options.intra_op_num_threads = threads
-        self.options.inter_op_num_threads = 1
-        self.options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if prefill_threads is None:
+            prefill_threads = max(threads, min(PREFILL_THREADS, os.cpu_count() or 1))
+        self.threads = {"chunk.onnx": prefill_threads}  # graph name -> threads, if not `threads`
+        self.default_threads = threads
         self.sessions = {}  # graph name -> session, each loaded when first needed
 
     def session(self, name: str):
@@ -89,8 +90,12 @@ class OnnxStepper:
         if name not in self.sessions:
             import onnxruntime as ort
 
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads.get(name, self.default_threads)
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             try:
-                self.sessions[name] = ort.InferenceSession(str(self.folder / name), self.options,
+                self.sessions[name] = ort.InferenceSession(str(self.folder / name), options,
                                                            providers=["CPUExecutionProvider"],
                                                            disabled_optimizers=DISABLED_OPTIMIZERS)
             except Exception as e:  # ONNX Runtime's error classes are not part of its public API

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from musicgpt.sampling import (
 )
 from musicgpt.validate import is_integer, is_real
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
+
+if TYPE_CHECKING:
+    import pretty_midi
 
 
 @dataclass
@@ -113,23 +117,22 @@ def new_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-def _continuation(primer: np.ndarray, new: np.ndarray, config: CodecConfig, include_primer: bool):
+def continuation_midi(primer: np.ndarray, new: np.ndarray, config: CodecConfig,
+                      include_primer: bool) -> pretty_midi.PrettyMIDI:
     """The PrettyMIDI to write: primer + continuation, or the continuation alone shifted to 0.
 
     Decoding both together gives continuation notes the primer's velocity when no VELOCITY token
     came since, and closes primer notes the continuation releases; without the primer, those
     notes still sounding at the join are kept from time 0, as a listener would hear them.
     """
-    midi = codec.decode(np.concatenate([primer, new]).astype(np.int16), config)
-    if include_primer or len(primer) == 0:
-        return midi
-    cut = codec.duration_seconds(primer, config)
-    for inst in midi.instruments:
-        kept = [n for n in inst.notes if n.end > cut + 1e-9]
-        for n in kept:
-            n.start, n.end = max(n.start - cut, 0.0), n.end - cut
-        inst.notes = kept
-    return midi
+    notes = codec.decode_notes(np.concatenate([primer, new]).astype(np.int16), config)
+    pitch, start, end, velocity = notes.pitch, notes.start, notes.end, notes.velocity
+    if not include_primer and len(primer):
+        cut = codec.duration_seconds(primer, config)
+        kept = end > cut + 1e-9
+        pitch, velocity = pitch[kept], velocity[kept]
+        start, end = np.maximum(start[kept] - cut, 0.0), end[kept] - cut
+    return codec.piano_midi(pitch, start, end, velocity)
 
 
 def fit_seconds(tokens: np.ndarray, seconds: float, config: CodecConfig) -> np.ndarray:
@@ -196,7 +199,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     paths = []
     for k, piece in enumerate(pieces):
         piece = fit_seconds(piece, max_seconds, config)
-        midi = _continuation(primer_tokens, piece, config, r.include_primer)
+        midi = continuation_midi(primer_tokens, piece, config, r.include_primer)
         path = claim_file(out_dir, f"{stem}-{k}")
         codec.write_midi(midi, path)
         paths.append(path)

@@ -72,7 +72,18 @@ def recompute_step(model, length: int, batch: int, steps: int, device: str) -> f
 
 
 def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else f"{platform.machine()} CPU"
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"{cpu_name()} CPU"
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; platform.processor() is empty there)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def integrate(grid: list[int], per_step: list[float], n: int) -> float:
@@ -321,7 +332,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, python {platform.python_version()}")
     if not args.skip_speed:
         print(speed_table(args))
     if args.e2e_checkpoint and args.backends:

@@ -87,6 +87,20 @@ def test_exported_graphs_give_the_models_logits(tmp_path, monkeypatch, prompt_le
 
 
 @needs_ort
+def test_a_prompt_read_on_two_threads_fills_the_ring_bit_for_bit(tmp_path):
+    # The prefill takes a second core, the steps do not: a seed's tokens must not depend on it.
+    model = make_model(context_len=256, n_embd=128, mlp_dim=512, std=0.3)
+    export_onnx(model, tmp_path, source="test")
+    prompt = torch.randint(0, 390, (700,), generator=torch.Generator().manual_seed(3)).numpy()
+    one, two = (onnx_stepper.OnnxStepper(tmp_path, prefill_threads=n) for n in (1, 2))
+    logits = [one.start(prompt, 1), two.start(prompt, 1)]
+    assert two.sessions["chunk.onnx"].get_session_options().intra_op_num_threads == 2
+    assert np.array_equal(*logits)
+    for mine, theirs in zip(one.ring, two.ring):
+        assert np.array_equal(mine, theirs)
+
+
+@needs_ort
 @pytest.mark.parametrize("sampling, samples", [
     (SamplingConfig(), 1),  # these three draw inside sample.onnx
     (SamplingConfig(temperature=0.7, top_p=0.8), 1),

@@ -3,13 +3,15 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pretty_midi
 import pytest
 from conftest import make_piece
 
 from musicgpt import checkpoint_header
 from musicgpt.cli import main
-from musicgpt.sample import SampleRequest, sample_files
+from musicgpt.sample import SampleRequest, continuation_midi, sample_files
+from musicgpt.vocab import NOTE_OFF, NOTE_ON, TIME_SHIFT, CodecConfig
 
 
 def _sample(capsys, *args) -> tuple[int, list[Path], str]:
@@ -137,3 +139,15 @@ def test_newest_run_is_used_without_checkpoint_and_files_are_listed(tiny_run, tm
     assert rc == 0 and len(paths) == 1 and paths[0].parent == Path("samples") and paths[0].is_file()
     assert "newest run" in err and "--seed" in err  # which model, and how to repeat the run
 
+
+
+def test_a_note_sounding_at_the_join_starts_the_continuation_at_time_zero():
+    # The primer strikes C4 and waits 1 s; the continuation releases it 0.5 s later, then plays E4.
+    config = CodecConfig()
+    shift = TIME_SHIFT + 49  # 50 steps of 10 ms
+    primer = np.array([NOTE_ON + 60, shift, shift], dtype=np.int16)
+    new = np.array([shift, NOTE_OFF + 60, NOTE_ON + 64, shift], dtype=np.int16)
+    alone = continuation_midi(primer, new, config, include_primer=False).instruments[0].notes
+    assert [(n.pitch, round(n.start, 3), round(n.end, 3)) for n in alone] == [(60, 0.0, 0.5), (64, 0.5, 1.0)]
+    whole = continuation_midi(primer, new, config, include_primer=True).instruments[0].notes
+    assert [(n.pitch, round(n.start, 3), round(n.end, 3)) for n in whole] == [(60, 0.0, 1.5), (64, 1.5, 2.0)]
