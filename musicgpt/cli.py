@@ -236,6 +236,9 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     ]
     for flag, kind, metavar, text in filters:
         p.add_argument(flag, type=kind, metavar=metavar, help=text)
+    p.add_argument("--pool-time-shifts", action=argparse.BooleanOptionalAction, default=None,
+                   help="top-p weighs all TIME_SHIFTs together as one candidate, so it does not cut the long "
+                        "waits and crowd the notes (default: on)")
     p.add_argument("--beams", type=int, dest="num_beams", metavar="B",
                    help="beam search with this many beams (deterministic)")
     p.add_argument("--length-penalty", type=float, metavar="L",
@@ -254,8 +257,8 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
 
 def _decoding_options(args: argparse.Namespace) -> dict:
     """The request fields `_add_decoding_options`' arguments give (SampleRequest and InfillRequest share them)."""
-    names = ("greedy", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
-             "num_beams", "length_penalty")
+    names = ("greedy", "temperature", "top_k", "top_p", "pool_time_shifts", "typical_p", "min_p",
+             "repetition_penalty", "num_beams", "length_penalty")
     sampling = SamplingConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     limits = {}
     for field_name, flag, value in (("max_pause_seconds", "--max-pause", args.max_pause),

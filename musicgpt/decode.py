@@ -30,8 +30,9 @@ class Stepper(Protocol):
     """What a decoding loop needs from a model: logits for the next token, and beam reordering.
 
     A stepper may also draw the next token inside its step, `step_and_draw(tokens, mask, noise,
-    temperature, top_p)` for up to `draw_rows` rows: the rules' mask and the race's noise go in
-    and the chosen tokens come out, so the loop does no array work per token.
+    temperature, top_p, pooled)` for up to `draw_rows` rows: the rules' mask, the race's noise and
+    the tokens top-p pools go in and the chosen tokens come out, so the loop does no array work
+    per token.
     """
 
     window: int  # tokens the model attends over (the repetition penalty looks as far back)
@@ -60,12 +61,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def filter_logits(logits: np.ndarray, cfg: SamplingConfig, generated: np.ndarray | None = None) -> np.ndarray:
+def filter_logits(logits: np.ndarray, cfg: SamplingConfig, generated: np.ndarray | None = None,
+                  pooled: np.ndarray | None = None) -> np.ndarray:
     """Logits [B, V] with cfg's processors applied and removed tokens at -inf (input untouched).
 
     Order, as in Hugging Face transformers: repetition penalty (over `generated` [B, T] token
     ids), temperature, top-k, top-p, min-p, typical-p. Top-k keeps every token tied with the
     k-th best logit, so it may keep more than k; the mass filters always keep at least one.
+    Top-p ranks the tokens of `pooled` (a [V] bool mask, the TIME_SHIFTs) as one candidate.
     """
     if generated is not None and cfg.repetition_penalty != 1.0:
         logits = penalize_repeats(logits, generated, cfg.repetition_penalty)
@@ -76,7 +79,7 @@ def filter_logits(logits: np.ndarray, cfg: SamplingConfig, generated: np.ndarray
         kth = np.partition(logits, V - cfg.top_k, axis=-1)[..., V - cfg.top_k:V - cfg.top_k + 1]
         logits = np.where(logits < kth, -np.inf, logits)
     if cfg.top_p < 1.0:
-        logits = _keep_most_probable(logits, cfg.top_p)
+        logits = _keep_most_probable(logits, cfg.top_p, pooled)
     if cfg.min_p > 0.0:
         probs = softmax(logits)
         logits = np.where(probs < cfg.min_p * probs.max(-1, keepdims=True), -np.inf, logits)
@@ -97,25 +100,31 @@ def penalize_repeats(logits: np.ndarray, generated: np.ndarray, penalty: float) 
     return out
 
 
-def _keep_most_probable(logits: np.ndarray, mass: float) -> np.ndarray:
-    """Keep the most probable tokens until they hold `mass` (ties by index); at least one.
+def _keep_most_probable(logits: np.ndarray, mass: float, pooled: np.ndarray | None = None) -> np.ndarray:
+    """Keep the most probable tokens until they hold `mass` (ties by index); at least one. The
+    tokens of `pooled` ([V] bool) count as one candidate, ranked last among ties, kept or cut whole.
 
     `_keep_smallest_set` with the key -probability, made cheap for every sampled token: sorting
     the probabilities alone gives the running mass, and the k-th largest one is the threshold.
     """
     probs = softmax(logits)
-    ranked = np.sort(probs, axis=-1)[:, ::-1]
+    candidates = probs
+    if pooled is not None and pooled.any():
+        candidates = np.concatenate([np.where(pooled, 0.0, probs), probs[:, pooled].sum(-1, keepdims=True)], -1)
+    ranked = np.sort(candidates, axis=-1)[:, ::-1]
     before = np.cumsum(ranked, -1) - ranked
     kept = np.maximum((before < mass).sum(-1), 1)
-    out = logits.copy()
+    keep = np.empty(candidates.shape, dtype=bool)
     for b, k in enumerate(kept.tolist()):
-        row, threshold = probs[b], ranked[b, k - 1]
-        out[b, row < threshold] = -np.inf
+        row, threshold = candidates[b], ranked[b, k - 1]
+        keep[b] = row >= threshold
         tied = np.flatnonzero(row == threshold)
-        surplus = len(tied) - (k - int((row > threshold).sum()))  # tied tokens ranked past the k-th
+        surplus = len(tied) - (k - int((row > threshold).sum()))  # tied candidates ranked past the k-th
         if surplus > 0:
-            out[b, tied[len(tied) - surplus:]] = -np.inf
-    return out
+            keep[b, tied[len(tied) - surplus:]] = False
+    if candidates is not probs:
+        keep = np.where(pooled, keep[:, -1:], keep[:, :-1])
+    return np.where(keep, logits, -np.inf)
 
 
 def _keep_smallest_set(logits: np.ndarray, key: np.ndarray, mass: float) -> np.ndarray:
@@ -148,6 +157,7 @@ def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules
     lengths, alive = [0] * batch, [True] * batch
     rows = rules.initial(batch)
     penalize = cfg.repetition_penalty != 1.0
+    pooled = rules.steps > 0 if cfg.pool_time_shifts else np.zeros(rules.vocab_size, dtype=bool)
     in_step = in_step_draw(stepper, cfg, batch)
 
     def choose(logits: np.ndarray, pos: int) -> np.ndarray:
@@ -156,7 +166,7 @@ def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules
         if cfg.greedy:
             return (penalize_repeats(logits, seen, cfg.repetition_penalty) if penalize else logits).argmax(-1)
         # The exponential race: argmax p / E with E ~ Exp(1) draws p, one vectorised draw.
-        probs = softmax(filter_logits(logits, cfg, seen))
+        probs = softmax(filter_logits(logits, cfg, seen, pooled))
         return (probs / race_noise(rng, probs.shape)).argmax(-1)
 
     token = choose(stepper.start(prompt, batch), P)
@@ -174,7 +184,7 @@ def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules
                 break
             if in_step is not None:  # the same draw, made inside the model's step
                 token = in_step(token, rules.mask(rows), race_noise(rng, (batch, rules.vocab_size)),
-                                cfg.temperature, cfg.top_p)
+                                cfg.temperature, cfg.top_p, pooled)
             else:
                 token = choose(stepper.step(token), P + t + 1)
     return [_strip_eos(seq[k, P:P + n], rules.eos_id) for k, n in enumerate(lengths)]

@@ -13,8 +13,9 @@ Inputs: `tokens` [B, T] int64, `pos` (the position of the first new token) and t
 `kN` [B, H, D, window-1] and `vN` [B, H, window-1, D] per layer; outputs: `logits` [B, V] for
 the token after the last new one, and `new_kN` / `new_vN` [B, H, T, D], which the caller writes
 into slots (pos + t) % (window - 1). `sample.onnx` also takes the draw's `mask` [1, V] (the
-decoding rules, added to the logits), `noise` [1, V] (the race's Exp(1) draws), `temperature`
-and `top_p`, and gives `token` [1] in place of the logits. `meta.json`, written last, says what
+decoding rules, added to the logits), `noise` [1, V] (the race's Exp(1) draws), `temperature`,
+`top_p` and `pooled` [1, V] (1 for the tokens top-p ranks as one), and gives `token` [1] in place
+of the logits. `meta.json`, written last, says what
 the folder holds.
 """
 
@@ -51,19 +52,24 @@ class StepGraph(nn.Module):
         return (logits[:, -1], *kernel.new)
 
 
-def race_top_p(logits: Tensor, noise: Tensor, temperature: Tensor, top_p: Tensor) -> Tensor:
+def race_top_p(logits: Tensor, noise: Tensor, temperature: Tensor, top_p: Tensor, pooled: Tensor) -> Tensor:
     """The token each row draws from softmax(logits / temperature) cut to its top-p nucleus, by the
     exponential race against `noise`: `musicgpt.decode`'s sampling, written to run in a graph.
 
-    A token is kept when the tokens more probable than it hold less than top_p, and every token
-    as probable as the last one kept is kept too (the numpy filter keeps such ties by index).
+    The tokens where `pooled` is 1 (the TIME_SHIFTs) are ranked as one candidate holding their
+    summed probability. A candidate is kept when the ones more probable than it hold less than
+    top_p, and every candidate as probable as the last one kept is kept too (the numpy filter
+    keeps such ties by index).
     """
     probs = (logits / temperature).softmax(-1)
-    ranked = probs.sort(-1, descending=True).values
-    before = ranked.cumsum(-1) - ranked  # the mass ahead of each ranked token
+    pooled_mass = (probs * pooled).sum(-1, keepdim=True)
+    candidates = torch.cat([probs * (1.0 - pooled), pooled_mass], -1)
+    ranked = candidates.sort(-1, descending=True).values
+    before = ranked.cumsum(-1) - ranked  # the mass ahead of each ranked candidate
     kept = (before < top_p).sum(-1, keepdim=True).clamp(min=1)
     threshold = ranked.gather(-1, kept - 1)
-    return (torch.where(probs >= threshold, probs, 0.0) / noise).argmax(-1)
+    as_ranked = torch.where(pooled > 0, pooled_mass, probs)  # each token's candidate's mass
+    return (torch.where(as_ranked >= threshold, probs, 0.0) / noise).argmax(-1)
 
 
 class SampleGraph(StepGraph):
@@ -71,9 +77,9 @@ class SampleGraph(StepGraph):
     decoding rules' `mask`, so a sampling loop needs no array work of its own."""
 
     def forward(self, tokens: Tensor, pos: Tensor, mask: Tensor, noise: Tensor, temperature: Tensor,
-                top_p: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
+                top_p: Tensor, pooled: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
         logits, *new = super().forward(tokens, pos, *ring)
-        return (race_top_p(logits + mask, noise, temperature, top_p), *new)
+        return (race_top_p(logits + mask, noise, temperature, top_p, pooled), *new)
 
 
 class ChunkGraph(nn.Module):
@@ -110,7 +116,7 @@ def _graph_bytes(graph: nn.Module, tokens: Tensor, ring: list[Tensor], *, rows: 
         inputs[2:2] = DRAW_INPUTS
         outputs[0] = "token"
         args = (tokens, torch.tensor(0), torch.zeros(1, V), torch.ones(1, V), torch.tensor(1.0),
-                torch.tensor(0.9), *ring)
+                torch.tensor(0.9), torch.zeros(1, V), *ring)
     batch = {0: "batch"} if rows else {}
     axes = {"tokens": {**batch, **({1: "new"} if new else {})}, "logits": batch,
             **{name: batch for name in ring_names(n_layer)},

@@ -22,12 +22,12 @@ import numpy as np
 
 from musicgpt.errors import MusicGPTError
 
-EXPORT_VERSION = 2  # bump when the graphs' inputs, outputs or kernels change
+EXPORT_VERSION = 3  # bump when the graphs' inputs, outputs or kernels change
 # ONNX Runtime fuses `q * scale` into the ring product as a FusedMatMul, whose kernel is several
 # times slower than the plain MatMul for one query row against the whole ring.
 DISABLED_OPTIMIZERS = ["MatMulScaleFusion"]
 SHORT_PROMPT = 8  # prompts up to this long go through the step graph (no second session to load)
-DRAW_INPUTS = ["mask", "noise", "temperature", "top_p"]  # sample.onnx's, after `pos`
+DRAW_INPUTS = ["mask", "noise", "temperature", "top_p", "pooled"]  # sample.onnx's, after `pos`
 CHUNK = 128  # prompt tokens per chunk: a chunk's attention costs chunk x (window + chunk)
 # Reading a prompt is a few large products, which a second core speeds up (a step is not).
 PREFILL_THREADS = 2
@@ -185,17 +185,20 @@ class OnnxStepper:
         self.pos += 1
 
     def step_and_draw(self, tokens: np.ndarray, mask: np.ndarray, noise: np.ndarray, temperature: float,
-                      top_p: float) -> np.ndarray:
+                      top_p: float, pooled: np.ndarray) -> np.ndarray:
         """Feed one row's new token and draw the next in the graph (`onnx_export.race_top_p`)
-        from the logits plus `mask`, with the race's `noise`; top_p 1 keeps every token."""
+        from the logits plus `mask`, with the race's `noise`; top_p 1 keeps every token, and the
+        tokens of `pooled` ([V] bool) are one candidate of the nucleus."""
         if self.draw_binding is None:
             self._bind_draw()
         self.tokens[:, 0] = tokens
         self.pos_buffer[...] = self.pos
-        self.draw_inputs["mask"][...] = mask
-        self.draw_inputs["noise"][...] = noise
-        self.draw_inputs["temperature"][...] = temperature
-        self.draw_inputs["top_p"][...] = top_p if top_p < 1.0 else np.inf
+        inputs = self.draw_inputs
+        inputs["mask"][...] = mask
+        inputs["noise"][...] = noise
+        inputs["temperature"][...] = temperature
+        inputs["top_p"][...] = top_p if top_p < 1.0 else np.inf
+        inputs["pooled"][...] = pooled
         self.draw_session.run_with_iobinding(self.draw_binding)
         self._keep_new()
         return self.drawn.copy()
@@ -204,7 +207,8 @@ class OnnxStepper:
         self.draw_session = self.session("sample.onnx")
         V = self.vocab_size
         self.draw_inputs = {"mask": np.zeros((1, V), np.float32), "noise": np.ones((1, V), np.float32),
-                            "temperature": np.ones((), np.float32), "top_p": np.ones((), np.float32)}
+                            "temperature": np.ones((), np.float32), "top_p": np.ones((), np.float32),
+                            "pooled": np.zeros((1, V), np.float32)}
         self.drawn = np.zeros(1, np.int64)
         self.draw_binding = self._io_binding(self.draw_session, self.draw_inputs, {"token": self.drawn})
 

@@ -40,6 +40,10 @@ class SamplingConfig:
     # the default model leaves fewer notes ringing for seconds at the same statistical overlap
     # with real music (its model card gives the measurements).
     top_p: float = 0.9
+    # Top-p weighs the TIME_SHIFT tokens as one candidate, "wait", kept or cut whole. Per token,
+    # the cut falls on the long waits, each of which is rare, and the music comes out twice as
+    # dense as the performances it continues (the default model's card gives the measurements).
+    pool_time_shifts: bool = True
     typical_p: float = 1.0  # locally typical set holding this much probability
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max
     repetition_penalty: float = 1.0  # CTRL penalty on tokens in the model's view
@@ -51,6 +55,7 @@ class SamplingConfig:
         _check(self, "temperature", is_real(self.temperature) and self.temperature > 0, "> 0")
         _check(self, "top_k", is_integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)")
         _check(self, "top_p", is_real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]")
+        _check(self, "pool_time_shifts", isinstance(self.pool_time_shifts, bool), "True or False")
         _check(self, "typical_p", is_real(self.typical_p) and 0 < self.typical_p <= 1, "in (0, 1]")
         _check(self, "min_p", is_real(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)")
         _check(self, "repetition_penalty", is_real(self.repetition_penalty) and self.repetition_penalty > 0, "> 0")

@@ -7,7 +7,7 @@ import pytest
 
 from musicgpt.decode import decode, filter_logits, softmax
 from musicgpt.sampling import SamplingConfig
-from musicgpt.vocab import CodecConfig
+from musicgpt.vocab import TIME_SHIFT, CodecConfig
 
 CFG = CodecConfig()
 NOTES = [60, 64, 67, 72]  # NOTE_ONs: the rules never forbid them
@@ -58,6 +58,29 @@ def test_sampled_tokens_follow_the_filtered_distribution(sampling, probs):
     stat, counts = _chi_square(draws, probs)
     assert counts[probs == 0].sum() == 0  # what the filter removed is never drawn
     assert stat < 16.3, counts  # chi-square, 3 degrees of freedom, p = 0.001
+
+
+class WaitingStepper(FixedStepper):
+    """A model that strikes C4 with probability 0.4, else waits 10 ms to 1 s, each wait 0.006."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits[0] = -np.inf
+        self.logits[0, 60] = np.log(0.4)
+        self.logits[0, TIME_SHIFT:TIME_SHIFT + 100] = np.log(0.006)
+
+
+@pytest.mark.parametrize("pool, longest_kept", [(True, 100), (False, 84)])
+def test_top_p_cuts_waits_as_one_candidate_so_time_is_not_shortened(pool, longest_kept):
+    # Per token, a 0.9 nucleus holds the note and the 84 first waits (in index order among ties),
+    # so the long waits are never drawn; pooled, every wait keeps its probability.
+    out = decode(WaitingStepper(), [CFG.eos_id], vocab_size=CFG.vocab_size, max_new_tokens=50,
+                 sampling=SamplingConfig(top_p=0.9, pool_time_shifts=pool), num_samples=200, seed=0,
+                 stop_at_eos=False)
+    waits = np.concatenate(out)
+    waits = waits[waits >= TIME_SHIFT] - TIME_SHIFT + 1
+    assert waits.max() == longest_kept
+    assert abs(waits.mean() - (1 + longest_kept) / 2) < 1.5  # uniform over the kept waits
 
 
 def test_a_seed_repeats_its_draws_and_another_seed_does_not():

@@ -55,6 +55,20 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass(p, expected):
     assert _kept(filter_logits(logits, SamplingConfig(top_p=p))) == expected
 
 
+def test_top_p_weighs_the_pooled_tokens_as_one_candidate_kept_or_cut_whole():
+    # A note at 0.3 and fourteen waits at 0.05 each: per token, a 0.48 nucleus keeps the note and
+    # the four first waits; pooled, the waits (0.7 together) fill the nucleus and the note is cut.
+    logits = _from_probs([0.3] + [0.05] * 14)
+    pooled = np.arange(15) > 0
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48))) == {0, 1, 2, 3, 4}
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48), pooled=pooled)) == set(range(1, 15))
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.8), pooled=pooled)) == set(range(15))
+    rare = _from_probs([0.9] + [0.1 / 14] * 14)  # all the waits together are still the rare 10 %
+    assert _kept(filter_logits(rare, SamplingConfig(top_p=0.85), pooled=pooled)) == {0}
+    tie = _from_probs([0.5, 0.25, 0.125, 0.125])  # the pool ties the note at 0.25: ranked after it
+    assert _kept(filter_logits(tie, SamplingConfig(top_p=0.6), pooled=np.array([False, False, True, True]))) == {0, 1}
+
+
 def test_min_p_keeps_tokens_above_a_fraction_of_the_best():
     logits = _from_probs([0.05, 0.5, 0.15, 0.3])
     assert _kept(filter_logits(logits, SamplingConfig(min_p=0.25, **OFF))) == {1, 2, 3}  # p >= 0.125
