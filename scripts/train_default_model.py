@@ -50,9 +50,14 @@ STAGES = [
                     tag_weight="classical=6", seed=20)),
     ("stage5", dict(seq_len=1024, batch_size=4, lr=2.5e-4, warmup=20, max_steps=500, eval_interval=100,
                     tag_weight="classical=6", seed=21)),
+    ("stage6", dict(seq_len=1024, batch_size=4, lr=2e-4, warmup=20, max_steps=1200, eval_interval=100,
+                    tag_weight="classical=10", seed=22, threads=1)),
 ]
 INIT_FROM = {"stage1": None, "stage2": "stage1/last.safetensors", "stage3": "stage2/best.safetensors",
-             "stage4": "stage3/best.safetensors", "stage5": "stage4/last.safetensors"}
+             "stage4": "stage3/best.safetensors", "stage5": "stage4/last.safetensors",
+             "stage6": "stage5-export/model.safetensors"}
+# Stage 6 continued the stage-5 model as it shipped: its best checkpoint exported in fp16.
+EXPORTED = {"stage5-export": "stage5/best.safetensors"}
 
 
 def old_model(runs: Path) -> Path:
@@ -69,6 +74,7 @@ def old_model(runs: Path) -> Path:
 def run_stage(out: Path, options: dict, init: Path, threads: int | None) -> float:
     """Run one `musicgpt train` stage as a subprocess; return its wall time in seconds."""
     cmd = ["musicgpt", "train", "midi_data/", "--out", str(out), "--init", str(init)]
+    threads = options.pop("threads", threads)  # a stage run with its own thread count keeps it
     cmd += [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -110,6 +116,10 @@ def main() -> None:
                 options.update(max_steps=6, eval_interval=3, warmup=2)
                 options.pop("stop_at", None)
             init = runs / INIT_FROM[name] if INIT_FROM[name] else old_model(runs)
+            if init.parent.name in EXPORTED and not init.exists():
+                from musicgpt.checkpoint import export_model
+
+                export_model(runs / EXPORTED[init.parent.name], init.with_suffix(""))
             walls[name] = run_stage(runs / name, options, init, args.threads)
     if not args.quick:
         export(runs, walls)
