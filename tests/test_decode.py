@@ -48,8 +48,8 @@ def _chi_square(draws, probs):
 
 
 @pytest.mark.parametrize("sampling, probs", [
-    (SamplingConfig(top_p=1.0), PROBS),
-    (SamplingConfig(top_p=0.7), np.array([2 / 3, 1 / 3, 0, 0])),  # 0.5 + 0.25 reach 0.7
+    (SamplingConfig(top_p=1.0, temperature=1.0), PROBS),
+    (SamplingConfig(top_p=0.7, temperature=1.0), np.array([2 / 3, 1 / 3, 0, 0])),  # 0.5 + 0.25 reach 0.7
     (SamplingConfig(top_p=1.0, temperature=2.0), np.sqrt(PROBS) / np.sqrt(PROBS).sum()),
 ])
 def test_sampled_tokens_follow_the_filtered_distribution(sampling, probs):
@@ -75,7 +75,7 @@ def test_top_p_cuts_waits_as_one_candidate_so_time_is_not_shortened(pool, longes
     # Per token, a 0.9 nucleus holds the note and the 84 first waits (in index order among ties),
     # so the long waits are never drawn; pooled, every wait keeps its probability.
     out = decode(WaitingStepper(), [CFG.eos_id], vocab_size=CFG.vocab_size, max_new_tokens=50,
-                 sampling=SamplingConfig(top_p=0.9, pool_time_shifts=pool), num_samples=200, seed=0,
+                 sampling=SamplingConfig(top_p=0.9, temperature=1.0, pool_time_shifts=pool), num_samples=200, seed=0,
                  stop_at_eos=False)
     waits = np.concatenate(out)
     waits = waits[waits >= TIME_SHIFT] - TIME_SHIFT + 1

@@ -13,7 +13,7 @@ from musicgpt.model import MusicGPT, preset
 from musicgpt.vocab import TIME_SHIFT, CodecConfig
 
 EOS, PAD = CodecConfig().eos_id, CodecConfig().pad_id
-OFF = dict(top_p=1.0)  # SamplingConfig's defaults include top-p 0.9; filter tests switch it off
+OFF = dict(top_p=1.0, temperature=1.0)  # the defaults' top-p and temperature, switched off for filter tests
 
 
 def _model(attention="relative", window=32, n_layer=2, seed=0):
@@ -52,7 +52,7 @@ def test_top_k_keeps_the_k_best_and_every_tie_at_the_kth_value():
                                          (1e-9, {2})])
 def test_top_p_keeps_the_smallest_set_reaching_the_mass(p, expected):
     logits = _from_probs([0.3, 0.05, 0.5, 0.15])
-    assert _kept(filter_logits(logits, SamplingConfig(top_p=p))) == expected
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=p, temperature=1.0))) == expected
 
 
 def test_top_p_weighs_the_pooled_tokens_as_one_candidate_kept_or_cut_whole():
@@ -60,13 +60,14 @@ def test_top_p_weighs_the_pooled_tokens_as_one_candidate_kept_or_cut_whole():
     # the four first waits; pooled, the waits (0.7 together) fill the nucleus and the note is cut.
     logits = _from_probs([0.3] + [0.05] * 14)
     pooled = np.arange(15) > 0
-    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48))) == {0, 1, 2, 3, 4}
-    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48), pooled=pooled)) == set(range(1, 15))
-    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.8), pooled=pooled)) == set(range(15))
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48, temperature=1.0))) == {0, 1, 2, 3, 4}
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48, temperature=1.0), pooled=pooled)) == set(range(1, 15))
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.8, temperature=1.0), pooled=pooled)) == set(range(15))
     rare = _from_probs([0.9] + [0.1 / 14] * 14)  # all the waits together are still the rare 10 %
-    assert _kept(filter_logits(rare, SamplingConfig(top_p=0.85), pooled=pooled)) == {0}
+    assert _kept(filter_logits(rare, SamplingConfig(top_p=0.85, temperature=1.0), pooled=pooled)) == {0}
     tie = _from_probs([0.5, 0.25, 0.125, 0.125])  # the pool ties the note at 0.25: ranked after it
-    assert _kept(filter_logits(tie, SamplingConfig(top_p=0.6), pooled=np.array([False, False, True, True]))) == {0, 1}
+    two = np.array([False, False, True, True])
+    assert _kept(filter_logits(tie, SamplingConfig(top_p=0.6, temperature=1.0), pooled=two)) == {0, 1}
 
 
 def test_min_p_keeps_tokens_above_a_fraction_of_the_best():
@@ -104,7 +105,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
 
 def test_temperature_divides_and_filters_apply_in_order():
     logits = np.array([[3.0, 2.9, 0.0]], dtype=np.float32)
-    assert np.array_equal(filter_logits(logits, SamplingConfig(temperature=0.5, **OFF)), logits * 2)
+    assert np.array_equal(filter_logits(logits, SamplingConfig(**{**OFF, "temperature": 0.5})), logits * 2)
     # The penalty comes first: token 0 falls to 1.5, so top-1 then keeps token 1.
     cfg = SamplingConfig(repetition_penalty=2.0, top_k=1, **OFF)
     assert _kept(filter_logits(logits, cfg, np.array([[0]]))) == {1}
