@@ -30,7 +30,8 @@ HELD_OUT = "held out"  # the primer is the next validation file of the style nam
 # (name, primer: a path, HELD_OUT or "" for silence, options). Primed pieces keep their 10 s primer.
 PIECES = [
     ("01-classical", HELD_OUT, ["--style", "classical"]),
-    ("02-classical-temp0.9", HELD_OUT, ["--style", "classical", "--temperature", "0.9"]),
+    ("02-classical-per-token-top-p", HELD_OUT, ["--style", "classical", "--temperature", "1.0",
+                                                "--no-pool-time-shifts"]),
     ("03-pop", HELD_OUT, ["--style", "pop"]),
     ("04-pop-minp", HELD_OUT, ["--style", "pop", "--min-p", "0.05", "--top-p", "1.0"]),
     ("05-chorale", "midi_data/scores/music21/bach/bwv121.6.mid", ["--style", "chorale"]),
