@@ -44,8 +44,8 @@ COMMANDS = {
     "sample": ("write new MIDI with a trained model, from silence or continuing a primer",
                "Generate piano music with a trained model and write it as MIDI files (listed on stdout). "
                "Without --checkpoint the newest run under runs/ is used, else the shipped default model. "
-               f"Sampling defaults: temperature {SamplingConfig.temperature:g}, top-p {SamplingConfig.top_p:g}, "
-               "other filters off."),
+               f"Sampling defaults: temperature {SamplingConfig.temperature:g}, top-p {SamplingConfig.top_p:g} "
+               "with the TIME_SHIFTs pooled, other filters off."),
     "infill": ("write new music between two times of a piece (a model trained with --fim-rate > 0)",
                "Regenerate the music from --start to --end seconds of a MIDI file with a fill-in-the-middle model: "
                "the model reads the music before and after the gap and writes a new passage lasting exactly the "
