@@ -79,10 +79,10 @@ class OnnxStepper:
         self.n_head, self.d_head, self.vocab_size = meta["n_head"], meta["d_head"], meta["vocab_size"]
         self.slots = self.window - 1
         self.reach = self.n_layer * self.slots + 1  # prompt tokens that still matter
+        self.threads = threads  # every graph's but the prompt's
         if prefill_threads is None:
             prefill_threads = max(threads, min(PREFILL_THREADS, os.cpu_count() or 1))
-        self.threads = {"chunk.onnx": prefill_threads}  # graph name -> threads, if not `threads`
-        self.default_threads = threads
+        self.prefill_threads = prefill_threads
         self.sessions = {}  # graph name -> session, each loaded when first needed
 
     def session(self, name: str):
@@ -91,7 +91,7 @@ class OnnxStepper:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads.get(name, self.default_threads)
+            options.intra_op_num_threads = self.prefill_threads if name == "chunk.onnx" else self.threads
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             try:
