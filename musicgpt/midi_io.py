@@ -58,6 +58,25 @@ def subset(notes: Notes, keep: np.ndarray, shift: float = 0.0, until: float = ma
     return Notes(notes.pitch[keep], start, end, notes.velocity[keep])
 
 
+def as_heard(notes: Notes) -> Notes:
+    """The notes a piano sounds: one per key and onset (the longest), each ended where its key
+    is struck again. A pedal-held note re-struck is one string, not two notes at once; the codec
+    cuts notes the same way, so this is what any model trained on its tokens can write."""
+    order = np.lexsort((-notes.end, notes.start, notes.pitch))
+    pitch, start, end = notes.pitch[order], notes.start[order], notes.end[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (pitch[1:] != pitch[:-1]) | (start[1:] != start[:-1])
+    order, pitch, start, end = order[first], pitch[first], start[first], end[first]
+    struck_again = np.zeros(len(order), dtype=bool)
+    struck_again[:-1] = pitch[1:] == pitch[:-1]
+    end = end.copy()
+    end[:-1] = np.where(struck_again[:-1], np.minimum(end[:-1], start[1:]), end[:-1])
+    keep = np.sort(order)  # back in the file's order
+    position = np.empty(len(notes), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    return Notes(notes.pitch[keep], notes.start[keep], end[position[keep]], notes.velocity[keep])
+
+
 def read_notes(midi: str | os.PathLike | pretty_midi.PrettyMIDI) -> Notes:
     """Notes of a MIDI file or a PrettyMIDI object, drums dropped, sustain pedal applied."""
     if isinstance(midi, pretty_midi.PrettyMIDI):

@@ -6,9 +6,10 @@ min(p, q). Both distributions are histograms over the same fixed bins (below), n
 probability masses, so OA = sum over bins of min(p_i, q_i): 1 for identical distributions, 0
 for disjoint ones. Fixed bins (rather than a kernel density estimate with a data-dependent
 bandwidth) make OA comparable between runs and sets of any size. Values past the last bin edge
-count in the last bin. Notes are read with the sustain pedal applied, drums dropped. Each file is
-read once; `compare_sets(..., copies=True)` also runs the memorisation check of `musicgpt.copies`
-on the same notes.
+count in the last bin. Notes are read with the sustain pedal applied, drums dropped, and as a
+piano sounds them (`midi_io.as_heard`: a re-struck key ends its pedal-held note), so real files
+and decoded samples are measured alike. Each file is read once; `compare_sets(..., copies=True)`
+also runs the memorisation check of `musicgpt.copies` on the same notes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from musicgpt.copies import copies_report
 from musicgpt.errors import MidiReadError, MusicGPTError
-from musicgpt.midi_io import Notes, read_notes, subset
+from musicgpt.midi_io import Notes, as_heard, read_notes, subset
 from musicgpt.vocab import CodecConfig
 
 GRID_S = CodecConfig().step_seconds  # onsets are grouped on the codec's grid: a hand's chord is one onset
@@ -137,7 +138,7 @@ def read_set(files: list[Path], label: str = "", progress: bool = True) -> NoteS
             skipped.append(f"{path}: {problem}")
             continue
         try:
-            notes.append(read_notes(path))
+            notes.append(as_heard(read_notes(path)))
         except MidiReadError as e:
             skipped.append(str(e))
             continue

@@ -122,6 +122,38 @@ def test_apply_sustain_rule():
     np.testing.assert_array_equal(midi_io.apply_sustain(end, np.array([]), np.array([]), 6.0), end)
 
 
+def test_as_heard_ends_a_held_note_where_its_key_is_struck_again():
+    notes = midi_io.Notes(
+        pitch=np.array([60, 64, 60, 62, 62, 60]),
+        start=np.array([0.0, 0.0, 1.0, 0.5, 0.5, 3.0]),
+        end=np.array([2.5, 3.0, 1.5, 0.6, 0.9, 4.0]),  # C4 held by the pedal past its next strike
+        velocity=np.array([10, 20, 30, 40, 50, 60]),
+    )
+    heard = midi_io.as_heard(notes)
+    # C4 struck at 0 ends at its next strike (1.0); the later C4s keep their ends; E4 is untouched;
+    # of the two D4s struck together the longer one stays; the file's order is kept.
+    assert heard.pitch.tolist() == [60, 64, 60, 62, 60]
+    assert heard.start.tolist() == [0.0, 0.0, 1.0, 0.5, 3.0]
+    assert heard.end.tolist() == [1.0, 3.0, 1.5, 0.9, 4.0]
+    assert heard.velocity.tolist() == [10, 20, 30, 50, 60]
+
+
+def test_as_heard_durations_are_what_the_codec_keeps(tmp_path):
+    """The codec cuts notes at a re-strike too: on the step grid the two agree note for note."""
+    from musicgpt import codec
+
+    notes = midi_io.read_notes(build_piece())
+    heard = midi_io.as_heard(notes)
+    decoded = codec.decode_notes(codec.encode(notes))
+    assert (heard.end - heard.start).sum() < (notes.end - notes.start).sum()  # the piece re-strikes held keys
+    on, off = codec.grid_steps(heard.start), codec.grid_steps(heard.end)
+    off = np.maximum(off, on + 1)  # the codec also makes every note at least one step long
+    got = sorted(zip(heard.pitch.tolist(), on.tolist(), off.tolist()))
+    steps = codec.grid_steps
+    want = sorted(zip(decoded.pitch.tolist(), steps(decoded.start).tolist(), steps(decoded.end).tolist()))
+    assert got == want
+
+
 @pytest.mark.filterwarnings("ignore:Tempo, Key or Time signature change events found on non-zero tracks")
 def test_tempo_changes_come_from_the_first_track_only(tmp_path):
     """96 ticks a beat: 120 bpm for the first 192 ticks (1 s), then 240 bpm (a beat is 0.25 s)."""

@@ -40,6 +40,14 @@ def test_sustain_pedal_lengthens_notes_and_thickens_polyphony(tmp_path):
     assert v["polyphony"].tolist() == [2, 3, 4]  # E4 rings on under the pedal when G4 comes
 
 
+def test_a_key_struck_again_under_the_pedal_is_one_string(tmp_path):
+    """Stats read notes as a piano sounds them: the re-strike ends the pedal-held note."""
+    path = write(tmp_path / "restruck.mid", [(60, 0.0, 0.2, 80), (60, 0.5, 0.7, 80)], pedal=[(0.0, 100), (1.5, 0)])
+    v = stats.collect([path], progress=False).values
+    assert sorted(v["duration"]) == pytest.approx([0.5, 1.0])  # not two notes both ringing to 1.5 s
+    assert v["polyphony"].tolist() == [1, 1]
+
+
 def test_chord_notes_a_few_ms_apart_are_one_onset(tmp_path):
     v = values(write(tmp_path / "rolled.mid", [(60, 0.0, 1.0, 80), (64, 0.004, 1.0, 80), (67, 1.0, 2.0, 80)]))
     assert v["inter_onset_interval"] == pytest.approx([1.0], abs=0.006)
