@@ -23,11 +23,11 @@ from musicgpt import data
 from musicgpt.checkpoint import choose_checkpoint
 from musicgpt.sampling import SamplingConfig
 
-KEYS = {"t": "temperature", "p": "top_p", "pool": "pool_time_shifts"}
+KEYS = {"t": "temperature", "p": "top_p", "pool": "pool_time_shifts", "m": "min_p"}
 
 
 def parse_setting(text: str) -> SamplingConfig:
-    """'t=0.9,p=0.9,pool=1' as a SamplingConfig (keys left out keep their defaults)."""
+    """'t=0.9,p=0.9,pool=1' (m: min-p) as a SamplingConfig (keys left out keep their defaults)."""
     fields = {}
     for item in text.split(","):
         key, value = item.split("=")
@@ -40,7 +40,8 @@ def measure(checkpoint: Path, style: str, sampling: SamplingConfig, samples: int
     primers = cm.held_out_files()[style]
     reference = cm.CLASSICAL if style == "classical" else cm.POP
     result = {"style": style, "temperature": sampling.temperature, "top_p": sampling.top_p,
-              "pool_time_shifts": sampling.pool_time_shifts, "seeds": f"{seed}-{seed + samples - 1}"}
+              "pool_time_shifts": sampling.pool_time_shifts, "min_p": sampling.min_p,
+              "seeds": f"{seed}-{seed + samples - 1}"}
     for limits in (True, False):
         folder = out / ("limits" if limits else "no-limits")
         cm.continuations(checkpoint, style, primers, folder, limits, samples, seed, sampling)
@@ -55,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--style", choices=("classical", "pop"), required=True)
-    ap.add_argument("--setting", action="append", required=True, help="t=T,p=P,pool=0|1 (repeatable)")
+    ap.add_argument("--setting", action="append", required=True, help="t=T,p=P,pool=0|1,m=MIN_P (repeatable)")
     ap.add_argument("--samples", type=int, default=cm.SAMPLES_PER_STYLE)
     ap.add_argument("--seed", type=int, default=1700)
     ap.add_argument("--out", type=Path, required=True, help="folder for the samples (one subfolder per setting)")
