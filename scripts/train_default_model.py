@@ -3,7 +3,7 @@
 Anyone can rerun this on the committed `midi_data/` (pop, classical performances, scores; style
 tags from the folders and `midi_data/tags.txt`). The recipe continues the model shipped before
 (a `tiny` model trained on the 56 GiantMIDI-Piano performances alone, taken from git at
-OLD_MODEL_COMMIT) in seven `musicgpt train` stages, all `tiny` (0.74 M parameters), with style
+OLD_MODEL_COMMIT) in eight `musicgpt train` stages, all `tiny` (0.74 M parameters), with style
 tags and fill-in-the-middle (FIM) windows at the default rate 0.5:
 
 1. 2,528 steps of a 3,000-step schedule on the whole corpus, 512-token windows, batch 8: the
@@ -20,11 +20,12 @@ tags and fill-in-the-middle (FIM) windows at the default rate 0.5:
 6. 1,200 steps from stage 5 as it shipped (its best checkpoint in fp16), classical performances
    drawn 10 times as often, on one thread (the other core was sampling and benchmarking).
 7. 700 steps more from stage 6's best at half its learning rate, the same mix.
+8. 1,200 steps more from stage 7's best at the same learning rate, the same mix.
 
-The best stage-7 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
+The best stage-8 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
 metrics.jsonl and loss.png beside it.
 
-    python scripts/train_default_model.py --threads 2   # the shipped run (about 5.5 h on 2 CPU cores)
+    python scripts/train_default_model.py --threads 2   # the shipped run (about 6.5 h on 2 CPU cores)
     python scripts/train_default_model.py --quick       # a few steps per stage, to check the pipeline
 """
 
@@ -57,10 +58,13 @@ STAGES = [
                     tag_weight="classical=10", seed=22, threads=1)),
     ("stage7", dict(seq_len=1024, batch_size=4, lr=1e-4, warmup=20, max_steps=700, eval_interval=100,
                     tag_weight="classical=10", seed=24, threads=1)),
+    ("stage8", dict(seq_len=1024, batch_size=4, lr=1e-4, warmup=20, max_steps=1200, eval_interval=100,
+                    tag_weight="classical=10", seed=26, threads=1)),
 ]
 INIT_FROM = {"stage1": None, "stage2": "stage1/last.safetensors", "stage3": "stage2/best.safetensors",
              "stage4": "stage3/best.safetensors", "stage5": "stage4/last.safetensors",
-             "stage6": "stage5-export/model.safetensors", "stage7": "stage6/best.safetensors"}
+             "stage6": "stage5-export/model.safetensors", "stage7": "stage6/best.safetensors",
+             "stage8": "stage7/best.safetensors"}
 # Stage 6 continued the stage-5 model as it shipped: its best checkpoint exported in fp16.
 EXPORTED = {"stage5-export": "stage5/best.safetensors"}
 
