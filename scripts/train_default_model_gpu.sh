@@ -14,6 +14,9 @@
 # 3. `best` is exported in fp16 to $OUT/default_model/ with metrics.jsonl, loss.png and the
 #    held-out losses (classical and pop files neither model trained on), which come back to the
 #    local session; that session compares it with scripts/compare_models.py before shipping it.
+# On a 2-core CPU, `medium` samples about 20 times slower than the shipped `tiny` (BENCHMARKS.md,
+# "What a bigger default would cost at sampling time"). Weigh that before it replaces the
+# default: it could ship beside it instead.
 set -euo pipefail
 OUT=${OUT:-scratch/gpu_out}
 TRAIN_S=${TRAIN_S:-330}
