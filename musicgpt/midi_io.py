@@ -69,12 +69,10 @@ def as_heard(notes: Notes) -> Notes:
     order, pitch, start, end = order[first], pitch[first], start[first], end[first]
     struck_again = np.zeros(len(order), dtype=bool)
     struck_again[:-1] = pitch[1:] == pitch[:-1]
-    end = end.copy()
-    end[:-1] = np.where(struck_again[:-1], np.minimum(end[:-1], start[1:]), end[:-1])
+    heard_end = notes.end.copy()
+    heard_end[order] = np.where(struck_again, np.minimum(end, np.roll(start, -1)), end)
     keep = np.sort(order)  # back in the file's order
-    position = np.empty(len(notes), dtype=np.int64)
-    position[order] = np.arange(len(order))
-    return Notes(notes.pitch[keep], notes.start[keep], end[position[keep]], notes.velocity[keep])
+    return Notes(notes.pitch[keep], notes.start[keep], heard_end[keep], notes.velocity[keep])
 
 
 def read_notes(midi: str | os.PathLike | pretty_midi.PrettyMIDI) -> Notes:

@@ -34,7 +34,7 @@ from musicgpt import data
 from musicgpt.checkpoint import choose_checkpoint, load_model, peek_controls
 from musicgpt.copies import copies_report
 from musicgpt.evaluate import loss_on_pieces
-from musicgpt.midi_io import as_heard, read_notes
+from musicgpt.midi_io import read_notes
 from musicgpt.sample import SampleRequest, sample_files
 from musicgpt.sampling import SamplingConfig
 from musicgpt.stats import NoteSet, compare, compare_sets, excerpts, read_set, set_stats
@@ -115,7 +115,7 @@ def real_minute_oa(primers: list[Path], reference: Path, samples: int = SAMPLES_
 def long_note_share(*folders: Path) -> float:
     """Share of the notes (sustain pedal applied, as a piano sounds them) longer than LONG_NOTE_S."""
     files = [f for folder in folders for f in data.find_midi_files(folder)]
-    durations = np.concatenate([n.end - n.start for n in (as_heard(read_notes(f)) for f in files)])
+    durations = np.concatenate([n.end - n.start for n in read_set(files, progress=False).notes])
     return float((durations > LONG_NOTE_S).mean())
 
 
