@@ -2,10 +2,10 @@
 
 Held notes are the default model's known fault: with the sampler's limits off it lets notes
 ring for seconds more often than the music it learned from. This scores every NOTE_OFF of the
-held-out classical performances (`compare_models.held_out_files`) in non-overlapping
-context-long windows behind the `classical` tag, and reports the mean loss of the NOTE_OFFs by
-the age of the note they end, and by how many tokens back its NOTE_ON lies, beside the mean
-loss of the NOTE_ONs.
+held-out classical performances (`compare_models.held_out_files`) in the windows held-out loss
+uses (non-overlapping, context-long, behind the piece's tag), and reports the mean loss of the
+NOTE_OFFs by the age of the note they end, and by how many tokens back its NOTE_ON lies, beside
+the mean loss of the NOTE_ONs.
 
     python scripts/release_loss.py --checkpoint default
 """
@@ -19,41 +19,45 @@ import compare_models as cm
 import numpy as np
 import torch
 
-from musicgpt import codec
+from musicgpt import codec, data
 from musicgpt.checkpoint import choose_checkpoint, load_model
+from musicgpt.data import Piece
+from musicgpt.tags import tag_pieces
 from musicgpt.vocab import NOTE_OFF
+from musicgpt.windows import eval_token_windows, tag_ids, window_starts
 
 AGE_EDGES_S = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, np.inf)
 DISTANCE_EDGES = (0, 64, 256, np.inf)
 
 
-def token_losses(model, tokens: np.ndarray, tag: int | None, window: int) -> np.ndarray:
-    """Loss (nats) of each token predicted in non-overlapping windows of the model's context; the
-    first token of each window is predicted from the tag alone (nan without a tag)."""
-    losses = np.full(len(tokens), np.nan)
-    stride = window if tag is not None else window - 1  # without a tag a window's first token is context only
-    for s in range(0, len(tokens) - 1, stride):
-        chunk = tokens[s:s + window]
-        context = np.r_[tag, chunk[:-1]] if tag is not None else chunk[:-1]
-        targets, first = (chunk, s) if tag is not None else (chunk[1:], s + 1)
+def token_losses(model, piece: Piece, controls, config, seq_len: int) -> np.ndarray:
+    """Loss (nats) of each of the piece's tokens, scored in the windows held-out loss uses
+    (`windows.eval_token_windows`: each token a target once, behind the piece's tag)."""
+    (tag,) = tag_ids([piece], controls)
+    framed = np.full(len(piece.tokens) + 2, np.nan)  # EOS + tokens + EOS, as the windows frame them
+    starts = window_starts(len(piece.tokens), tag, seq_len)
+    for start, (_, window) in zip(starts, eval_token_windows([piece], seq_len, config, controls)):
         with torch.no_grad():
-            logits = model(torch.tensor(context, dtype=torch.long)[None]).logits[0].float()
+            logits = model(torch.as_tensor(window[:-1], dtype=torch.long)[None]).logits[0].float()
         logp = torch.log_softmax(logits, -1).numpy()
-        losses[first:first + len(targets)] = -logp[np.arange(len(targets)), targets]
-    return losses
+        first = start if tag is not None else start + 1  # the framed position of the first target
+        targets = window[1:].astype(np.int64)
+        framed[first:first + len(targets)] = -logp[np.arange(len(targets)), targets]
+    return framed[1:-1]
 
 
 def release_losses(checkpoint: str) -> dict:
     """Mean NOTE_OFF loss by note age and by token distance, and the mean NOTE_ON loss."""
     path, _ = choose_checkpoint(checkpoint, cm.ROOT / "runs")
     model, ckpt = load_model(path)
-    tag = ckpt.controls.tag_id("classical") if "classical" in ckpt.controls.tags else None
+    corpus = data.encode_files(cm.held_out_files()["classical"], ckpt.codec_config, progress=False)
+    tag_pieces(corpus.pieces, cm.DATA)
     by_age, by_distance, note_on = [[] for _ in AGE_EDGES_S[1:]], [[] for _ in DISTANCE_EDGES[1:]], []
-    for f in cm.held_out_files()["classical"]:
-        tokens = np.asarray(codec.encode(f, ckpt.codec_config), dtype=np.int64)
-        losses = token_losses(model, tokens, tag, ckpt.model_config.context_len)
+    for piece in corpus.pieces:
+        tokens = piece.tokens.astype(np.int64)
+        losses = token_losses(model, piece, ckpt.controls, ckpt.codec_config, ckpt.model_config.context_len)
         notes = codec.decode_notes(tokens, ckpt.codec_config)
-        note_on += [x for x in losses[notes.on_index] if np.isfinite(x)]
+        note_on += losses[notes.on_index].tolist()
         released = notes.off_index >= 0
         released[released] = tokens[notes.off_index[released]] >= NOTE_OFF  # not ended by a re-strike
         for age, distance, off in zip(notes.end[released] - notes.start[released],
