@@ -288,7 +288,7 @@ def model_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch
 
 def build_model(tensors: dict[str, torch.Tensor], ckpt: Checkpoint, device: str | torch.device = "cpu") -> MusicGPT:
     """The model a checkpoint read by `load_checkpoint` describes, with its weights (float32, eval mode)."""
-    model = MusicGPT(ckpt.model_config)
+    model = MusicGPT(ckpt.model_config, ckpt.controls)
     try:
         model.load_state_dict({k: v.float() for k, v in model_state(tensors, ckpt.meta).items()}, strict=True)
     except RuntimeError as e:

@@ -20,7 +20,7 @@ from musicgpt.model import MusicGPT
 def deepen(model: MusicGPT, extra: int = 1) -> MusicGPT:
     """`model` with `extra` more blocks on top, each a copy of its top block with zero output
     projections: the same logits for every input (eval mode), more layers to train."""
-    grown = MusicGPT(replace(model.config, n_layer=model.config.n_layer + extra))
+    grown = MusicGPT(replace(model.config, n_layer=model.config.n_layer + extra), model.controls)
     grown.load_state_dict(model.state_dict(), strict=False)  # every old tensor; the new blocks follow
     top = model.blocks[-1]
     with torch.no_grad():

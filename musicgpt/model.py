@@ -20,7 +20,9 @@ from torch import Tensor
 from musicgpt.attention import AttentionPlan, KeyValueCache, KVCache
 from musicgpt.attention.eager import decode_backends
 from musicgpt.attention.plan import band, distances, sequence_plan
+from musicgpt.controls import Controls
 from musicgpt.errors import MusicGPTError
+from musicgpt.keyboard import CLEAR, KEY_FEATURES, LIFT, MAX_AGE_S, MIDDLE, PRESS, SUFFIX, WAIT, key_table
 from musicgpt.model_config import (
     ATTENTION_KINDS,
     MAX_CONTEXT,
@@ -37,7 +39,7 @@ from musicgpt.model_config import (
 )
 
 __all__ = [
-    "CausalSelfAttention", "MLP", "Block", "ModelOutput", "MusicGPT",
+    "CausalSelfAttention", "MLP", "Block", "KeyboardInput", "ModelOutput", "MusicGPT",
     # The configuration, from musicgpt.model_config, so that `from musicgpt.model import ...` finds it.
     "ModelConfig", "preset", "PRESETS", "ATTENTION_KINDS", "SIZE_LIMITS", "MAX_LAYERS", "MAX_HEADS",
     "MAX_EMBD", "MAX_MLP_DIM", "MAX_CONTEXT", "MAX_VOCAB", "MAX_PARAMS",
@@ -106,6 +108,62 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x)), w
 
 
+class KeyboardInput(nn.Module):
+    """Which keys sound after each token, and for how long (`musicgpt.keyboard`), projected into
+    the embedding. The projection starts at zero, so adding this input to a trained model leaves
+    its predictions exactly as they were until it trains."""
+
+    def __init__(self, cfg: ModelConfig, controls: Controls):
+        super().__init__()
+        self.proj = nn.Linear(KEY_FEATURES, cfg.n_embd, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.set_controls(controls, cfg.vocab_size)
+
+    def set_controls(self, controls: Controls, vocab_size: int) -> None:
+        """Read tokens by these controls' vocabulary (after the model's vocabulary grows)."""
+        table = key_table(controls, vocab_size)
+        device = self.proj.weight.device
+        for name in ("action", "pitch", "steps"):  # not saved: they follow from the controls
+            self.register_buffer(name, torch.as_tensor(getattr(table, name), device=device), persistent=False)
+        self.step_seconds, self.has_fim = table.step_seconds, table.has_fim
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.proj(features.to(self.proj.weight.dtype))
+
+    def read(self, idx: Tensor) -> Tensor:
+        """The features [B, T, 256] after each token of sequences [B, T] that start with no key down."""
+        order = self.time_order(idx) if self.has_fim else None
+        tokens = idx if order is None else idx.gather(1, order)
+        B, T = tokens.shape
+        action, pitch = self.action[tokens], self.pitch[tokens]
+        pos = torch.arange(T, device=idx.device).expand(B, T)
+        keys = torch.arange(KEY_FEATURES // 2, device=idx.device)
+        # For each key, the latest position that pressed it, lifted it, or lifted every key.
+        hit = pitch[..., None] == keys
+        pressed = torch.where((action == PRESS)[..., None] & hit, pos[..., None], -1).cummax(1).values
+        lifted = torch.where((action == LIFT)[..., None] & hit, pos[..., None], -1).cummax(1).values
+        cleared = torch.where((action == CLEAR) | (action == SUFFIX), pos, -1).cummax(1).values
+        down = pressed > torch.maximum(lifted, cleared[..., None])
+        # Integer steps summed exactly, then seconds: a long half-precision sum would drift.
+        now = torch.where(action == WAIT, self.steps[tokens], 0).cumsum(1).float() * self.step_seconds
+        struck = now.gather(1, pressed.clamp(min=0).reshape(B, -1)).reshape(B, T, -1)
+        age = (now[..., None] - struck).clamp(0, MAX_AGE_S) / MAX_AGE_S
+        features = torch.cat([down.float(), down * age], -1)
+        if order is None:
+            return features
+        return torch.empty_like(features).scatter_(1, order[..., None].expand_as(features), features)
+
+    def time_order(self, idx: Tensor) -> Tensor:
+        """Positions in time order: a row holding FIM_SUFFIX at s and then FIM_MIDDLE at m is read
+        as [0, s) + [m, T) + [s, m): prefix, middle, then the suffix (FIM_SUFFIX clears the keys)."""
+        T = idx.size(1)
+        action = self.action[idx]
+        pos = torch.arange(T, device=idx.device).expand_as(idx)
+        s = torch.where(action == SUFFIX, pos, T).amin(1, keepdim=True)
+        m = torch.where((action == MIDDLE) & (pos > s), pos, T).amin(1, keepdim=True)
+        return torch.argsort(pos + 2 * T * ((pos >= s) & (pos < m)), dim=1)
+
+
 # ----------------------------------------------------------------------------- the model
 
 class ModelOutput(NamedTuple):
@@ -125,9 +183,11 @@ class MusicGPT(nn.Module):
     the weights; decoding and the attention weights always take the eager path.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, controls: Controls | None = None):
         super().__init__()
         self.config = config
+        # What the token ids mean: the keyboard input needs it (None: the default codec's events).
+        self.controls = controls or Controls()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = (nn.Embedding(config.context_len, config.n_embd)
                     if config.attention == "absolute" else None)
@@ -136,6 +196,7 @@ class MusicGPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn_impl = "auto"
         self._init_weights()
+        self.keyboard = KeyboardInput(config, self.controls) if config.sounding_notes else None
 
     def _init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02) everywhere, residual output projections scaled down by
@@ -157,9 +218,10 @@ class MusicGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def resize_vocab(self, vocab_size: int, id_map: dict[int, int]) -> None:
+    def resize_vocab(self, vocab_size: int, id_map: dict[int, int], controls: Controls | None = None) -> None:
         """Grow the vocabulary to `vocab_size` ids, old id i becoming id_map[i] (every old id must
-        be mapped); new ids start as fresh GPT-2-style embeddings, so fine-tuning can add tokens."""
+        be mapped); new ids start as fresh GPT-2-style embeddings, so fine-tuning can add tokens.
+        `controls` says what the new ids mean."""
         old = self.wte.weight
         new = torch.empty(vocab_size, old.size(1), device=old.device, dtype=old.dtype).normal_(std=0.02)
         src, dst = zip(*sorted(id_map.items()))
@@ -167,13 +229,21 @@ class MusicGPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
         self.wte.weight.copy_(new)
         self.config = ModelConfig.from_dict({**self.config.to_dict(), "vocab_size": vocab_size})
+        self.controls = controls or self.controls
+        if self.keyboard is not None:
+            self.keyboard.set_controls(self.controls, vocab_size)
 
     # The two halves of every call, public for decoders that drive the layers themselves
     # (musicgpt.steppers.GraphDecoder): embed the tokens, then run the stack under one plan.
 
-    def embed(self, idx: Tensor, start: int = 0) -> Tensor:
-        """Token embeddings [B, T, C] (plus positions start.. for an absolute model), dropped out."""
+    def embed(self, idx: Tensor, start: int = 0, notes: Tensor | None = None) -> Tensor:
+        """Token embeddings [B, T, C] (plus positions start.. for an absolute model, and the
+        keyboard `notes` [B, T, 256] for a model with `sounding_notes`), dropped out."""
         x = self.wte(idx)
+        if self.keyboard is not None:
+            if notes is None:
+                raise ValueError("this model reads the keyboard state: pass its notes (musicgpt.keyboard)")
+            x = x + self.keyboard(notes)
         if self.wpe is not None:
             end = start + idx.size(1)
             if end > self.config.context_len:
@@ -200,7 +270,7 @@ class MusicGPT(nn.Module):
             raise MusicGPTError(f"attention window must be positive, got {attn_window}")
         if attn_window is not None and attn_window >= T:
             attn_window = None  # a window covering everything is plain causal attention
-        x = self.embed(idx)
+        x = self.embed(idx, notes=self.keyboard.read(idx) if self.keyboard is not None else None)
         plan = sequence_plan(self.attn_impl, T, idx.device, relative=self.wpe is None,
                              window=attn_window, need_weights=need_weights,
                              attn_dropout=self.training and self.config.attn_dropout > 0)
@@ -234,22 +304,23 @@ class MusicGPT(nn.Module):
                        device or p.device, dtype or p.dtype)
 
     @torch.no_grad()
-    def decode_step(self, idx_new: Tensor, cache: KVCache) -> Tensor:
+    def decode_step(self, idx_new: Tensor, cache: KVCache, notes: Tensor | None = None) -> Tensor:
         """Logits [B, T_new, V] for tokens following those in `cache`, which it then holds.
 
         Equals `forward(all_tokens, attn_window=cache.window)` at these positions for any
-        chunking.
+        chunking. A model with `sounding_notes` needs the keyboard `notes` [B, T_new, 256] after
+        these tokens, which a `musicgpt.keyboard.Keyboard` following the sequence gives.
         """
-        return self._decode(idx_new, cache, need_weights=False)[0]
+        return self._decode(idx_new, cache, False, notes)[0]
 
     @torch.no_grad()
-    def decode_step_with_attention(self, idx_new: Tensor, cache: KVCache
+    def decode_step_with_attention(self, idx_new: Tensor, cache: KVCache, notes: Tensor | None = None
                                    ) -> tuple[Tensor, list[Tensor]]:
         """`decode_step`'s logits and, per layer, [B, H, T_new, T_keys] weights whose key axis
         covers the last T_keys positions, ending at the newest token."""
-        return self._decode(idx_new, cache, need_weights=True)
+        return self._decode(idx_new, cache, True, notes)
 
-    def _decode(self, idx_new: Tensor, cache: KVCache, need_weights: bool
+    def _decode(self, idx_new: Tensor, cache: KVCache, need_weights: bool, notes: Tensor | None
                 ) -> tuple[Tensor, list[Tensor]]:
         B, T = idx_new.shape
         if B != cache.batch_size:
@@ -257,7 +328,7 @@ class MusicGPT(nn.Module):
         if self.wpe is not None and cache.length + T > self.config.context_len:
             raise MusicGPTError(f"absolute-attention model cannot decode past its context of "
                                 f"{self.config.context_len} tokens; recompute instead")
-        x = self.embed(idx_new, start=cache.length)
+        x = self.embed(idx_new, start=cache.length, notes=notes)
         write_at, first, end = cache.begin(T)
         dist = distances(write_at - first, T, end - first, idx_new.device)
         # A single new token sees exactly the keys kept for it, so it needs no mask.

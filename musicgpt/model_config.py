@@ -45,6 +45,8 @@ class ModelConfig:
     max_rel_dist: int = 256
     attention: str = "relative"
     bias: bool = True
+    # Each position also reads which keys sound and for how long (`musicgpt.keyboard`).
+    sounding_notes: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -67,6 +69,7 @@ class ModelConfig:
             attn += self.max_rel_dist * c  # rel_emb: n_head * max_rel_dist * d_head
         mlp = 2 * c * self.mlp_dim + (self.mlp_dim + c) * bias
         embeddings = self.vocab_size * c + (self.context_len * c if self.attention == "absolute" else 0)
+        embeddings += 2 * 128 * c if self.sounding_notes else 0  # the keyboard input's projection
         return embeddings + self.n_layer * (2 * norm + attn + mlp) + norm
 
     @classmethod
@@ -108,8 +111,11 @@ class ModelConfig:
             if (not isinstance(value, (int, float)) or isinstance(value, bool)
                     or not 0.0 <= value < 1.0):
                 raise MusicGPTError(f"model config: {name} must be in [0, 1), got {value!r:.40}")
-        if not isinstance(self.bias, bool):
-            raise MusicGPTError(f"model config: bias must be true or false, got {self.bias!r:.40}")
+        for name in ("bias", "sounding_notes"):
+            if not isinstance(getattr(self, name), bool):
+                raise MusicGPTError(f"model config: {name} must be true or false, got {getattr(self, name)!r:.40}")
+        if self.sounding_notes and self.attention != "relative":
+            raise MusicGPTError("model config: sounding_notes needs relative attention")
         if self.num_params() > MAX_PARAMS:
             raise MusicGPTError(f"model config: {self.num_params():,} parameters is more than the "
                                 f"limit of {MAX_PARAMS:,}")

@@ -15,8 +15,9 @@ the token after the last new one, and `new_kN` / `new_vN` [B, H, T, D], which th
 into slots (pos + t) % (window - 1). `sample.onnx` also takes the draw's `mask` [1, V] (the
 decoding rules, added to the logits), `noise` [1, V] (the race's Exp(1) draws), `temperature`,
 `top_p` and `pooled` [1, V] (1 for the tokens top-p ranks as one), and gives `token` [1] in place
-of the logits. `meta.json`, written last, says what
-the folder holds.
+of the logits. A model that reads the keyboard state (`sounding_notes`) takes `notes` [B, T, 256]
+after `pos` in every graph: the state after each new token, which the stepper follows on the
+host (`musicgpt.keyboard`). `meta.json`, written last, says what the folder holds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from musicgpt.atomic import atomic_write
 from musicgpt.attention.ring import RingChunk, RingStep
 from musicgpt.errors import MusicGPTError
+from musicgpt.keyboard import KEY_FEATURES
 from musicgpt.model import MusicGPT
 from musicgpt.onnx_stepper import DRAW_INPUTS, EXPORT_VERSION, ring_names
 
@@ -46,10 +48,17 @@ class StepGraph(nn.Module):
         super().__init__()
         self.model, self.window = model, window
 
-    def forward(self, tokens: Tensor, pos: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, tokens: Tensor, pos: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        notes, ring = split_notes(self.model, inputs)
         kernel = RingStep(pos, ring, self.window - 1, self.model.config.d_head)
-        logits, _ = self.model.run_blocks(self.model.embed(tokens), kernel, kernel)
+        logits, _ = self.model.run_blocks(self.model.embed(tokens, notes=notes), kernel, kernel)
         return (logits[:, -1], *kernel.new)
+
+
+def split_notes(model: MusicGPT, inputs: tuple[Tensor, ...]) -> tuple[Tensor | None, tuple[Tensor, ...]]:
+    """(notes, ring) from a graph's inputs after `pos` (and the draw's): notes come first when
+    the model reads the keyboard."""
+    return (inputs[0], inputs[1:]) if model.keyboard is not None else (None, inputs)
 
 
 def race_top_p(logits: Tensor, noise: Tensor, temperature: Tensor, top_p: Tensor, pooled: Tensor) -> Tensor:
@@ -77,8 +86,8 @@ class SampleGraph(StepGraph):
     decoding rules' `mask`, so a sampling loop needs no array work of its own."""
 
     def forward(self, tokens: Tensor, pos: Tensor, mask: Tensor, noise: Tensor, temperature: Tensor,
-                top_p: Tensor, pooled: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
-        logits, *new = super().forward(tokens, pos, *ring)
+                top_p: Tensor, pooled: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        logits, *new = super().forward(tokens, pos, *inputs)
         return (race_top_p(logits + mask, noise, temperature, top_p, pooled), *new)
 
 
@@ -89,9 +98,10 @@ class ChunkGraph(nn.Module):
         super().__init__()
         self.model, self.window = model, window
 
-    def forward(self, tokens: Tensor, pos: Tensor, *ring: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, tokens: Tensor, pos: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        notes, ring = split_notes(self.model, inputs)
         kernel = RingChunk(pos, ring, self.window - 1, tokens.size(1), self.model.config.max_rel_dist)
-        logits, _ = self.model.run_blocks(self.model.embed(tokens), kernel, kernel)
+        logits, _ = self.model.run_blocks(self.model.embed(tokens, notes=notes), kernel, kernel)
         return (logits[:, -1], *kernel.new)
 
 
@@ -109,16 +119,19 @@ def _graph_bytes(graph: nn.Module, tokens: Tensor, ring: list[Tensor], *, rows: 
     """The ONNX bytes of `graph`; `rows` and `new` make the batch and new-token axes dynamic. A
     fixed axis lets the tracer keep sizes as constants instead of computing them in the graph."""
     n_layer = len(ring) // 2
-    inputs, outputs = ["tokens", "pos", *ring_names(n_layer)], ["logits", *ring_names(n_layer, "new_")]
-    args = (tokens, torch.tensor(0), *ring)
+    notes = [] if graph.model.keyboard is None else [torch.zeros(*tokens.shape, KEY_FEATURES)]
+    inputs = ["tokens", "pos", *(["notes"] if notes else []), *ring_names(n_layer)]
+    outputs = ["logits", *ring_names(n_layer, "new_")]
+    args = (tokens, torch.tensor(0), *notes, *ring)
     if isinstance(graph, SampleGraph):  # one row: the draw's inputs come after the position
         V = graph.model.config.vocab_size
         inputs[2:2] = DRAW_INPUTS
         outputs[0] = "token"
         args = (tokens, torch.tensor(0), torch.zeros(1, V), torch.ones(1, V), torch.tensor(1.0),
-                torch.tensor(0.9), torch.zeros(1, V), *ring)
+                torch.tensor(0.9), torch.zeros(1, V), *notes, *ring)
     batch = {0: "batch"} if rows else {}
     axes = {"tokens": {**batch, **({1: "new"} if new else {})}, "logits": batch,
+            **({"notes": {**batch, **({1: "new"} if new else {})}} if notes else {}),
             **{name: batch for name in ring_names(n_layer)},
             **{name: {**batch, **({2: "new"} if new else {})} for name in ring_names(n_layer, "new_")}}
     buffer = io.BytesIO()
@@ -159,7 +172,10 @@ def export_onnx(model: MusicGPT, folder: str | Path, *, window: int | None = Non
         with atomic_write(folder / name) as f:
             f.write(data)
     meta = {"version": EXPORT_VERSION, "source": source, "window": window, "n_layer": c.n_layer,
-            "n_head": c.n_head, "d_head": c.d_head, "vocab_size": c.vocab_size}
+            "n_head": c.n_head, "d_head": c.d_head, "vocab_size": c.vocab_size,
+            # What the token ids mean, for the stepper to follow the keyboard (None: not read).
+            "keyboard": None if model.keyboard is None else {"codec": model.controls.codec.to_dict(),
+                                                             "controls": model.controls.to_dict()}}
     with atomic_write(folder / "meta.json", "w") as f:
         json.dump(meta, f, indent=1)
     return folder

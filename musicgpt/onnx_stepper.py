@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from musicgpt.controls import Controls
 from musicgpt.errors import MusicGPTError
+from musicgpt.keyboard import KEY_FEATURES, Keyboard, key_table
+from musicgpt.vocab import CodecConfig
 
 EXPORT_VERSION = 3  # bump when the graphs' inputs, outputs or kernels change
 # ONNX Runtime fuses `q * scale` into the ring product as a FusedMatMul, whose kernel is several
@@ -84,6 +87,11 @@ class OnnxStepper:
             prefill_threads = max(threads, min(PREFILL_THREADS, os.cpu_count() or 1))
         self.prefill_threads = prefill_threads
         self.sessions = {}  # graph name -> session, each loaded when first needed
+        self.table = None  # a model that reads the keyboard: what its token ids do to it
+        if meta.get("keyboard"):
+            words = meta["keyboard"]
+            controls = Controls.from_dict(words["controls"], CodecConfig.from_dict(words["codec"]))
+            self.table = key_table(controls, self.vocab_size)
 
     def session(self, name: str):
         """The ONNX Runtime session of one of the export's graphs, loaded on first use."""
@@ -111,6 +119,7 @@ class OnnxStepper:
         for _ in range(self.n_layer):
             self.ring += [np.zeros((batch, H, D, R), np.float32), np.zeros((batch, H, R, D), np.float32)]
         self.tokens = np.zeros((batch, 1), np.int64)
+        self.notes = np.zeros((batch, 1, KEY_FEATURES), np.float32)
         self.pos_buffer = np.zeros((), np.int64)
         self.logits = np.zeros((batch, self.vocab_size), np.float32)
         self.new = [np.zeros((batch, H, 1, D), np.float32) for _ in self.ring]
@@ -127,6 +136,7 @@ class OnnxStepper:
 
         binding = session.io_binding()
         inputs = {"tokens": self.tokens, "pos": self.pos_buffer, **inputs,
+                  **({"notes": self.notes} if self.table is not None else {}),
                   **dict(zip(ring_names(self.n_layer), self.ring))}
         for name, array in inputs.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
@@ -145,6 +155,7 @@ class OnnxStepper:
         prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)[-self.reach:]
         self._allocate(1)
         self.pos = 0
+        self.keyboard = Keyboard(self.table) if self.table is not None else None
         if len(prompt) <= SHORT_PROMPT:
             for token in prompt:
                 logits = self.step(np.array([token]))
@@ -156,13 +167,17 @@ class OnnxStepper:
             for mine, theirs in zip(self.ring, ring):
                 mine[...] = theirs
             self.pos = pos
+            if self.keyboard is not None:
+                self.keyboard.reorder(np.zeros(batch, np.int64))
         return np.repeat(logits, batch, 0)
 
     def _prefill(self, prompt: np.ndarray) -> np.ndarray:
         size = min(CHUNK, self.slots)
+        notes = self.keyboard.play_sequence(prompt)[None] if self.keyboard is not None else None
         for start in range(0, len(prompt), size):
             chunk = prompt[start:start + size]
             feeds = {"tokens": chunk[None], "pos": np.array(self.pos, np.int64),
+                     **({"notes": notes[:, start:start + size]} if notes is not None else {}),
                      **dict(zip(ring_names(self.n_layer), self.ring))}
             logits, *new = self.session("chunk.onnx").run(None, feeds)
             self._write(new, self.pos)
@@ -171,10 +186,16 @@ class OnnxStepper:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         self.tokens[:, 0] = tokens
+        self._play(tokens)
         self.pos_buffer[...] = self.pos
         self.step_session.run_with_iobinding(self.binding)
         self._keep_new()
         return self.logits.copy()
+
+    def _play(self, tokens: np.ndarray) -> None:
+        """The keyboard after the new tokens, into the graphs' `notes` (a model that reads it)."""
+        if self.keyboard is not None:
+            self.notes[:, 0] = self.keyboard.play(tokens)
 
     def _keep_new(self) -> None:
         """Write the step's new keys and values into the ring and move on one position."""
@@ -192,6 +213,7 @@ class OnnxStepper:
         if self.draw_binding is None:
             self._bind_draw()
         self.tokens[:, 0] = tokens
+        self._play(tokens)
         self.pos_buffer[...] = self.pos
         inputs = self.draw_inputs
         inputs["mask"][...] = mask
@@ -213,5 +235,7 @@ class OnnxStepper:
         self.draw_binding = self._io_binding(self.draw_session, self.draw_inputs, {"token": self.drawn})
 
     def reorder(self, rows: np.ndarray) -> None:
+        if self.keyboard is not None:
+            self.keyboard.reorder(rows)
         for buffer in self.ring:  # in place: the binding keeps pointing at these buffers
             buffer[...] = buffer[rows]

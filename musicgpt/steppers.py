@@ -6,7 +6,9 @@
 - `RecomputeStepper`: re-runs the whole visible context each step, the slow reference.
 
 Each is a `musicgpt.decode.Stepper`: token ids in and float32 logits out as numpy arrays, so the
-decoding loop itself (`musicgpt.decode`) is the same for every backend.
+decoding loop itself (`musicgpt.decode`) is the same for every backend. For a model that reads
+the keyboard state (`sounding_notes`), the cached steppers follow it with a
+`musicgpt.keyboard.Keyboard` from the prompt's first kept token on.
 
 A relative-attention model keeps going past its window with a sliding window (distances, not
 positions, are what it knows, so this is exact with respect to `forward(..., attn_window=W)`).
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from musicgpt.attention import AttentionPlan, RingKVCache
 from musicgpt.errors import MusicGPTError
+from musicgpt.keyboard import KEY_FEATURES, Keyboard, key_table
 from musicgpt.model import MusicGPT
 
 
@@ -37,6 +40,40 @@ def host_logits(logits: Tensor) -> np.ndarray:
     return logits.float().cpu().numpy()
 
 
+class KeyboardFeed:
+    """The keyboard notes a model with `sounding_notes` reads, followed on the host (see
+    `musicgpt.keyboard`); for any other model every method gives None."""
+
+    def __init__(self, model: MusicGPT):
+        self.table = key_table(model.controls, model.config.vocab_size) if model.keyboard is not None else None
+        self.device = model.wte.weight.device
+
+    def start(self, prompt: np.ndarray, rows: int = 1) -> Tensor | None:
+        """Notes [1, P, 256] after each prompt token; then `rows` rows go on from the prompt."""
+        if self.table is None:
+            return None
+        self.keyboard = Keyboard(self.table)
+        notes = self.keyboard.play_sequence(np.asarray(prompt).reshape(-1))
+        self.keyboard.reorder(np.zeros(rows, np.int64))
+        return torch.from_numpy(notes)[None].to(self.device)
+
+    def play(self, tokens: np.ndarray) -> Tensor | None:
+        """Notes [B, 1, 256] after one new token per row."""
+        if self.table is None:
+            return None
+        return torch.from_numpy(self.keyboard.play(tokens))[:, None].to(self.device)
+
+    def reorder(self, rows: np.ndarray) -> None:
+        if self.table is not None:
+            self.keyboard.reorder(rows)
+
+
+def chunks(tokens: Tensor, notes: Tensor | None, size: int) -> list[tuple[Tensor, Tensor | None]]:
+    """Tokens [B, T] and their notes (or None) in pieces of at most `size` positions."""
+    pieces = tokens.split(size, dim=1)
+    return list(zip(pieces, notes.split(size, dim=1) if notes is not None else [None] * len(pieces)))
+
+
 class CachedStepper:
     """Feeds the model one new token per step through its KV cache."""
 
@@ -44,26 +81,28 @@ class CachedStepper:
         self.model, self.window = model, window
         self.device = model.wte.weight.device
         self.full_at = model.config.context_len if model.config.attention == "absolute" else None
+        self.keys = KeyboardFeed(model)
 
     def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
         tokens = torch.as_tensor(prompt, device=self.device).view(1, -1)
         self.recent = tokens[:, -(self.full_at or 1):].expand(batch, -1)  # what an absolute model re-encodes
         self.cache = self.model.new_cache(1, window=self.window)
-        logits = self._prefill(tokens[:, -receptive_field(self.model, self.window):])
+        tokens = tokens[:, -receptive_field(self.model, self.window):]
+        logits = self._prefill(tokens, self.keys.start(tokens.cpu().numpy(), batch))
         if batch > 1:
             self.cache.reorder(torch.zeros(batch, dtype=torch.long, device=self.device))
         return host_logits(logits.expand(batch, -1))
 
-    def _prefill(self, tokens: Tensor) -> Tensor:
+    def _prefill(self, tokens: Tensor, notes: Tensor | None = None) -> Tensor:
         # Window-sized chunks keep each attention matrix at most window x 2 * window.
-        for chunk in tokens.split(self.window, dim=1):
-            logits = self.model.decode_step(chunk, self.cache)
+        for chunk, chunk_notes in chunks(tokens, notes, self.window):
+            logits = self.model.decode_step(chunk, self.cache, chunk_notes)
         return logits[:, -1]
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         new = torch.as_tensor(tokens, device=self.device).view(-1, 1)
         if self.full_at is None:
-            return host_logits(self.model.decode_step(new, self.cache)[:, -1])
+            return host_logits(self.model.decode_step(new, self.cache, self.keys.play(tokens))[:, -1])
         self.recent = torch.cat([self.recent, new], 1)[:, -self.full_at:]
         if self.cache.length >= self.full_at:  # absolute positions cannot slide: re-encode
             keep = max(1, self.full_at // 2)
@@ -72,6 +111,7 @@ class CachedStepper:
         return host_logits(self.model.decode_step(new, self.cache)[:, -1])
 
     def reorder(self, rows: np.ndarray) -> None:
+        self.keys.reorder(rows)
         rows = torch.as_tensor(rows, device=self.device)
         self.cache.reorder(rows)
         self.recent = self.recent.index_select(0, rows)
@@ -84,17 +124,21 @@ class GraphStepper:
     def __init__(self, model: MusicGPT, window: int, graph: bool | None = None):
         self.model, self.window, self.graph = model, window, graph
         self.device = model.wte.weight.device
+        self.keys = KeyboardFeed(model)
 
     def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
         self.decoder = GraphDecoder(self.model, batch, window=self.window, graph=self.graph)
         prompt = torch.as_tensor(prompt, device=self.device).view(1, -1)
         prompt = prompt[:, -receptive_field(self.model, self.window):]
-        return host_logits(self.decoder.prefill(prompt).expand(batch, -1))
+        notes = self.keys.start(prompt.cpu().numpy(), batch)
+        return host_logits(self.decoder.prefill(prompt, notes).expand(batch, -1))
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
-        return host_logits(self.decoder.step(torch.as_tensor(tokens, device=self.device)))
+        notes = self.keys.play(tokens)
+        return host_logits(self.decoder.step(torch.as_tensor(tokens, device=self.device), notes))
 
     def reorder(self, rows: np.ndarray) -> None:
+        self.keys.reorder(rows)
         self.decoder.reorder(torch.as_tensor(rows, device=self.device))
 
 
@@ -143,6 +187,8 @@ class GraphDecoder:
         self.cache = RingKVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.d_head, self.window,
                                  p.device, p.dtype)
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)
+        self.notes = (torch.zeros(batch_size, 1, KEY_FEATURES, device=p.device)  # the keyboard after the token
+                      if model.keyboard is not None else None)
         self.logits = torch.zeros(batch_size, cfg.vocab_size, device=p.device, dtype=p.dtype)
         self.graph = None
         if graph if graph is not None else p.device.type == "cuda":
@@ -156,7 +202,7 @@ class GraphDecoder:
         dist = cache.begin()  # how far back each slot's key is
         plan = AttentionPlan.eager((dist <= cache.pos)[None],  # hide unwritten slots
                                    rel_index=dist.clamp(max=model.config.max_rel_dist - 1)[None])
-        logits, _ = model.run_blocks(model.embed(self.token), plan, cache)
+        logits, _ = model.run_blocks(model.embed(self.token, notes=self.notes), plan, cache)
         self.logits.copy_(logits[:, -1])
         cache.commit()
 
@@ -175,17 +221,18 @@ class GraphDecoder:
         self.cache.pos.zero_()
 
     @torch.no_grad()
-    def prefill(self, prompt: Tensor) -> Tensor:
+    def prefill(self, prompt: Tensor, notes: Tensor | None = None) -> Tensor:
         """Encode `prompt` [B, P] (or [1, P], shared by every row) with the model's ordinary
         KV-cached decode and load the keys the next token can see into the ring; logits [B', V]
-        for the token after the prompt, B' = the prompt's rows."""
+        for the token after the prompt, B' = the prompt's rows. `notes`: the keyboard after each
+        prompt token, for a model that reads it."""
         B, P = prompt.shape
         if P == 0 or B not in (1, self.cache.k.size(1)):
             raise ValueError(f"prompt of shape {tuple(prompt.shape)} does not fit a decoder "
                              f"for batch {self.cache.k.size(1)} (at least one token per row)")
         cache = self.model.new_cache(B, window=self.window)
-        for chunk in prompt.split(self.window, dim=1):
-            logits = self.model.decode_step(chunk, cache)
+        for chunk, chunk_notes in chunks(prompt, notes, self.window):
+            logits = self.model.decode_step(chunk, cache, chunk_notes)
         n = min(cache.held, self.window - 1)  # positions P-n .. P-1
         held = slice(cache.held - n, cache.held)
         self.cache.load(cache.k[:, :, :, held], cache.v[:, :, :, held], P)
@@ -195,9 +242,12 @@ class GraphDecoder:
         """Row b continues old row rows[b] (beam search); the number of rows stays the same."""
         self.cache.reorder(rows)
 
-    def step(self, token: Tensor) -> Tensor:
-        """Logits [B, V] for the token after `token` [B] (a copy, not the graph's buffer)."""
+    def step(self, token: Tensor, notes: Tensor | None = None) -> Tensor:
+        """Logits [B, V] for the token after `token` [B] (a copy, not the graph's buffer), given
+        the keyboard `notes` [B, 1, 256] after it for a model that reads them."""
         self.token.copy_(token.view(-1, 1))
+        if self.notes is not None:
+            self.notes.copy_(notes.view_as(self.notes))
         if self.graph is not None:
             self.graph.replay()
         else:

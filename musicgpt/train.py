@@ -189,19 +189,25 @@ def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGP
     """A fresh model for a resumed run (its weights are restored later), the `init` checkpoint's
     model (the corpus was encoded with its codec), or a new model from the preset."""
     if resumed is not None:
-        return MusicGPT(resumed[1].model_config)
+        return MusicGPT(resumed[1].model_config, controls)
     if init is not None:
         model, mcfg = checkpoint.build_model(*init), init[1].model_config
         if controls != init[1].controls:  # new tags or FIM sentinels: rows added to the embedding
-            model.resize_vocab(controls.vocab_size, init[1].controls.id_map(controls))
+            model.resize_vocab(controls.vocab_size, init[1].controls.id_map(controls), controls)
             mcfg = model.config
+        changes = {}
         if cfg.dropout is not None or cfg.attn_dropout is not None:
             # Dropout has no weights: the same weights in a model built with the rates asked for
             # (attention dropout follows --dropout unless given, as with a preset).
-            rates = {"dropout": mcfg.dropout if cfg.dropout is None else cfg.dropout, "attn_dropout": cfg.attn_dropout}
-            rebuilt = MusicGPT(ModelConfig.from_dict({**mcfg.to_dict(), **rates}))
-            rebuilt.load_state_dict(model.state_dict())
-            model, mcfg = rebuilt, rebuilt.config
+            changes = {"dropout": mcfg.dropout if cfg.dropout is None else cfg.dropout,
+                       "attn_dropout": cfg.attn_dropout}
+        if cfg.sounding_notes is not None and cfg.sounding_notes != mcfg.sounding_notes:
+            if not cfg.sounding_notes:
+                raise MusicGPTError(f"{cfg.init} reads the keyboard state; --no-sounding-notes cannot remove it")
+            changes["sounding_notes"] = True  # a new input, zero at first: the same predictions
+        if changes:
+            model = rebuilt(model, changes)
+            mcfg = model.config
         if cfg.seq_len > mcfg.context_len:
             if mcfg.attention != "relative":
                 raise MusicGPTError(f"--seq-len {cfg.seq_len} exceeds {cfg.init}'s context ({mcfg.context_len}); "
@@ -216,10 +222,23 @@ def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGP
     for name in ("dropout", "attn_dropout"):
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
+    if cfg.sounding_notes:
+        overrides["sounding_notes"] = True
     mcfg = preset(cfg.preset, **overrides)
     if cfg.seq_len > mcfg.context_len:
         mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})
-    return MusicGPT(mcfg)
+    return MusicGPT(mcfg, controls)
+
+
+def rebuilt(model: MusicGPT, changes: dict) -> MusicGPT:
+    """`model`'s weights in a model whose config has these changes; an input the old model lacked
+    (the keyboard's) keeps its zero start."""
+    new = MusicGPT(ModelConfig.from_dict({**model.config.to_dict(), **changes}), model.controls)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("keyboard.") for k in missing):
+        first = (unexpected or missing)[0]
+        raise MusicGPTError(f"cannot rebuild the model with {changes}: {first} does not carry over")
+    return new
 
 
 def start_run(cfg: TrainConfig, corpus: Corpus, resumed, init, device: str, ranks: Ranks, run_dir: Path) -> Run:

@@ -8,7 +8,8 @@
 #
 # 1. A 40-step probe with the real options measures this GPU's training tokens/s.
 # 2. The run gets as many steps as fit in TRAIN_S seconds (default 330) at that speed: the same
-#    data and tags as the CPU model (midi_data/, classical drawn 3 times as often), FIM 0.5,
+#    data and tags as the CPU model (midi_data/, classical drawn 3 times as often), FIM 0.5, the
+#    keyboard input (--sounding-notes),
 #    batch 16 x 2048 tokens, AdamW at 6e-4 with cosine decay. A SIGINT guard at GUARD_S seconds
 #    stops it cleanly (the `last` and `best` checkpoints are kept) if the probe was optimistic.
 # 3. `best` is exported in fp16 to $OUT/default_model/ with metrics.jsonl, loss.png and the
@@ -31,7 +32,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/scratch/gpu_site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PRECISION=bf16; [ "$DEVICE" = cuda ] || PRECISION=fp32
 OPTIONS=(--preset "$PRESET" --device "$DEVICE" --precision "$PRECISION" --seq-len "$SEQ_LEN" --batch-size "$BATCH"
-         --tag-weight classical=3 --seed 17)
+         --tag-weight classical=3 --sounding-notes --seed 17)
 
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   $PY -c "import torch; print('torch', torch.__version__)"; } | tee "$OUT/env.txt"

@@ -268,8 +268,8 @@ def test_same_seed_same_tokens_and_new_seed_new_tokens():
 class _EOSHappy(MusicGPT):
     """A model that likes ending pieces: EOS gets a fixed boost at every step."""
 
-    def decode_step(self, idx, cache):
-        logits = super().decode_step(idx, cache)
+    def decode_step(self, idx, cache, notes=None):
+        logits = super().decode_step(idx, cache, notes)
         logits[..., EOS] += 2.0
         return logits
 

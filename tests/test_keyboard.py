@@ -1,0 +1,145 @@
+"""The keyboard state a `sounding_notes` model reads: its rules, the two implementations agreeing,
+and every sampler (KV cache, fixed-shape ring, recompute, ONNX) feeding the model the same state."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+
+from musicgpt import onnx_stepper
+from musicgpt.controls import Controls
+from musicgpt.decode import decode
+from musicgpt.generate import generate
+from musicgpt.keyboard import MAX_AGE_S, Keyboard, key_table
+from musicgpt.sampling import SamplingConfig
+from musicgpt.steppers import KeyboardFeed
+from musicgpt.vocab import NOTE_OFF, TIME_SHIFT, CodecConfig
+
+CONTROLS = Controls(CodecConfig(), fim=True, tags=("pop",))
+PRE, SUF, MID = CONTROLS.fim_ids
+EOS = CONTROLS.codec.eos_id
+
+
+def wait(seconds: float) -> int:
+    return TIME_SHIFT + round(seconds * 100) - 1
+
+
+def play(tokens, controls=CONTROLS) -> np.ndarray:
+    return Keyboard(key_table(controls)).play_sequence(np.array(tokens))
+
+
+def sounding_model(**overrides):
+    model = make_model(vocab_size=CONTROLS.vocab_size, sounding_notes=True, context_len=64, max_rel_dist=64,
+                       **overrides)
+    model.controls = CONTROLS
+    model.keyboard.set_controls(CONTROLS, model.config.vocab_size)
+    with torch.no_grad():  # large enough that a wrong state changes the tokens drawn
+        model.keyboard.proj.weight.normal_(0.0, 0.5)
+    return model
+
+
+def test_keys_sound_from_their_note_on_to_their_note_off_and_age_with_time():
+    notes = play([60, wait(0.5), 64, wait(1.0), NOTE_OFF + 60] + [wait(1.0)] * 9)
+    down, age = notes[:, :128], notes[:, 128:] * MAX_AGE_S
+    assert down[0, 60] == 1 and down[0].sum() == 1 and age[0, 60] == 0
+    assert age[1, 60] == pytest.approx(0.5) and down[2, [60, 64]].tolist() == [1, 1]
+    assert age[3].tolist()[60] == pytest.approx(1.5) and age[3, 64] == pytest.approx(1.0)
+    assert down[4, 60] == 0 and age[4, 60] == 0 and down[4, 64] == 1
+    assert age[10, 64] == pytest.approx(7.0) and age[-1, 64] == MAX_AGE_S  # 10 s old reads as the cap
+
+
+def test_a_time_step_of_another_codec_is_read_in_its_own_seconds():
+    slow = Controls(CodecConfig(step_ms=20))
+    assert play([60, TIME_SHIFT + 49], slow)[1, 128 + 60] * MAX_AGE_S == pytest.approx(1.0)
+
+
+def test_eos_lifts_every_key():
+    notes = play([60, 64, EOS, 67])
+    assert notes[2, :128].sum() == 0 and notes[3, :128].nonzero()[0].tolist() == [67]
+
+
+def test_an_infilling_sequence_is_read_in_time_order():
+    """The suffix starts with no key down; the middle goes on from the prefix's state and clock."""
+    notes = play([PRE, 60, wait(1.0), SUF, wait(0.5), 72, MID, wait(0.25), 64])
+    assert notes[4, :128].sum() == 0  # in the suffix, the prefix's key is unknown
+    assert notes[5, :128].nonzero()[0].tolist() == [72]
+    assert notes[6, :128].nonzero()[0].tolist() == [60]  # FIM_MIDDLE: back to the prefix
+    assert notes[8, :128].nonzero()[0].tolist() == [60, 64]
+    assert notes[8, 128 + 60] * MAX_AGE_S == pytest.approx(1.25)
+
+
+def random_sequences(rng, n, length=70):
+    pool = np.r_[np.arange(58, 66), NOTE_OFF + np.arange(58, 66), TIME_SHIFT + np.arange(0, 100, 9), 360, EOS]
+    for trial in range(n):
+        seq = rng.choice(pool, length)
+        if trial % 2:  # a tagged infilling window, cut at two random places
+            a, b = sorted(rng.choice(np.arange(2, length - 2), 2, replace=False))
+            seq = np.r_[CONTROLS.tag_id("pop"), PRE, seq[:a], SUF, seq[b:], MID, seq[a:b]][:length]
+        yield seq
+
+
+def test_the_model_reads_whole_sequences_as_the_keyboard_follows_them_token_by_token():
+    model = sounding_model()
+    rng = np.random.default_rng(0)
+    batch = np.stack(list(random_sequences(rng, 40)))
+    read = model.keyboard.read(torch.as_tensor(batch)).numpy()
+    for row, seq in zip(read, batch):
+        np.testing.assert_allclose(row, play(seq), atol=1e-5)
+    assert (read[:, :, 128:] > 0).any(-1).mean() > 0.5  # keys down, with ages: the comparison has teeth
+
+
+def test_the_input_starts_at_zero_so_a_trained_model_keeps_its_predictions():
+    from musicgpt.train import rebuilt
+
+    plain = make_model(vocab_size=CONTROLS.vocab_size)
+    plain.controls = CONTROLS
+    added = rebuilt(plain, {"sounding_notes": True}).eval()
+    idx = torch.as_tensor(next(random_sequences(np.random.default_rng(1), 1)))[None]
+    torch.testing.assert_close(added(idx).logits, plain(idx).logits, rtol=0, atol=0)
+    with torch.no_grad():
+        added.keyboard.proj.weight.normal_(0.0, 0.5)
+    assert (added(idx).logits - plain(idx).logits).abs().max() > 0.1  # and it is an input
+
+
+def test_cached_decoding_in_chunks_equals_the_whole_sequence():
+    model = sounding_model()
+    seq = list(random_sequences(np.random.default_rng(2), 2))[1]  # an infilling one
+    idx = torch.as_tensor(seq)[None]
+    notes = KeyboardFeed(model).start(seq)
+    cache = model.new_cache(1)
+    parts = [model.decode_step(idx[:, a:b], cache, notes[:, a:b]) for a, b in ((0, 9), (9, 10), (10, 70))]
+    want = model(idx, attn_window=cache.window).logits
+    torch.testing.assert_close(torch.cat(parts, 1), want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="keyboard"):
+        model.decode_step(idx[:, :1], model.new_cache(1))
+
+
+INFILL_PROMPT = [PRE, 60, wait(0.2), 64, wait(0.3), NOTE_OFF + 60, SUF, wait(0.5), NOTE_OFF + 64, MID]
+ARGS = dict(max_new_tokens=50, sampling=SamplingConfig(temperature=1.0), seed=3, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_every_torch_sampler_feeds_the_same_keyboard(samples):
+    """Within the window the recomputing reference reads the state from its whole sequence; the
+    cached and fixed-shape steppers follow it token by token: the same tokens."""
+    model = sounding_model()
+    runs = [generate(model, INFILL_PROMPT, num_samples=samples, **ARGS, **kw)
+            for kw in ({}, {"use_cache": False}, {"static_cache": True})]
+    for run in runs[1:]:
+        assert [r.tolist() for r in run] == [r.tolist() for r in runs[0]]
+
+
+@pytest.mark.skipif(not onnx_stepper.available(), reason="needs musicgpt[fast]")
+@pytest.mark.parametrize("prompt, sampling, samples", [
+    (INFILL_PROMPT, SamplingConfig(temperature=1.0), 2),  # rows.onnx; a short prompt read step by step
+    (INFILL_PROMPT * 2, SamplingConfig(temperature=0.9, top_p=0.9), 1),  # chunk.onnx, then sample.onnx
+])
+def test_the_onnx_sampler_feeds_the_same_keyboard(tmp_path, prompt, sampling, samples):
+    from musicgpt.onnx_export import export_onnx
+
+    model = sounding_model()
+    export_onnx(model, tmp_path, source="test")
+    args = {**ARGS, "sampling": sampling, "num_samples": samples}
+    want = generate(model, prompt, **args)
+    got = decode(onnx_stepper.OnnxStepper(tmp_path), prompt, vocab_size=model.config.vocab_size, **args)
+    assert [r.tolist() for r in got] == [r.tolist() for r in want]
