@@ -1,6 +1,8 @@
 """The keyboard state a `sounding_notes` model reads: its rules, the two implementations agreeing,
 and every sampler (KV cache, fixed-shape ring, recompute, ONNX) feeding the model the same state."""
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from conftest import make_model
 from musicgpt import onnx_stepper
 from musicgpt.controls import Controls
 from musicgpt.decode import decode
-from musicgpt.generate import generate
+from musicgpt.generate import beam_search, generate
 from musicgpt.keyboard import MAX_AGE_S, Keyboard, key_table
 from musicgpt.sampling import SamplingConfig
 from musicgpt.steppers import KeyboardFeed
@@ -127,6 +129,21 @@ def test_every_torch_sampler_feeds_the_same_keyboard(samples):
             for kw in ({}, {"use_cache": False}, {"static_cache": True})]
     for run in runs[1:]:
         assert [r.tolist() for r in run] == [r.tolist() for r in runs[0]]
+
+
+def test_beam_search_moves_each_rows_keyboard_with_its_beam():
+    model = sounding_model()
+    args = dict(max_new_tokens=30, sampling=SamplingConfig(num_beams=4, repetition_penalty=3.0), stop_at_eos=False)
+    want = beam_search(model, INFILL_PROMPT, use_cache=False, **args)  # reads each beam's own tokens
+    assert beam_search(model, INFILL_PROMPT, **args).tolist() == want.tolist()
+    if onnx_stepper.available():
+        from musicgpt.onnx_export import export_onnx
+
+        with tempfile.TemporaryDirectory() as folder:
+            export_onnx(model, folder, source="test")
+            got = decode(onnx_stepper.OnnxStepper(folder), INFILL_PROMPT, vocab_size=model.config.vocab_size,
+                         beam=True, **args)[0]
+        assert got.tolist() == want.tolist()
 
 
 @pytest.mark.skipif(not onnx_stepper.available(), reason="needs musicgpt[fast]")

@@ -79,6 +79,27 @@ def test_fine_tune_starts_from_the_init_weights_with_their_codec(midi_folder, tm
     assert 0 < drift < 1e-4
 
 
+def test_the_keyboard_input_joins_an_init_model_at_zero_and_learns(midi_folder, tmp_path):
+    """--sounding-notes on a model without the input: its weights carry over, the new projection
+    starts at zero and trains, a resumed run keeps it, and it cannot be taken away again."""
+    data = str(midi_folder)
+    base = train(TrainConfig(data_dir=data, out=str(tmp_path / "base"), max_steps=2, **SMALL), progress=False)
+    options = {**SMALL, "preset": None, "lr": 1e-3, "warmup": 0}
+    tuned = train(TrainConfig(data_dir=data, out=str(tmp_path / "keys"), init=str(base / "last.safetensors"),
+                              sounding_notes=True, max_steps=4, stop_at=2, **options), progress=False)
+    model, c = checkpoint.load_model(tuned / "last.safetensors")
+    assert c.model_config.sounding_notes and model.keyboard is not None
+    start = checkpoint.load_model(base / "last.safetensors")[0].state_dict()
+    end = model.state_dict()
+    assert set(end) - set(start) == {"keyboard.proj.weight"}
+    assert 0 < float(end["keyboard.proj.weight"].abs().max()) < 0.01  # two small steps from zero
+    resumed = train(TrainConfig(data_dir=data, resume=str(tuned)), progress=False)
+    assert checkpoint.load_model(resumed / "last.safetensors")[1].model_config.sounding_notes
+    with pytest.raises(MusicGPTError, match="cannot remove"):
+        train(TrainConfig(data_dir=data, out=str(tmp_path / "off"), init=str(resumed / "last.safetensors"),
+                          sounding_notes=False, max_steps=1, **options), progress=False)
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(midi_folder, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(TrainConfig(data_dir=str(midi_folder), out=str(run), max_steps=10, stop_at=5, **SMALL), progress=False)
