@@ -189,8 +189,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1337, help="random seed (default %(default)s)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no transposition or time stretch")
     p.add_argument("--sounding-notes", action=argparse.BooleanOptionalAction, default=None,
-                   help="let the model read which keys sound and for how long; added to an --init model at zero, "
-                        "so it starts with that model's predictions (default: as the --init model; off for a new one)")
+                   help="let the model read which keys sound and for how long (default: on for a new model, as "
+                        "the --init model otherwise); added to an --init model at zero, so it starts with that "
+                        "model's predictions")
     p.add_argument("--tag-dropout", type=float, default=0.1,
                    help="share of tagged windows shown without their style tag (default %(default)s)")
     p.add_argument("--tag-weight", action="append", type=tag_weight, dest="tag_weights", metavar="TAG=W",

@@ -70,9 +70,13 @@ def key_table(controls: Controls, vocab_size: int | None = None) -> KeyTable:
 
 def features(sounding: np.ndarray, age_s: np.ndarray) -> np.ndarray:
     """The model's input from keys down (bool [..., 128]) and their ages in seconds."""
-    sounding = sounding.astype(np.float32)
-    age = np.clip(age_s, 0.0, MAX_AGE_S).astype(np.float32) / MAX_AGE_S
-    return np.concatenate([sounding, sounding * age], -1)
+    out = np.empty((*sounding.shape[:-1], KEY_FEATURES), np.float32)
+    down, age = out[..., :NUM_PITCHES], out[..., NUM_PITCHES:]
+    down[...] = sounding
+    np.clip(age_s, 0.0, MAX_AGE_S, out=age, casting="same_kind")
+    age *= down
+    age /= MAX_AGE_S
+    return out
 
 
 class Keyboard:

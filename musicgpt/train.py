@@ -222,8 +222,7 @@ def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGP
     for name in ("dropout", "attn_dropout"):
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
-    if cfg.sounding_notes:
-        overrides["sounding_notes"] = True
+    overrides["sounding_notes"] = cfg.sounding_notes is not False  # a new model reads the keyboard by default
     mcfg = preset(cfg.preset, **overrides)
     if cfg.seq_len > mcfg.context_len:
         mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})

@@ -34,6 +34,7 @@ def test_cli_train_end_to_end(midi_folder, tmp_path, capsys):
     assert all(math.isclose(r["bits"], r["loss"] / math.log(2)) for r in val)
     _, ckpt = checkpoint.load_model(run)
     assert ckpt.state["step"] in (3, 6) and ckpt.model_config.attention == "relative"
+    assert ckpt.model_config.sounding_notes  # a new model reads the keyboard
 
 
 def test_resume_continues_exactly(midi_folder, tmp_path):
@@ -83,7 +84,8 @@ def test_the_keyboard_input_joins_an_init_model_at_zero_and_learns(midi_folder, 
     """--sounding-notes on a model without the input: its weights carry over, the new projection
     starts at zero and trains, a resumed run keeps it, and it cannot be taken away again."""
     data = str(midi_folder)
-    base = train(TrainConfig(data_dir=data, out=str(tmp_path / "base"), max_steps=2, **SMALL), progress=False)
+    base = train(TrainConfig(data_dir=data, out=str(tmp_path / "base"), max_steps=2, sounding_notes=False, **SMALL),
+                 progress=False)
     options = {**SMALL, "preset": None, "lr": 1e-3, "warmup": 0}
     tuned = train(TrainConfig(data_dir=data, out=str(tmp_path / "keys"), init=str(base / "last.safetensors"),
                               sounding_notes=True, max_steps=4, stop_at=2, **options), progress=False)
