@@ -3,8 +3,9 @@
 Anyone can rerun this on the committed `midi_data/` (pop, classical performances, scores; style
 tags from the folders and `midi_data/tags.txt`). The recipe continues the model shipped before
 (a `tiny` model trained on the 56 GiantMIDI-Piano performances alone, taken from git at
-OLD_MODEL_COMMIT) in eight `musicgpt train` stages, all `tiny` (0.74 M parameters), with style
-tags and fill-in-the-middle (FIM) windows at the default rate 0.5:
+OLD_MODEL_COMMIT) in nine `musicgpt train` stages, all `tiny` (0.74 M parameters; 0.78 M with
+the keyboard input of stage 9), with style tags and fill-in-the-middle (FIM) windows at the
+default rate 0.5:
 
 1. 2,528 steps of a 3,000-step schedule on the whole corpus, 512-token windows, batch 8: the
    vocabulary grows by the five style tags and three FIM sentinels. (The shipped run was stopped
@@ -21,8 +22,10 @@ tags and fill-in-the-middle (FIM) windows at the default rate 0.5:
    drawn 10 times as often, on one thread (the other core was sampling and benchmarking).
 7. 700 steps more from stage 6's best at half its learning rate, the same mix.
 8. 1,200 steps more from stage 7's best at the same learning rate, the same mix.
+9. 1,200 steps more from stage 8's best with the keyboard input added (`--sounding-notes`: which
+   keys sound and for how long, its projection starting at zero), the same mix.
 
-The best stage-8 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
+The best stage-9 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
 metrics.jsonl and loss.png beside it.
 
     python scripts/train_default_model.py --threads 2   # the shipped run (about 6.5 h on 2 CPU cores)
@@ -60,11 +63,13 @@ STAGES = [
                     tag_weight="classical=10", seed=24, threads=1)),
     ("stage8", dict(seq_len=1024, batch_size=4, lr=1e-4, warmup=20, max_steps=1200, eval_interval=100,
                     tag_weight="classical=10", seed=26, threads=1)),
+    ("stage9", dict(seq_len=1024, batch_size=4, lr=1e-4, warmup=20, max_steps=1200, eval_interval=100,
+                    tag_weight="classical=10", seed=31, threads=1, sounding_notes=True)),
 ]
 INIT_FROM = {"stage1": None, "stage2": "stage1/last.safetensors", "stage3": "stage2/best.safetensors",
              "stage4": "stage3/best.safetensors", "stage5": "stage4/last.safetensors",
              "stage6": "stage5-export/model.safetensors", "stage7": "stage6/best.safetensors",
-             "stage8": "stage7/best.safetensors"}
+             "stage8": "stage7/best.safetensors", "stage9": "stage8/best.safetensors"}
 # Stage 6 continued the stage-5 model as it shipped: its best checkpoint exported in fp16.
 EXPORTED = {"stage5-export": "stage5/best.safetensors"}
 
@@ -84,7 +89,8 @@ def run_stage(out: Path, options: dict, init: Path, threads: int | None) -> floa
     """Run one `musicgpt train` stage as a subprocess; return its wall time in seconds."""
     cmd = ["musicgpt", "train", "midi_data/", "--out", str(out), "--init", str(init)]
     threads = options.pop("threads", threads)  # a stage run with its own thread count keeps it
-    cmd += [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    for key, value in options.items():  # True: a switch such as --sounding-notes
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     if threads:
         cmd += ["--threads", str(threads)]
     print("$ " + " ".join(cmd), flush=True)
