@@ -37,6 +37,7 @@ from musicgpt.model_config import (
     ModelConfig,
     preset,
 )
+from musicgpt.vocab import NUM_PITCHES
 
 __all__ = [
     "CausalSelfAttention", "MLP", "Block", "KeyboardInput", "ModelOutput", "MusicGPT",
@@ -137,7 +138,7 @@ class KeyboardInput(nn.Module):
         B, T = tokens.shape
         action, pitch = self.action[tokens], self.pitch[tokens]
         pos = torch.arange(T, device=idx.device).expand(B, T)
-        keys = torch.arange(KEY_FEATURES // 2, device=idx.device)
+        keys = torch.arange(NUM_PITCHES, device=idx.device)
         # For each key, the latest position that pressed it, lifted it, or lifted every key.
         hit = pitch[..., None] == keys
         pressed = torch.where((action == PRESS)[..., None] & hit, pos[..., None], -1).cummax(1).values
