@@ -45,7 +45,7 @@ PART=${1:-1}
 cat "$OUT/env.txt"
 
 case $PART in
-1)  step tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_attention_flex.py tests/test_steppers.py
+1)  step tests 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_attention_flex.py tests/test_steppers.py tests/test_keyboard.py
     # The training step as `musicgpt train` runs it on CUDA, base preset, bf16.
     step bench_train 130 $PY scripts/bench_train.py --preset base --dtype bf16 --device cuda \
         --seq-lens 2048 --batch-size 4 --steps 5 --warmup 2

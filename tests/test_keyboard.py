@@ -160,3 +160,22 @@ def test_the_onnx_sampler_feeds_the_same_keyboard(tmp_path, prompt, sampling, sa
     want = generate(model, prompt, **args)
     got = decode(onnx_stepper.OnnxStepper(tmp_path), prompt, vocab_size=model.config.vocab_size, **args)
     assert [r.tolist() for r in got] == [r.tolist() for r in want]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_cuda_graph_replays_with_each_steps_keyboard():
+    from musicgpt.steppers import GraphDecoder
+
+    model = sounding_model().cuda()
+    seq = list(random_sequences(np.random.default_rng(4), 2))[1]
+    idx = torch.as_tensor(seq).cuda()[None]
+    notes = KeyboardFeed(model).start(seq)
+    runs = []
+    for graph in (False, True):
+        decoder = GraphDecoder(model, batch_size=1, window=32, graph=graph)
+        out = [decoder.prefill(idx[:, :10], notes[:, :10])]
+        out += [decoder.step(idx[:, t], notes[:, t]) for t in range(10, idx.size(1))]
+        runs.append(torch.stack(out, 1))
+    torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-4)
+    want = model(idx, attn_window=32).logits[:, 9:]
+    torch.testing.assert_close(runs[0], want, rtol=0, atol=1e-4)
