@@ -28,7 +28,7 @@ default rate 0.5:
 The best stage-9 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
 metrics.jsonl and loss.png beside it.
 
-    python scripts/train_default_model.py --threads 2   # the shipped run (about 6.5 h on 2 CPU cores)
+    python scripts/train_default_model.py --threads 2   # the shipped run (about 8 h on 2 CPU cores)
     python scripts/train_default_model.py --quick       # a few steps per stage, to check the pipeline
 """
 
