@@ -89,8 +89,8 @@ class OnnxStepper:
         self.sessions = {}  # graph name -> session, each loaded when first needed
         self.table = None  # a model that reads the keyboard: what its token ids do to it
         if meta.get("keyboard"):
-            words = meta["keyboard"]
-            controls = Controls.from_dict(words["controls"], CodecConfig.from_dict(words["codec"]))
+            vocabulary = meta["keyboard"]
+            controls = Controls.from_dict(vocabulary["controls"], CodecConfig.from_dict(vocabulary["codec"]))
             self.table = key_table(controls, self.vocab_size)
 
     def session(self, name: str):
