@@ -22,7 +22,7 @@ import numpy as np
 
 from musicgpt.controls import Controls
 from musicgpt.errors import MusicGPTError
-from musicgpt.keyboard import KEY_FEATURES, Keyboard, key_table
+from musicgpt.keyboard import KEY_FEATURES, Keyboard, KeyTable, key_table
 from musicgpt.vocab import CodecConfig
 
 EXPORT_VERSION = 3  # bump when the graphs' inputs, outputs or kernels change
@@ -89,9 +89,16 @@ class OnnxStepper:
         self.sessions = {}  # graph name -> session, each loaded when first needed
         self.table = None  # a model that reads the keyboard: what its token ids do to it
         if meta.get("keyboard"):
-            vocabulary = meta["keyboard"]
+            self.table = self._key_table(meta["keyboard"])
+
+    def _key_table(self, vocabulary) -> KeyTable:
+        """What each token id does to the keyboard, from the vocabulary meta.json records."""
+        try:
             controls = Controls.from_dict(vocabulary["controls"], CodecConfig.from_dict(vocabulary["codec"]))
-            self.table = key_table(controls, self.vocab_size)
+        except (MusicGPTError, KeyError, TypeError):
+            raise MusicGPTError(f"{self.folder / 'meta.json'}: its vocabulary is damaged; delete {self.folder} "
+                                "and it is exported again") from None
+        return key_table(controls, self.vocab_size)
 
     def session(self, name: str):
         """The ONNX Runtime session of one of the export's graphs, loaded on first use."""

@@ -179,3 +179,19 @@ def test_the_cuda_graph_replays_with_each_steps_keyboard():
     torch.testing.assert_close(runs[1], runs[0], rtol=0, atol=1e-4)
     want = model(idx, attn_window=32).logits[:, 9:]
     torch.testing.assert_close(runs[0], want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not onnx_stepper.available(), reason="needs musicgpt[fast]")
+def test_an_export_whose_vocabulary_is_damaged_fails_in_one_line(tmp_path):
+    import json
+
+    from musicgpt.errors import MusicGPTError
+    from musicgpt.onnx_export import export_onnx
+
+    export_onnx(sounding_model(), tmp_path, source="test")
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["keyboard"]["controls"] == CONTROLS.to_dict()
+    meta["keyboard"] = {"codec": {"step_ms": "ten"}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(MusicGPTError, match="vocabulary is damaged; delete"):
+        onnx_stepper.OnnxStepper(tmp_path)
