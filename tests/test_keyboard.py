@@ -191,7 +191,7 @@ def test_an_export_whose_vocabulary_is_damaged_fails_in_one_line(tmp_path):
     export_onnx(sounding_model(), tmp_path, source="test")
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["keyboard"]["controls"] == CONTROLS.to_dict()
-    meta["keyboard"] = {"codec": {"step_ms": "ten"}}
+    meta["keyboard"]["codec"] = {"step_ms": "ten"}  # a codec setting no export writes
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(MusicGPTError, match="vocabulary is damaged; delete"):
         onnx_stepper.OnnxStepper(tmp_path)
