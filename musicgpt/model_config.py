@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from musicgpt.errors import MusicGPTError
+from musicgpt.keyboard import KEY_FEATURES
 
 ATTENTION_KINDS = ("relative", "absolute")
 
@@ -69,7 +70,7 @@ class ModelConfig:
             attn += self.max_rel_dist * c  # rel_emb: n_head * max_rel_dist * d_head
         mlp = 2 * c * self.mlp_dim + (self.mlp_dim + c) * bias
         embeddings = self.vocab_size * c + (self.context_len * c if self.attention == "absolute" else 0)
-        embeddings += 2 * 128 * c if self.sounding_notes else 0  # the keyboard input's projection
+        embeddings += KEY_FEATURES * c if self.sounding_notes else 0  # the keyboard input's projection
         return embeddings + self.n_layer * (2 * norm + attn + mlp) + norm
 
     @classmethod

@@ -49,11 +49,11 @@ class KeyboardFeed:
         self.device = model.wte.weight.device
 
     def start(self, prompt: np.ndarray, rows: int = 1) -> Tensor | None:
-        """Notes [1, P, 256] after each prompt token; then `rows` rows go on from the prompt."""
+        """Notes [1, P, 256] after each token of `prompt` ([P]); then `rows` rows go on from it."""
         if self.table is None:
             return None
         self.keyboard = Keyboard(self.table)
-        notes = self.keyboard.play_sequence(np.asarray(prompt).reshape(-1))
+        notes = self.keyboard.play_sequence(prompt)
         self.keyboard.reorder(np.zeros(rows, np.int64))
         return torch.from_numpy(notes)[None].to(self.device)
 
@@ -87,8 +87,8 @@ class CachedStepper:
         tokens = torch.as_tensor(prompt, device=self.device).view(1, -1)
         self.recent = tokens[:, -(self.full_at or 1):].expand(batch, -1)  # what an absolute model re-encodes
         self.cache = self.model.new_cache(1, window=self.window)
-        tokens = tokens[:, -receptive_field(self.model, self.window):]
-        logits = self._prefill(tokens, self.keys.start(tokens.cpu().numpy(), batch))
+        kept = np.asarray(prompt).reshape(-1)[-receptive_field(self.model, self.window):]
+        logits = self._prefill(tokens[:, -len(kept):], self.keys.start(kept, batch))
         if batch > 1:
             self.cache.reorder(torch.zeros(batch, dtype=torch.long, device=self.device))
         return host_logits(logits.expand(batch, -1))
@@ -128,10 +128,9 @@ class GraphStepper:
 
     def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
         self.decoder = GraphDecoder(self.model, batch, window=self.window, graph=self.graph)
-        prompt = torch.as_tensor(prompt, device=self.device).view(1, -1)
-        prompt = prompt[:, -receptive_field(self.model, self.window):]
-        notes = self.keys.start(prompt.cpu().numpy(), batch)
-        return host_logits(self.decoder.prefill(prompt, notes).expand(batch, -1))
+        kept = np.asarray(prompt).reshape(-1)[-receptive_field(self.model, self.window):]
+        tokens = torch.as_tensor(kept, device=self.device).view(1, -1)
+        return host_logits(self.decoder.prefill(tokens, self.keys.start(kept, batch)).expand(batch, -1))
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         notes = self.keys.play(tokens)
