@@ -60,15 +60,15 @@ class EvalResult:
 
 @torch.no_grad()
 def mean_loss(model, batches, device: str, autocast=None) -> float:
-    """Mean cross-entropy in nats per token over (inputs, targets) `batches`, every real target
+    """Mean cross-entropy in nats per token over (inputs, targets, sounding notes) `batches`, every real target
     counted once; under `autocast` if given (training's bf16), else in fp32."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for x, y, sounding in batches:
         x, y = x.to(device), y.to(device)
         with autocast or nullcontext():
-            logits = model(x).logits
+            logits = model(x, sounding=sounding.to(device)).logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
         total, count = total + float(loss), count + int((y != IGNORE_INDEX).sum())
@@ -103,11 +103,11 @@ def loss_on_pieces(model, pieces: list[data.Piece], codec_config, *, seq_len: in
     """(nats/token, targets scored, windows) over non-overlapping seq_len windows of `pieces`, each
     behind its piece's tag when `controls` has it."""
     batched = eval_batches(pieces, seq_len, codec_config, batch_size, controls=controls)
-    tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batched)
+    tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in batched)
     bar = tqdm(batched, desc="evaluating", unit="batch", disable=not progress, leave=False)
     # fp32 everywhere: a reported figure should not depend on the device's autocast.
     nats = mean_loss(model, bar, device)
-    return nats, tokens, sum(len(x) for x, _ in batched)
+    return nats, tokens, sum(len(x) for x, _, _ in batched)
 
 
 def evaluate_folder(data_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, *,

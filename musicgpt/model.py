@@ -131,23 +131,29 @@ class KeyboardInput(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         return self.proj(features.to(self.proj.weight.dtype))
 
-    def read(self, idx: Tensor) -> Tensor:
-        """The features [B, T, 256] after each token of sequences [B, T] that start with no key down."""
+    def read(self, idx: Tensor, sounding: Tensor | None = None) -> Tensor:
+        """The features [B, T, 256] after each token of sequences [B, T]; `sounding` [B, 2, 128] is
+        the state before them (`musicgpt.keyboard.sounding_before`), None for no key down."""
         order = self.time_order(idx) if self.has_fim else None
         tokens = idx if order is None else idx.gather(1, order)
         B, T = tokens.shape
         action, pitch = self.action[tokens], self.pitch[tokens]
         pos = torch.arange(T, device=idx.device).expand(B, T)
-        keys = torch.arange(NUM_PITCHES, device=idx.device)
-        # For each key, the latest position that pressed it, lifted it, or lifted every key.
-        hit = pitch[..., None] == keys
-        pressed = torch.where((action == PRESS)[..., None] & hit, pos[..., None], -1).cummax(1).values
-        lifted = torch.where((action == LIFT)[..., None] & hit, pos[..., None], -1).cummax(1).values
-        cleared = torch.where((action == CLEAR) | (action == SUFFIX), pos, -1).cummax(1).values
+        pitches = torch.arange(NUM_PITCHES, device=idx.device)
+        # For each key, the latest position that pressed it, lifted it, or lifted every key; a key
+        # down before the sequence counts as pressed at position -1, and -2 stands for never.
+        hit = pitch[..., None] == pitches
+        pressed = torch.where((action == PRESS)[..., None] & hit, pos[..., None], -2).cummax(1).values
+        if sounding is not None:
+            pressed = torch.maximum(pressed, torch.where(sounding[:, None, 0] > 0, -1, -2))
+        lifted = torch.where((action == LIFT)[..., None] & hit, pos[..., None], -2).cummax(1).values
+        cleared = torch.where((action == CLEAR) | (action == SUFFIX), pos, -2).cummax(1).values
         down = pressed > torch.maximum(lifted, cleared[..., None])
         # Integer steps summed exactly, then seconds: a long half-precision sum would drift.
         now = torch.where(action == WAIT, self.steps[tokens], 0).cumsum(1).float() * self.step_seconds
         struck = now.gather(1, pressed.clamp(min=0).reshape(B, -1)).reshape(B, T, -1)
+        if sounding is not None:  # struck before the sequence, on its clock
+            struck = torch.where(pressed < 0, -sounding[:, None, 1].float(), struck)
         age = (now[..., None] - struck).clamp(0, MAX_AGE_S) / MAX_AGE_S
         features = torch.cat([down.float(), down * age], -1)
         if order is None:
@@ -264,27 +270,29 @@ class MusicGPT(nn.Module):
         # Tied output embedding: logits reuse wte's weights (no separate lm_head parameter).
         return F.linear(self.ln_f(x), self.wte.weight), attentions
 
-    def _sequence(self, idx: Tensor, attn_window: int | None, need_weights: bool
+    def _sequence(self, idx: Tensor, attn_window: int | None, need_weights: bool,
+                  sounding: Tensor | None = None
                   ) -> tuple[Tensor, list[Tensor]]:
         T = idx.size(1)
         if attn_window is not None and attn_window <= 0:
             raise MusicGPTError(f"attention window must be positive, got {attn_window}")
         if attn_window is not None and attn_window >= T:
             attn_window = None  # a window covering everything is plain causal attention
-        x = self.embed(idx, notes=self.keyboard.read(idx) if self.keyboard is not None else None)
+        x = self.embed(idx, notes=self.keyboard.read(idx, sounding) if self.keyboard is not None else None)
         plan = sequence_plan(self.attn_impl, T, idx.device, relative=self.wpe is None,
                              window=attn_window, need_weights=need_weights,
                              attn_dropout=self.training and self.config.attn_dropout > 0)
         return self.run_blocks(x, plan)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *,
-                attn_window: int | None = None) -> ModelOutput:
+                attn_window: int | None = None, sounding: Tensor | None = None) -> ModelOutput:
         """Logits [B, T, V] and the cross-entropy loss (None without targets; -100 ignored).
 
         attn_window=W: each query sees only keys 0 <= i - j < W, the reference for
-        sliding-window decoding.
+        sliding-window decoding. sounding [B, 2, 128]: for a model that reads the keyboard, the
+        notes sounding before `idx` (a window cut from a piece; `musicgpt.keyboard.sounding_before`).
         """
-        logits, _ = self._sequence(idx, attn_window, need_weights=False)
+        logits, _ = self._sequence(idx, attn_window, need_weights=False, sounding=sounding)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),

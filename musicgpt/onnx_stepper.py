@@ -159,10 +159,13 @@ class OnnxStepper:
             self.ring[2 * i + 1][:, :, slots, :] = new[2 * i + 1]
 
     def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
-        prompt = np.asarray(prompt, dtype=np.int64).reshape(-1)[-self.reach:]
+        whole = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        prompt = whole[-self.reach:]
         self._allocate(1)
         self.pos = 0
         self.keyboard = Keyboard(self.table) if self.table is not None else None
+        if self.keyboard is not None:  # the keys the dropped head of a long prompt left down
+            self.keyboard.follow(whole[:len(whole) - len(prompt)])
         if len(prompt) <= SHORT_PROMPT:
             for token in prompt:
                 logits = self.step(np.array([token]))

@@ -8,7 +8,8 @@
 Each is a `musicgpt.decode.Stepper`: token ids in and float32 logits out as numpy arrays, so the
 decoding loop itself (`musicgpt.decode`) is the same for every backend. For a model that reads
 the keyboard state (`sounding_notes`), the cached steppers follow it with a
-`musicgpt.keyboard.Keyboard` from the prompt's first kept token on.
+`musicgpt.keyboard.Keyboard` from the prompt's first token on, so a note struck before the model's
+reach still sounds; the recompute reference tells the model the keys its hidden tokens left down.
 
 A relative-attention model keeps going past its window with a sliding window (distances, not
 positions, are what it knows, so this is exact with respect to `forward(..., attn_window=W)`).
@@ -48,12 +49,14 @@ class KeyboardFeed:
         self.table = key_table(model.controls, model.config.vocab_size) if model.keyboard is not None else None
         self.device = model.wte.weight.device
 
-    def start(self, prompt: np.ndarray, rows: int = 1) -> Tensor | None:
-        """Notes [1, P, 256] after each token of `prompt` ([P]); then `rows` rows go on from it."""
+    def start(self, prompt: np.ndarray, kept: int, rows: int = 1) -> Tensor | None:
+        """Notes [1, kept, 256] after each of the last `kept` tokens of `prompt` ([P]), the keys
+        its dropped head left down included; then `rows` rows go on from it."""
         if self.table is None:
             return None
         self.keyboard = Keyboard(self.table)
-        notes = self.keyboard.play_sequence(prompt)
+        self.keyboard.follow(prompt[:len(prompt) - kept])
+        notes = self.keyboard.play_sequence(prompt[len(prompt) - kept:])
         self.keyboard.reorder(np.zeros(rows, np.int64))
         return torch.from_numpy(notes)[None].to(self.device)
 
@@ -87,8 +90,9 @@ class CachedStepper:
         tokens = torch.as_tensor(prompt, device=self.device).view(1, -1)
         self.recent = tokens[:, -(self.full_at or 1):].expand(batch, -1)  # what an absolute model re-encodes
         self.cache = self.model.new_cache(1, window=self.window)
-        kept = np.asarray(prompt).reshape(-1)[-receptive_field(self.model, self.window):]
-        logits = self._prefill(tokens[:, -len(kept):], self.keys.start(kept, batch))
+        prompt = np.asarray(prompt).reshape(-1)
+        kept = min(len(prompt), receptive_field(self.model, self.window))
+        logits = self._prefill(tokens[:, -kept:], self.keys.start(prompt, kept, batch))
         if batch > 1:
             self.cache.reorder(torch.zeros(batch, dtype=torch.long, device=self.device))
         return host_logits(logits.expand(batch, -1))
@@ -128,9 +132,10 @@ class GraphStepper:
 
     def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
         self.decoder = GraphDecoder(self.model, batch, window=self.window, graph=self.graph)
-        kept = np.asarray(prompt).reshape(-1)[-receptive_field(self.model, self.window):]
-        tokens = torch.as_tensor(kept, device=self.device).view(1, -1)
-        return host_logits(self.decoder.prefill(tokens, self.keys.start(kept, batch)).expand(batch, -1))
+        prompt = np.asarray(prompt).reshape(-1)
+        kept = min(len(prompt), receptive_field(self.model, self.window))
+        tokens = torch.as_tensor(prompt[-kept:], device=self.device).view(1, -1)
+        return host_logits(self.decoder.prefill(tokens, self.keys.start(prompt, kept, batch)).expand(batch, -1))
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         notes = self.keys.play(tokens)
@@ -142,27 +147,39 @@ class GraphStepper:
 
 
 class RecomputeStepper:
-    """The slow reference: re-runs the model over the whole visible context every step."""
+    """The slow reference: re-runs the model over the whole visible context every step, telling a
+    model that reads the keyboard which keys the tokens no longer visible left down."""
 
     def __init__(self, model: MusicGPT, window: int):
         self.model, self.window = model, window
         self.device = model.wte.weight.device
         self.reach = receptive_field(model, window)
+        self.table = key_table(model.controls, model.config.vocab_size) if model.keyboard is not None else None
 
     def start(self, prompt: np.ndarray, batch: int) -> np.ndarray:
+        prompt = np.asarray(prompt).reshape(-1)
         self.seq = torch.as_tensor(prompt, device=self.device).view(1, -1)[:, -self.reach:].expand(batch, -1)
+        self.before = Keyboard(self.table, batch) if self.table is not None else None
+        if self.before is not None:
+            self.before.follow(prompt[:len(prompt) - self.seq.size(1)])
         return self._run()
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         new = torch.as_tensor(tokens, device=self.device).view(-1, 1)
-        self.seq = torch.cat([self.seq, new], 1)[:, -self.reach:]
+        seq = torch.cat([self.seq, new], 1)
+        if self.before is not None and seq.size(1) > self.reach:
+            self.before.play(seq[:, 0].cpu().numpy())
+        self.seq = seq[:, -self.reach:]
         return self._run()
 
     def _run(self) -> np.ndarray:
-        return host_logits(self.model(self.seq, attn_window=self.window).logits[:, -1])
+        sounding = torch.from_numpy(self.before.sounding()).to(self.device) if self.before is not None else None
+        return host_logits(self.model(self.seq, attn_window=self.window, sounding=sounding).logits[:, -1])
 
     def reorder(self, rows: np.ndarray) -> None:
         self.seq = self.seq.index_select(0, torch.as_tensor(rows, device=self.device))
+        if self.before is not None:
+            self.before.reorder(rows)
 
 
 class GraphDecoder:

@@ -389,11 +389,10 @@ def train_step(run: Run, batches, bar: tqdm) -> None:
         group["lr"] = lr
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
-        x, y = next(batches)
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        x, y, sounding = (t.to(run.device, non_blocking=True) for t in next(batches))
         sync = ranks.world == 1 or micro == cfg.grad_accum - 1
         with (nullcontext() if sync else run.step_model.no_sync()), run.autocast:
-            _, loss = run.step_model(x, y)
+            _, loss = run.step_model(x, y, sounding=sounding)
         (loss / cfg.grad_accum).backward()
         loss_sum += float(loss.detach())
     train_loss = loss_sum / cfg.grad_accum

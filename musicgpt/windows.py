@@ -6,6 +6,9 @@ optional augmentation; then, when the model has control tokens (`musicgpt.contro
 tag in front (dropped in `tag_dropout` of windows, so the model also learns untagged music) and,
 in `fim_rate` of windows, the prefix-suffix-middle order of `musicgpt.fim`. Being
 index-deterministic makes resumed and distributed training reproducible without loader state.
+
+Every window comes with the notes still sounding where it was cut (`musicgpt.keyboard`), so a
+model that reads the keyboard knows them as a sampler's model does after a long prompt.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from musicgpt.controls import Controls
 from musicgpt.data import Piece
 from musicgpt.errors import MusicGPTError
 from musicgpt.fim import fim_window
+from musicgpt.keyboard import KEY_FEATURES, moved_sounding, sounding_before
 from musicgpt.vocab import CodecConfig
 
 IGNORE_INDEX = -100  # targets with this value (padding) do not count in the loss
-Example = tuple[torch.Tensor, torch.Tensor]
+Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, sounding notes [2, 128]
 
 
 @dataclass
@@ -36,12 +40,14 @@ class Augment:
     max_transpose: int = 3  # semitones up or down, as in the Music Transformer
     max_stretch: float = codec.MAX_STRETCH  # time stretch factor in [1 - s, 1 + s]
 
-    def __call__(self, tokens: np.ndarray, rng: np.random.Generator, config: CodecConfig) -> np.ndarray:
+    def __call__(self, tokens: np.ndarray, sounding: np.ndarray, rng: np.random.Generator,
+                 config: CodecConfig) -> tuple[np.ndarray, np.ndarray]:
+        """The window and the notes sounding before it, moved alike."""
         k = int(rng.integers(-self.max_transpose, self.max_transpose + 1))
         if k:
             tokens = codec.transpose(tokens, k, config)
         factor = float(rng.uniform(1 - self.max_stretch, 1 + self.max_stretch))
-        return codec.time_stretch(tokens, factor, config)
+        return codec.time_stretch(tokens, factor, config), moved_sounding(sounding, k, factor)
 
 
 def framed(piece: Piece, config: CodecConfig) -> np.ndarray:
@@ -138,24 +144,27 @@ class TokenWindowDataset(torch.utils.data.Dataset):
         take = room + room // 8 if self.augment else room
         start = int(rng.integers(0, max(1, size - room + 1)))
         window = self.source.framed_slice(k, start, start + take)
+        sounding = sounding_before(self.source.framed_slice(k, 0, start), self.config)
         if self.augment:
-            window = self.augment(window, rng, self.config)
+            window, sounding = self.augment(window, sounding, rng, self.config)
         window = window[:room]
         if fim:
             window = fim_window(window, rng, self.config, self.controls.fim_ids)
         if tagged:
             window = np.concatenate([[self.tags[k]], window])
-        return window_to_example(window, need, self.config.pad_id)
+        return window_to_example(window, need, self.config.pad_id, sounding)
 
 
-def window_to_example(window: np.ndarray, need: int, pad_id: int) -> Example:
-    """Pad a window to `need` tokens and split it into (inputs, targets) with padding ignored."""
+def window_to_example(window: np.ndarray, need: int, pad_id: int, sounding: np.ndarray | None = None) -> Example:
+    """Pad a window to `need` tokens and split it into (inputs, targets) with padding ignored,
+    plus the notes sounding before it (none if not given)."""
     buf = np.full(need, pad_id, dtype=np.int64)
     buf[: len(window)] = window
     x = torch.from_numpy(buf[:-1].copy())
     y = torch.from_numpy(buf[1:].copy())
     y[len(window) - 1 :] = IGNORE_INDEX
-    return x, y
+    keys = torch.zeros(2, KEY_FEATURES // 2) if sounding is None else torch.from_numpy(np.asarray(sounding, np.float32))
+    return x, y, keys
 
 
 def spread(total: int, limit: int | None) -> list[int] | None:
@@ -178,9 +187,9 @@ def window_starts(length: int, tag: int | None, seq_len: int) -> range:
 
 
 def eval_token_windows(pieces: list[Piece], seq_len: int, config: CodecConfig, controls: Controls | None = None,
-                       only: list[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """(number, window) of the windows `eval_windows` makes, at most seq_len + 1 tokens each; with
-    `only` (increasing numbers) just those, reading no other piece's tokens."""
+                       only: list[int] | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(number, window, notes sounding before it) of the windows `eval_windows` makes, at most
+    seq_len + 1 tokens each; with `only` (increasing numbers) just those, reading no other piece's tokens."""
     number, wanted = 0, set(only or ())
     for piece, tag in zip(pieces, tag_ids(pieces, controls)):
         starts = window_starts(len(piece.tokens), tag, seq_len)
@@ -191,10 +200,11 @@ def eval_token_windows(pieces: list[Piece], seq_len: int, config: CodecConfig, c
         tokens = framed(piece, config)
         for start in starts:
             if only is None or number in wanted:
+                sounding = sounding_before(tokens[:start], config)
                 if tag is None:
-                    yield number, tokens[start:start + seq_len + 1]
+                    yield number, tokens[start:start + seq_len + 1], sounding
                 else:
-                    yield number, np.concatenate([[tag], tokens[start:start + seq_len]])
+                    yield number, np.concatenate([[tag], tokens[start:start + seq_len]]), sounding
             number += 1
 
 
@@ -203,8 +213,8 @@ def eval_windows(pieces: list[Piece], seq_len: int, config: CodecConfig,
     """Non-overlapping left-to-right windows covering every piece once (no augmentation), each
     behind its piece's tag when the model knows it; with `limit`, an evenly spread subset."""
     only = spread(eval_window_count(pieces, seq_len, controls), limit)
-    return [window_to_example(w, seq_len + 1, config.pad_id)
-            for _, w in eval_token_windows(pieces, seq_len, config, controls, only)]
+    return [window_to_example(w, seq_len + 1, config.pad_id, sounding)
+            for _, w, sounding in eval_token_windows(pieces, seq_len, config, controls, only)]
 
 
 def infill_windows(pieces: list[Piece], seq_len: int, config: CodecConfig, controls: Controls,
@@ -214,19 +224,18 @@ def infill_windows(pieces: list[Piece], seq_len: int, config: CodecConfig, contr
     With `limit`, an evenly spread subset of them (each as it is in the whole set)."""
     out = []
     only = spread(eval_window_count(pieces, seq_len - 3), limit)
-    for i, tokens in eval_token_windows(pieces, seq_len - 3, config, only=only):
+    for i, tokens, sounding in eval_token_windows(pieces, seq_len - 3, config, only=only):
         rng = np.random.default_rng([seed, i])
         window = fim_window(tokens, rng, config, controls.fim_ids)
-        x, y = window_to_example(window, seq_len + 1, config.pad_id)
+        x, y, keys = window_to_example(window, seq_len + 1, config.pad_id, sounding)
         y[: int(np.flatnonzero(window == controls.fim_ids[2])[0])] = IGNORE_INDEX  # middle only
-        out.append((x, y))
+        out.append((x, y, keys))
     return out
 
 
-def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (inputs, targets) pairs into a batch."""
-    xs, ys = zip(*examples)
-    return torch.stack(xs), torch.stack(ys)
+def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack (inputs, targets, sounding notes) examples into a batch."""
+    return tuple(torch.stack(part) for part in zip(*examples))
 
 
 def batches(windows: list[Example], batch_size: int, limit: int | None = None) -> list[tuple[torch.Tensor, ...]]:

@@ -36,9 +36,10 @@ def token_losses(model, piece: Piece, controls, config, seq_len: int) -> np.ndar
     (tag,) = tag_ids([piece], controls)
     framed = np.full(len(piece.tokens) + 2, np.nan)  # EOS + tokens + EOS, as the windows frame them
     starts = window_starts(len(piece.tokens), tag, seq_len)
-    for start, (_, window) in zip(starts, eval_token_windows([piece], seq_len, config, controls)):
+    for start, (_, window, sounding) in zip(starts, eval_token_windows([piece], seq_len, config, controls)):
         with torch.no_grad():
-            logits = model(torch.as_tensor(window[:-1], dtype=torch.long)[None]).logits[0].float()
+            logits = model(torch.as_tensor(window[:-1], dtype=torch.long)[None],
+                           sounding=torch.from_numpy(sounding)[None]).logits[0].float()
         logp = torch.log_softmax(logits, -1).numpy()
         first = start if tag is not None else start + 1  # the framed position of the first target
         targets = window[1:].astype(np.int64)

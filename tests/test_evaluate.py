@@ -10,6 +10,7 @@ import torch
 from musicgpt import checkpoint, data
 from musicgpt.cli import main
 from musicgpt.evaluate import evaluate_folder
+from musicgpt.keyboard import Keyboard, key_table
 
 
 def _val_losses(run):
@@ -35,14 +36,19 @@ def test_all_scores_every_token_once_in_context_length_windows(tiny_run):
     # Each piece is EOS + tokens + EOS: every token after the first EOS is a target exactly once.
     assert r.tokens == sum(len(p.tokens) + 1 for p in pieces)
     assert r.windows == sum(math.ceil((len(p.tokens) + 1) / r.seq_len) for p in pieces)
-    # Independent check: each piece cut into consecutive chunks of seq_len targets, no padding.
+    # Independent check: each piece cut into consecutive chunks of seq_len targets, no padding,
+    # each read with the notes still sounding from the chunks before it, followed key by key.
+    assert model.keyboard is not None
     total, L = 0.0, r.seq_len
     with torch.no_grad():
         for p in pieces:
             framed = torch.tensor([ckpt.codec_config.eos_id, *p.tokens.tolist(), ckpt.codec_config.eos_id])
+            keyboard = Keyboard(key_table(ckpt.controls))
             for start in range(0, len(framed) - 1, L):
                 y = framed[start + 1:start + 1 + L]
-                logits, _ = model(framed[None, start:start + len(y)])
+                sounding = torch.from_numpy(keyboard.sounding())
+                logits, _ = model(framed[None, start:start + len(y)], sounding=sounding)
+                keyboard.play_sequence(framed[start:start + L].numpy())
                 total += float(torch.nn.functional.cross_entropy(logits[0], y, reduction="sum"))
     assert r.nats == pytest.approx(total / r.tokens, rel=1e-5)
 

@@ -8,14 +8,16 @@ import pytest
 import torch
 from conftest import make_model
 
-from musicgpt import onnx_stepper
+from musicgpt import codec, onnx_stepper
 from musicgpt.controls import Controls
+from musicgpt.data import Piece
 from musicgpt.decode import decode
 from musicgpt.generate import beam_search, generate
-from musicgpt.keyboard import MAX_AGE_S, Keyboard, key_table
+from musicgpt.keyboard import MAX_AGE_S, Keyboard, key_table, moved_sounding, sounding_before
 from musicgpt.sampling import SamplingConfig
-from musicgpt.steppers import KeyboardFeed
-from musicgpt.vocab import NOTE_OFF, TIME_SHIFT, CodecConfig
+from musicgpt.steppers import KeyboardFeed, receptive_field
+from musicgpt.vocab import NOTE_OFF, NOTE_ON, TIME_SHIFT, CodecConfig
+from musicgpt.windows import Augment, TokenWindowDataset
 
 CONTROLS = Controls(CodecConfig(), fim=True, tags=("pop",))
 PRE, SUF, MID = CONTROLS.fim_ids
@@ -90,6 +92,81 @@ def test_the_model_reads_whole_sequences_as_the_keyboard_follows_them_token_by_t
     assert (read[:, :, 128:] > 0).any(-1).mean() > 0.5  # keys down, with ages: the comparison has teeth
 
 
+def piece_like(rng, length):
+    """Plain event tokens (no tags or FIM), EOS-framed pieces back to back, as windows are cut from."""
+    pool = np.r_[np.arange(50, 70), NOTE_OFF + np.arange(50, 70), TIME_SHIFT + np.arange(0, 100, 7), 360]
+    seq = rng.choice(pool, length)
+    seq[rng.random(length) < 0.01] = EOS
+    return seq
+
+
+def test_the_state_before_a_window_is_what_the_keyboard_holds_after_its_prefix():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        tokens = piece_like(rng, 300)
+        keyboard = Keyboard(key_table(CONTROLS))
+        keyboard.play_sequence(tokens)
+        np.testing.assert_allclose(sounding_before(tokens, CONTROLS.codec), keyboard.sounding()[0], atol=1e-6)
+    assert sounding_before(np.array([60, wait(1.0), wait(1.0)]), CONTROLS.codec)[:, 60].tolist() == [1.0, 2.0]
+    assert not sounding_before(np.array([60, EOS, wait(1.0)]), CONTROLS.codec).any()  # a new piece
+    assert not sounding_before(np.zeros(0, np.int64), CONTROLS.codec).any()
+
+
+def test_a_window_read_from_its_start_state_continues_its_prefix():
+    """Torch and numpy both: a window given the state its prefix left reads as the prefix + window
+    read together would, in left-to-right and infilling order."""
+    model = sounding_model()
+    rng = np.random.default_rng(3)
+    prefixes = [piece_like(rng, 120) for _ in range(6)]
+    windows = list(random_sequences(rng, 6))
+    states = np.stack([sounding_before(p, CONTROLS.codec) for p in prefixes])
+    assert states[:, 0].sum() >= 12  # keys down at the cut: the comparison has teeth
+    read = model.keyboard.read(torch.as_tensor(np.stack(windows)), torch.as_tensor(states)).numpy()
+    for row, prefix, window, state in zip(read, prefixes, windows, states):
+        np.testing.assert_allclose(row, Keyboard(key_table(CONTROLS), sounding=state).play_sequence(window),
+                                   atol=1e-5)
+        if PRE not in window:  # the plain order: exactly the tail of reading prefix + window
+            np.testing.assert_allclose(row, play(np.r_[prefix, window])[len(prefix):], atol=1e-5)
+    untold = model.keyboard.read(torch.as_tensor(np.stack(windows))).numpy()
+    assert np.abs(untold - read).max() > 0.1
+
+
+def test_the_start_state_moves_with_a_transposed_and_stretched_window():
+    rng = np.random.default_rng(4)
+    for k in (-3, 2, 5):
+        tokens = piece_like(rng, 200)
+        tokens[tokens == EOS] = 360
+        moved = sounding_before(codec.transpose(tokens, k, CONTROLS.codec), CONTROLS.codec)
+        np.testing.assert_allclose(moved_sounding(sounding_before(tokens, CONTROLS.codec), k, 1.0), moved, atol=1e-6)
+    high = sounding_before(np.array([NOTE_ON + 126, 60, wait(1.0)]), CONTROLS.codec)
+    assert np.flatnonzero(moved_sounding(high, 3, 1.05)[0]).tolist() == [63]  # 129 is off the keyboard
+    assert moved_sounding(high, 3, 1.05)[1, 63] == pytest.approx(1.05)
+
+
+def test_every_note_off_in_a_training_window_lifts_a_key_that_is_down():
+    """Cut from the middle of a piece, a window starts with notes sounding; given the state, none
+    of its NOTE_OFFs is unexplained, transposed and stretched or not."""
+    rng = np.random.default_rng(5)
+    notes = [(int(rng.integers(40, 90)), float(rng.uniform(0, 60)), float(rng.uniform(0.1, 6.0))) for _ in range(400)]
+    pitch, start, length = map(np.array, zip(*notes))
+    midi = codec.piano_midi(pitch, start, start + length, np.full(len(pitch), 80))
+    piece = Piece("p.mid", codec.encode(midi).astype(np.int16))
+    table = key_table(Controls(CodecConfig()))
+    for augment in (None, Augment()):
+        windows = TokenWindowDataset([piece], 128, CodecConfig(), augment=augment, seed=1)
+        unexplained = untold = 0
+        for i in range(60):
+            x, _, state = windows[i]
+            told, blind = Keyboard(table, sounding=state.numpy()), Keyboard(table)
+            for token in x.numpy():
+                if table.action[token] == 2:  # LIFT
+                    unexplained += not told.down[0, table.pitch[token]]
+                    untold += not blind.down[0, table.pitch[token]]
+                told.play(np.array([token]))
+                blind.play(np.array([token]))
+        assert unexplained == 0 and untold > 20, (augment, untold)
+
+
 def test_the_input_starts_at_zero_so_a_trained_model_keeps_its_predictions():
     from musicgpt.train import rebuilt
 
@@ -107,7 +184,7 @@ def test_cached_decoding_in_chunks_equals_the_whole_sequence():
     model = sounding_model()
     seq = list(random_sequences(np.random.default_rng(2), 2))[1]  # an infilling one
     idx = torch.as_tensor(seq)[None]
-    notes = KeyboardFeed(model).start(seq)
+    notes = KeyboardFeed(model).start(seq, len(seq))
     cache = model.new_cache(1)
     parts = [model.decode_step(idx[:, a:b], cache, notes[:, a:b]) for a, b in ((0, 9), (9, 10), (10, 70))]
     want = model(idx, attn_window=cache.window).logits
@@ -129,6 +206,27 @@ def test_every_torch_sampler_feeds_the_same_keyboard(samples):
             for kw in ({}, {"use_cache": False}, {"static_cache": True})]
     for run in runs[1:]:
         assert [r.tolist() for r in run] == [r.tolist() for r in runs[0]]
+
+
+def test_a_key_struck_before_the_models_reach_still_sounds_for_every_sampler():
+    """A prompt longer than the receptive field: the keys its dropped head left down are known to
+    the cached, fixed-shape, recomputing and ONNX samplers alike, and they change what is drawn."""
+    model = sounding_model()
+    body = list(np.random.default_rng(6).choice([wait(0.1), 360, 62, NOTE_OFF + 62], 60))
+    held, silent = [EOS, 48, 55, *body], [EOS, 360, 360, *body]  # the same length, two keys down or none
+    args = {**ARGS, "window": 8, "num_samples": 2}
+    assert receptive_field(model, 8) < len(body)
+    runs = [generate(model, held, **args, **kw) for kw in ({}, {"use_cache": False}, {"static_cache": True})]
+    if onnx_stepper.available():
+        from musicgpt.onnx_export import export_onnx
+
+        with tempfile.TemporaryDirectory() as folder:
+            export_onnx(model, folder, window=8, source="test")
+            runs.append(decode(onnx_stepper.OnnxStepper(folder), held,
+                               vocab_size=model.config.vocab_size, **{k: v for k, v in args.items() if k != "window"}))
+    for run in runs[1:]:
+        assert [r.tolist() for r in run] == [r.tolist() for r in runs[0]]
+    assert [r.tolist() for r in generate(model, silent, **args)] != [r.tolist() for r in runs[0]]
 
 
 def test_beam_search_moves_each_rows_keyboard_with_its_beam():
@@ -169,7 +267,7 @@ def test_the_cuda_graph_replays_with_each_steps_keyboard():
     model = sounding_model().cuda()
     seq = list(random_sequences(np.random.default_rng(4), 2))[1]
     idx = torch.as_tensor(seq).cuda()[None]
-    notes = KeyboardFeed(model).start(seq)
+    notes = KeyboardFeed(model).start(seq, len(seq))
     runs = []
     for graph in (False, True):
         decoder = GraphDecoder(model, batch_size=1, window=32, graph=graph)

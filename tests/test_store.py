@@ -92,8 +92,8 @@ def test_store_windows_equal_folder_windows(tmp_path):
     tag_ids = {controls.tag_id(t) for t in corpus.tags}
     tagged = fim = 0
     for i in range(600):
-        (x, y), (x2, y2) = ours[i], theirs[i]
-        assert torch.equal(x, x2) and torch.equal(y, y2), i
+        (x, y, s), (x2, y2, s2) = ours[i], theirs[i]
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(s, s2), i
         tagged += int(x[0]) in tag_ids
         fim += controls.fim_ids[0] in x.tolist()
     assert tagged > 50 and fim > 50  # tags and FIM windows did occur among those compared
@@ -162,7 +162,7 @@ def ddp_windows(rank: int, world: int, port: int, store_dir: str, out: str, step
     run = type("Run", (), dict(cfg=cfg, device="cpu", codec_config=corpus.codec_config, state=RunState(),
                                controls=Controls(corpus.codec_config, True, corpus.tags),
                                ranks=Ranks(rank, world)))()
-    got = [(x.numpy().tobytes(), y.numpy().tobytes()) for x, y in make_loader(run, corpus.train)
+    got = [(x.numpy().tobytes(), y.numpy().tobytes()) for x, y, _ in make_loader(run, corpus.train)
            for x, y in zip(x, y)]
     gathered = [None] * world
     if world > 1:

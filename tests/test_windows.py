@@ -16,10 +16,10 @@ CFG = CodecConfig()
 def test_windows_are_deterministic_and_augment_only_when_asked(midi_folder):
     corpus = data.encode_folder(midi_folder, workers=1, progress=False)
     plain = TokenWindowDataset(corpus.pieces, 64, CFG, seed=1)
-    x, y = plain[5]
+    x, y, _ = plain[5]
     assert x.shape == y.shape == (64,)
     np.testing.assert_array_equal(x[1:].numpy(), y[:-1].numpy())  # targets are inputs shifted by one
-    x2, _ = plain[5]
+    x2, _, _ = plain[5]
     assert (x == x2).all()
     aug = TokenWindowDataset(corpus.pieces, 64, CFG, seed=1, augment=Augment())
     differs = sum(not (aug[i][0] == plain[i][0]).all() for i in range(20))
@@ -28,7 +28,7 @@ def test_windows_are_deterministic_and_augment_only_when_asked(midi_folder):
 
 def test_short_piece_is_padded_with_ignored_targets(tmp_path):
     piece = data.Piece(tmp_path / "x.mid", np.array([60, 260, 188], dtype=np.int16))
-    x, y = TokenWindowDataset([piece], 16, CFG)[0]
+    x, y, _ = TokenWindowDataset([piece], 16, CFG)[0]
     assert x[0] == CFG.eos_id and y[3] == CFG.eos_id
     assert (y[4:] == IGNORE_INDEX).all()
 
@@ -40,13 +40,13 @@ def test_eval_windows_cover_every_token_once(midi_folder, tagged):
     for p in corpus.pieces:
         p.tag = "pop"
     windows = eval_windows(corpus.pieces, 50, CFG, controls)
-    counted = sum(int((y != IGNORE_INDEX).sum()) for _, y in windows)
+    counted = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in windows)
     # Each piece's tokens and its closing EOS; behind a tag, the opening EOS too.
     assert counted == sum(len(p.tokens) + 1 + tagged for p in corpus.pieces)
     if tagged:
-        assert all(x[0] == controls.tag_id("pop") for x, _ in windows)
+        assert all(x[0] == controls.tag_id("pop") for x, _, _ in windows)
     else:
-        assert all(x[0] < CFG.vocab_size for x, _ in windows)
+        assert all(x[0] < CFG.vocab_size for x, _, _ in windows)
 
 
 def piece_of(n_moments: int, tag=None, seed=0) -> data.Piece:
@@ -79,7 +79,7 @@ def test_fim_windows_are_well_formed():
     ds = TokenWindowDataset(pieces, 96, CFG, controls=controls, fim_rate=0.5, seed=4)
     n_fim = 0
     for i in range(200):
-        x, y = ds[i]
+        x, y, _ = ds[i]
         window = np.concatenate([x[:1].numpy(), y[y != IGNORE_INDEX].numpy()])
         if pre not in window:
             assert suf not in window and mid not in window
@@ -106,7 +106,7 @@ def test_infill_windows_score_only_the_middle():
     controls = Controls(CFG, fim=True)
     windows = infill_windows([piece_of(200, seed=5)], 64, CFG, controls)
     assert windows
-    for x, y in windows:
+    for x, y, _ in windows:
         mid_at = int(np.flatnonzero(x.numpy() == controls.fim_ids[2])[0])
         assert (y[:mid_at] == IGNORE_INDEX).all()
         assert (y[mid_at:] != IGNORE_INDEX).any()
