@@ -3,6 +3,8 @@
 The model proposes logits; these rules remove tokens a piece of piano music should not get
 there:
   - PAD never, EOS never when a length was asked for;
+  - NOTE_OFF only for a key that sounds: releasing a key that is up does nothing, and a small
+    model spends a share of its releases on such near misses while the note it meant rings on;
   - from silence, no pause before the first note (`start_with_note`);
   - no pause that would leave more than `max_quiet` steps without a new NOTE_ON: a model can
     lock into 1-second TIME_SHIFTs and write a minute of silence;
@@ -54,6 +56,7 @@ class Rules:
     max_quiet: float = math.inf  # steps without a new note (math.inf: no limit)
     max_held: float = math.inf  # steps a note may sound (math.inf: no limit)
     vocab_size: int = 0  # the model's, when control tokens follow the codec's (0: the codec's)
+    release_sounding_only: bool = True  # NOTE_OFF only for keys that sound (False: any key)
 
     def __post_init__(self):
         self.vocab_size = max(self.vocab_size, self.config.vocab_size)
@@ -70,9 +73,14 @@ class Rules:
         return logits.astype(np.float32, copy=False) + self.mask(rows)
 
     def mask(self, rows: list[RowState]) -> np.ndarray:
-        """What the rules add to each row's logits: 0, or -inf where a token is forbidden ([B, V],
-        or the shared [V] of fixed bans when no row is near a limit)."""
+        """What the rules add to each row's logits: 0, or -inf where a token is forbidden ([B, V];
+        the shared [V] of fixed bans when no rule needs a row of its own)."""
         n, mask = self.config.max_shift_steps, None
+        if self.release_sounding_only:
+            mask = np.tile(self.base, (len(rows), 1))
+            mask[:, NOTE_OFF:NOTE_OFF + NUM_PITCHES] = -np.inf
+            for i, row in enumerate(rows):
+                mask[i, [NOTE_OFF + key for key in row.struck]] = 0.0
         for i, row in enumerate(rows):
             oldest = row.elapsed - min(row.struck.values()) if row.struck else -1
             quiet_room = self.max_quiet - row.quiet if row.quiet < self.max_quiet else 0
@@ -98,6 +106,8 @@ class Rules:
                 row.quiet = 0
             elif token < NOTE_OFF + NUM_PITCHES:
                 row.struck.pop(token - NOTE_OFF, None)
+            elif token == self.config.eos_id:  # a new piece: nothing sounds
+                row.struck.clear()
             else:
                 row.elapsed += self._steps[token]
                 row.quiet += self._steps[token]

@@ -268,7 +268,8 @@ def decode(stepper: Stepper, prompt, *, vocab_size: int, max_new_tokens: int,
            codec_config: CodecConfig | None = None, max_seconds: float = math.inf,
            stop_at_eos: bool = True, ban_eos: bool = False, start_with_note: bool = False,
            max_pause_seconds: float = math.inf, max_note_seconds: float = math.inf,
-           music_before=None, progress: bool = False, beam: bool = False) -> list[np.ndarray]:
+           release_sounding_only: bool = True, music_before=None, progress: bool = False,
+           beam: bool = False) -> list[np.ndarray]:
     """Continue `prompt` (1-D token ids) with a model of `vocab_size` tokens behind `stepper`; the
     new tokens of each row (one row for beam search, which `sampling.num_beams > 1` or `beam`
     asks for). Options as `musicgpt.generate.generate`."""
@@ -289,7 +290,8 @@ def decode(stepper: Stepper, prompt, *, vocab_size: int, max_new_tokens: int,
     music = prompt if music_before is None else np.asarray(music_before, dtype=np.int64)
     rules = decoding_rules(music, max_new_tokens, codec_config, vocab_size, max_seconds=max_seconds,
                            stop_at_eos=stop_at_eos, ban_eos=ban_eos, start_with_note=start_with_note,
-                           max_pause_seconds=max_pause_seconds, max_note_seconds=max_note_seconds)
+                           max_pause_seconds=max_pause_seconds, max_note_seconds=max_note_seconds,
+                           release_sounding_only=release_sounding_only)
     if beam or cfg.num_beams > 1:
         return [beam_rows(stepper, prompt, cfg, rules, progress)]
     return sample_rows(stepper, prompt, cfg, rules, num_samples, seed, progress)
@@ -302,7 +304,7 @@ def _steps(seconds: float, config: CodecConfig) -> float:
 
 def decoding_rules(music: np.ndarray, max_new_tokens: int, codec_config: CodecConfig, vocab_size: int, *,
                    max_seconds: float, stop_at_eos: bool, ban_eos: bool, start_with_note: bool,
-                   max_pause_seconds: float, max_note_seconds: float) -> Rules:
+                   max_pause_seconds: float, max_note_seconds: float, release_sounding_only: bool = True) -> Rules:
     """The decoding rules of one request (musicgpt.constraints) after `music` (token ids), its limits checked."""
     # Padding is never music, and control tokens (tags, FIM sentinels) only ever come as input.
     banned = [codec_config.pad_id, *range(codec_config.vocab_size, vocab_size)]
@@ -321,4 +323,4 @@ def decoding_rules(music: np.ndarray, max_new_tokens: int, codec_config: CodecCo
         start.quiet = math.inf
     return Rules(max_new_tokens, codec_config.eos_id if stop_at_eos else None, max_steps, codec_config,
                  banned, start, max_quiet=limits["max_pause_seconds"], max_held=limits["max_note_seconds"],
-                 vocab_size=vocab_size)
+                 vocab_size=vocab_size, release_sounding_only=release_sounding_only)

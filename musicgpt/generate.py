@@ -33,7 +33,8 @@ def generate(model: MusicGPT, prompt, *, max_new_tokens: int, sampling: Sampling
     search (one sequence). Options: codec_config (default CodecConfig()), max_seconds,
     stop_at_eos=True, ban_eos=False (True: never emit EOS), start_with_note=False (True: no
     TIME_SHIFT before a row's first NOTE_ON), max_pause_seconds and max_note_seconds
-    (musicgpt.constraints; math.inf, the default: no limit), music_before (the tokens whose music
+    (musicgpt.constraints; math.inf, the default: no limit), release_sounding_only=True (False:
+    a NOTE_OFF may name a key that is up, the model's raw habit), music_before (the tokens whose music
     the new ones continue, which the rules start from; default: the prompt, but an infilling prompt
     holds the suffix too and must pass its prefix), window (default the context length),
     progress=False, use_cache=True (False recomputes the whole visible context every step: the

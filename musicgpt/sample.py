@@ -60,6 +60,7 @@ class SampleRequest:
     backend: str = "auto"  # musicgpt.backends: ONNX Runtime on the CPU when installed, else torch
     max_pause_seconds: float = MAX_PAUSE_SECONDS  # math.inf: no limit
     max_note_seconds: float = MAX_NOTE_SECONDS  # math.inf: no limit
+    release_sounding_only: bool = True  # False: a NOTE_OFF may name a key that is up (for measuring)
     style: str | None = None  # a style tag the model was trained with (`musicgpt info` lists them)
 
     def validate(self) -> SampleRequest:
@@ -193,7 +194,7 @@ def sample_files(request: SampleRequest, *, progress: bool = True,
     pieces = engine.generate(prompt, max_new_tokens=max_new, sampling=r.sampling, num_samples=r.num_samples,
                       seed=seed, codec_config=config, max_seconds=max_seconds, progress=progress,
                       ban_eos=True, start_with_note=r.primer is None, max_pause_seconds=r.max_pause_seconds,
-                      max_note_seconds=r.max_note_seconds)
+                      max_note_seconds=r.max_note_seconds, release_sounding_only=r.release_sounding_only)
     stem = f"{Path(r.primer).stem if r.primer else 'silence'}{'-' + r.style if r.style else ''}"
     stem += f"-{datetime.now():%Y%m%d-%H%M%S}-seed{seed}"
     paths = []

@@ -71,16 +71,17 @@ def held_out_loss(checkpoint: Path, files: list[Path], device: str = "cpu") -> d
 
 def continuations(checkpoint: Path, style: str, primers: list[Path], out: Path, limits: bool,
                   samples: int = SAMPLES_PER_STYLE, seed: int = 1700,
-                  sampling: SamplingConfig | None = None) -> list[float]:
+                  sampling: SamplingConfig | None = None, release_sounding_only: bool = True) -> list[float]:
     """`samples` one-minute continuations of the first 10 s of `primers` (cycled), seeds `seed`..;
-    their wall times."""
+    their wall times. `release_sounding_only=False` lets a NOTE_OFF name a key that is up."""
     tags = peek_controls(checkpoint).tags
     primers = primers_with_notes(primers)
     walls = []
     for i in range(samples):
         request = SampleRequest(checkpoint=checkpoint, primer=primers[i % len(primers)], primer_seconds=10,
                                 seconds=60, seed=seed + i, out_dir=out, threads=2,
-                                style=style if style in tags else None, sampling=sampling or SamplingConfig())
+                                style=style if style in tags else None, sampling=sampling or SamplingConfig(),
+                                release_sounding_only=release_sounding_only)
         if not limits:
             request.max_note_seconds = request.max_pause_seconds = math.inf
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import pytest
 
 from musicgpt.decode import decode, filter_logits, softmax
 from musicgpt.sampling import SamplingConfig
-from musicgpt.vocab import TIME_SHIFT, CodecConfig
+from musicgpt.vocab import NOTE_OFF, TIME_SHIFT, CodecConfig
 
 CFG = CodecConfig()
 NOTES = [60, 64, 67, 72]  # NOTE_ONs: the rules never forbid them
@@ -81,6 +81,32 @@ def test_top_p_cuts_waits_as_one_candidate_so_time_is_not_shortened(pool, longes
     waits = waits[waits >= TIME_SHIFT] - TIME_SHIFT + 1
     assert waits.max() == longest_kept
     assert abs(waits.mean() - (1 + longest_kept) / 2) < 1.5  # uniform over the kept waits
+
+
+class ReleasingStepper(FixedStepper):
+    """A model that strikes C4 (0.3), releases it (0.3) or releases C#4, never struck (0.4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits[0] = -np.inf
+        self.logits[0, [60, NOTE_OFF + 60, NOTE_OFF + 61]] = np.log([0.3, 0.3, 0.4])
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_only_a_sounding_key_is_released(greedy):
+    out = decode(ReleasingStepper(), [CFG.eos_id], vocab_size=CFG.vocab_size, max_new_tokens=40,
+                 sampling=SamplingConfig(top_p=1.0, temperature=1.0, greedy=greedy), num_samples=50, seed=0,
+                 stop_at_eos=False)
+    after_strike = []
+    for row in out:
+        sounding = False
+        for token in row.tolist():
+            assert token != NOTE_OFF + 61 and (token != NOTE_OFF + 60 or sounding)
+            if sounding:
+                after_strike.append(token)
+            sounding = token == 60 or (sounding and token != NOTE_OFF + 60)
+    if not greedy:  # with C4 down, striking and releasing it keep their equal odds
+        assert 0.45 < np.mean(np.array(after_strike) == 60) < 0.55
 
 
 def test_a_seed_repeats_its_draws_and_another_seed_does_not():

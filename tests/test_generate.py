@@ -10,7 +10,7 @@ from musicgpt import codec
 from musicgpt.errors import MusicGPTError
 from musicgpt.generate import SamplingConfig, beam_search, filter_logits, generate, penalize_repeats
 from musicgpt.model import MusicGPT, preset
-from musicgpt.vocab import TIME_SHIFT, CodecConfig
+from musicgpt.vocab import NOTE_OFF, TIME_SHIFT, CodecConfig
 
 EOS, PAD = CodecConfig().eos_id, CodecConfig().pad_id
 OFF = dict(top_p=1.0, temperature=1.0)  # the defaults' top-p and temperature, switched off for filter tests
@@ -142,17 +142,26 @@ def _reference_greedy(model, prompt, steps, window, penalty, absolute=False):
     """Greedy decoding that recomputes the whole sequence with forward(attn_window) every step.
 
     For an absolute model, the documented policy: once the context would pass its length, start
-    again from the most recent half of it (at positions 0..).
+    again from the most recent half of it (at positions 0..). A NOTE_OFF may only release a key
+    that sounds.
     """
-    seq, start = list(prompt), 0
+    seq, start, sounding = list(prompt), 0, set()
     for _ in range(steps):
         if absolute and len(seq) - start > window:
             start = len(seq) - window // 2
         logits = model(torch.tensor([seq[start:]]), attn_window=window)[0][0, -1].clone()
         logits[PAD] = -math.inf
+        logits[[NOTE_OFF + key for key in range(128) if key not in sounding]] = -math.inf
         for tok in set(seq[-window:]):  # CTRL penalty over what the model sees
             logits[tok] = logits[tok] / penalty if logits[tok] > 0 else logits[tok] * penalty
-        seq.append(int(logits.argmax()))
+        token = int(logits.argmax())
+        seq.append(token)
+        if token < NOTE_OFF:
+            sounding.add(token)
+        elif token < NOTE_OFF + 128:
+            sounding.discard(token - NOTE_OFF)
+        elif token == EOS:
+            sounding.clear()
     return seq[len(prompt):]
 
 
