@@ -192,6 +192,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="let the model read which keys sound and for how long (default: on for a new model, as "
                         "the --init model otherwise); added to an --init model at zero, so it starts with that "
                         "model's predictions")
+    p.add_argument("--sounding-releases", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the model give a NOTE_OFF probability only where its key sounds, so it learns its "
+                        "releases among those that mean something (default: on for a new model that reads the "
+                        "keyboard, as the --init model otherwise)")
     p.add_argument("--tag-dropout", type=float, default=0.1,
                    help="share of tagged windows shown without their style tag (default %(default)s)")
     p.add_argument("--tag-weight", action="append", type=tag_weight, dest="tag_weights", metavar="TAG=W",

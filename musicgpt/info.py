@@ -46,7 +46,8 @@ def format_info(d: dict) -> str:
         f"checkpoint   {d['checkpoint']} ({d['file_mb']} MB)",
         f"model        {d['parameters'] / 1e6:.2f}M parameters: {m['n_layer']} layers, {m['n_head']} heads, "
         f"width {m['n_embd']}, {m['attention']} attention"
-        + (", reads which keys sound" if m.get("sounding_notes") else ""),
+        + (", reads which keys sound" if m.get("sounding_notes") else "")
+        + (", releases only sounding keys" if m.get("sounding_releases") else ""),
         f"context      {m['context_len']} tokens (relative distances up to {m['max_rel_dist']})",
         f"styles       {tags}",
         f"infilling    {'yes' if d['infilling'] else 'no (trained without fill-in-the-middle)'}",

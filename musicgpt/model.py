@@ -37,7 +37,7 @@ from musicgpt.model_config import (
     ModelConfig,
     preset,
 )
-from musicgpt.vocab import NUM_PITCHES
+from musicgpt.vocab import NOTE_OFF, NUM_PITCHES
 
 __all__ = [
     "CausalSelfAttention", "MLP", "Block", "KeyboardInput", "ModelOutput", "MusicGPT",
@@ -109,6 +109,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x)), w
 
 
+# The logit offset of a NOTE_OFF whose key is up, for a model with `sounding_releases`: a chance of
+# e^-20 is none at all, while a stray such NOTE_OFF in training data still costs a bounded loss.
+RELEASE_FLOOR = -20.0
+
+
 class KeyboardInput(nn.Module):
     """Which keys sound after each token, and for how long (`musicgpt.keyboard`), projected into
     the embedding. The projection starts at zero, so adding this input to a trained model leaves
@@ -164,11 +169,25 @@ class KeyboardInput(nn.Module):
         """Positions in time order: a row holding FIM_SUFFIX at s and then FIM_MIDDLE at m is read
         as [0, s) + [m, T) + [s, m): prefix, middle, then the suffix (FIM_SUFFIX clears the keys)."""
         T = idx.size(1)
+        pos = torch.arange(T, device=idx.device).expand_as(idx)
+        return torch.argsort(pos + 2 * T * self.in_suffix(idx), dim=1)
+
+    def in_suffix(self, idx: Tensor) -> Tensor:
+        """Bool [B, T]: the positions from FIM_SUFFIX up to FIM_MIDDLE, where which keys sound is unknown."""
+        T = idx.size(1)
         action = self.action[idx]
         pos = torch.arange(T, device=idx.device).expand_as(idx)
         s = torch.where(action == SUFFIX, pos, T).amin(1, keepdim=True)
         m = torch.where((action == MIDDLE) & (pos > s), pos, T).amin(1, keepdim=True)
-        return torch.argsort(pos + 2 * T * ((pos >= s) & (pos < m)), dim=1)
+        return (pos >= s) & (pos < m)
+
+    def release_bias(self, notes: Tensor, vocab_size: int, free: Tensor | None = None) -> Tensor:
+        """What `sounding_releases` adds to the logits [B, T, V] after keyboard `notes` [B, T, 256]:
+        RELEASE_FLOOR on the NOTE_OFF of each key that is up, except at `free` positions [B, T]."""
+        up = 1.0 - notes[..., :NUM_PITCHES].float()
+        if free is not None:
+            up = up * ~free[..., None]
+        return F.pad(up * RELEASE_FLOOR, (NOTE_OFF, vocab_size - NOTE_OFF - NUM_PITCHES))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -259,16 +278,23 @@ class MusicGPT(nn.Module):
             x = x + self.wpe(torch.arange(start, end, device=idx.device))
         return self.drop(x)
 
-    def run_blocks(self, x: Tensor, plan: AttentionPlan, cache: KeyValueCache | None = None
-                   ) -> tuple[Tensor, list[Tensor]]:
-        """Logits [B, T, V] from embeddings, and each layer's weights if the plan returns them."""
+    def run_blocks(self, x: Tensor, plan: AttentionPlan, cache: KeyValueCache | None = None,
+                   notes: Tensor | None = None, free: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Logits [B, T, V] from embeddings, and each layer's weights if the plan returns them. A
+        model with `sounding_releases` needs the keyboard `notes` the embeddings were made with
+        (and, in training, `free`: the positions whose keys are unknown, a FIM suffix)."""
         attentions = []
         for i, block in enumerate(self.blocks):
             x, w = block(x, plan, cache, i)
             if w is not None:
                 attentions.append(w)
         # Tied output embedding: logits reuse wte's weights (no separate lm_head parameter).
-        return F.linear(self.ln_f(x), self.wte.weight), attentions
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        if self.config.sounding_releases:
+            if notes is None:
+                raise ValueError("this model releases only sounding keys: pass its notes (musicgpt.keyboard)")
+            logits = logits + self.keyboard.release_bias(notes, logits.size(-1), free).to(logits.dtype)
+        return logits, attentions
 
     def _sequence(self, idx: Tensor, attn_window: int | None, need_weights: bool,
                   sounding: Tensor | None = None
@@ -278,11 +304,13 @@ class MusicGPT(nn.Module):
             raise MusicGPTError(f"attention window must be positive, got {attn_window}")
         if attn_window is not None and attn_window >= T:
             attn_window = None  # a window covering everything is plain causal attention
-        x = self.embed(idx, notes=self.keyboard.read(idx, sounding) if self.keyboard is not None else None)
+        notes = self.keyboard.read(idx, sounding) if self.keyboard is not None else None
+        free = self.keyboard.in_suffix(idx) if notes is not None and self.keyboard.has_fim else None
+        x = self.embed(idx, notes=notes)
         plan = sequence_plan(self.attn_impl, T, idx.device, relative=self.wpe is None,
                              window=attn_window, need_weights=need_weights,
                              attn_dropout=self.training and self.config.attn_dropout > 0)
-        return self.run_blocks(x, plan)
+        return self.run_blocks(x, plan, notes=notes, free=free)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *,
                 attn_window: int | None = None, sounding: Tensor | None = None) -> ModelOutput:
@@ -345,6 +373,6 @@ class MusicGPT(nn.Module):
         rel_index = dist.clamp(0, self.config.max_rel_dist - 1) if self.wpe is None else None
         plan = AttentionPlan.eager(mask, rel_index=rel_index, need_weights=need_weights)
         with decode_backends(idx_new.device):
-            out = self.run_blocks(x, plan, cache)
+            out = self.run_blocks(x, plan, cache, notes)
         cache.commit(T)
         return out

@@ -48,6 +48,9 @@ class ModelConfig:
     bias: bool = True
     # Each position also reads which keys sound and for how long (`musicgpt.keyboard`).
     sounding_notes: bool = False
+    # And gives a NOTE_OFF probability only where its key sounds: releasing a key that is up does
+    # nothing, so the distribution is learned over the releases that mean something.
+    sounding_releases: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -112,11 +115,13 @@ class ModelConfig:
             if (not isinstance(value, (int, float)) or isinstance(value, bool)
                     or not 0.0 <= value < 1.0):
                 raise MusicGPTError(f"model config: {name} must be in [0, 1), got {value!r:.40}")
-        for name in ("bias", "sounding_notes"):
+        for name in ("bias", "sounding_notes", "sounding_releases"):
             if not isinstance(getattr(self, name), bool):
                 raise MusicGPTError(f"model config: {name} must be true or false, got {getattr(self, name)!r:.40}")
         if self.sounding_notes and self.attention != "relative":
             raise MusicGPTError("model config: sounding_notes needs relative attention")
+        if self.sounding_releases and not self.sounding_notes:
+            raise MusicGPTError("model config: sounding_releases needs sounding_notes (the keys it reads)")
         if self.num_params() > MAX_PARAMS:
             raise MusicGPTError(f"model config: {self.num_params():,} parameters is more than the "
                                 f"limit of {MAX_PARAMS:,}")

@@ -51,7 +51,7 @@ class StepGraph(nn.Module):
     def forward(self, tokens: Tensor, pos: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         notes, ring = split_notes(self.model, inputs)
         kernel = RingStep(pos, ring, self.window - 1, self.model.config.d_head)
-        logits, _ = self.model.run_blocks(self.model.embed(tokens, notes=notes), kernel, kernel)
+        logits, _ = self.model.run_blocks(self.model.embed(tokens, notes=notes), kernel, kernel, notes)
         return (logits[:, -1], *kernel.new)
 
 
@@ -101,7 +101,7 @@ class ChunkGraph(nn.Module):
     def forward(self, tokens: Tensor, pos: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         notes, ring = split_notes(self.model, inputs)
         kernel = RingChunk(pos, ring, self.window - 1, tokens.size(1), self.model.config.max_rel_dist)
-        logits, _ = self.model.run_blocks(self.model.embed(tokens, notes=notes), kernel, kernel)
+        logits, _ = self.model.run_blocks(self.model.embed(tokens, notes=notes), kernel, kernel, notes)
         return (logits[:, -1], *kernel.new)
 
 

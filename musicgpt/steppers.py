@@ -218,7 +218,7 @@ class GraphDecoder:
         dist = cache.begin()  # how far back each slot's key is
         plan = AttentionPlan.eager((dist <= cache.pos)[None],  # hide unwritten slots
                                    rel_index=dist.clamp(max=model.config.max_rel_dist - 1)[None])
-        logits, _ = model.run_blocks(model.embed(self.token, notes=self.notes), plan, cache)
+        logits, _ = model.run_blocks(model.embed(self.token, notes=self.notes), plan, cache, self.notes)
         self.logits.copy_(logits[:, -1])
         cache.commit()
 

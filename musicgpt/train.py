@@ -205,6 +205,8 @@ def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGP
             if not cfg.sounding_notes:
                 raise MusicGPTError(f"{cfg.init} reads the keyboard state; --no-sounding-notes cannot remove it")
             changes["sounding_notes"] = True  # a new input, zero at first: the same predictions
+        if cfg.sounding_releases is not None and cfg.sounding_releases != mcfg.sounding_releases:
+            changes["sounding_releases"] = cfg.sounding_releases  # no weights: a change of output only
         if changes:
             model = rebuilt(model, changes)
             mcfg = model.config
@@ -223,6 +225,8 @@ def _build_model(cfg: TrainConfig, controls: Controls, resumed, init) -> MusicGP
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
     overrides["sounding_notes"] = cfg.sounding_notes is not False  # a new model reads the keyboard by default
+    releases = cfg.sounding_releases
+    overrides["sounding_releases"] = overrides["sounding_notes"] if releases is None else releases
     mcfg = preset(cfg.preset, **overrides)
     if cfg.seq_len > mcfg.context_len:
         mcfg = ModelConfig.from_dict({**mcfg.to_dict(), "context_len": cfg.seq_len})

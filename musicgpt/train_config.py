@@ -47,6 +47,8 @@ class TrainConfig:
     augment: bool = True
     fim_rate: float | None = None  # share of windows in fill-in-the-middle order (default FIM_RATE)
     sounding_notes: bool | None = None  # read the keyboard state (None: as the --init model; a new one does)
+    # NOTE_OFF only for sounding keys (None: as the --init model; a new model reading the keyboard does)
+    sounding_releases: bool | None = None
     tag_dropout: float = 0.1  # share of tagged windows shown without their tag
     tag_weights: dict[str, float] | None = None  # style tag -> how much more often its pieces are drawn
     val_fraction: float = 0.1

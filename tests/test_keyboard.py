@@ -293,3 +293,64 @@ def test_an_export_whose_vocabulary_is_damaged_fails_in_one_line(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(MusicGPTError, match="vocabulary is damaged; delete"):
         onnx_stepper.OnnxStepper(tmp_path)
+
+
+# ----------------------------------------------------------------------------- sounding releases
+
+def releasing_model():
+    return sounding_model(sounding_releases=True)
+
+
+def test_a_releasing_model_gives_no_chance_to_lifting_a_key_that_is_up():
+    model, plain = releasing_model(), sounding_model()
+    plain.load_state_dict(model.state_dict())
+    seq = [EOS, 60, wait(0.2), 64, wait(0.1), NOTE_OFF + 60, wait(0.3)]
+    probs = model(torch.as_tensor(seq)[None]).logits.softmax(-1)[0]
+    offs = probs[:, NOTE_OFF:NOTE_OFF + 128]
+    down = torch.as_tensor(play(seq)[:, :128]) > 0
+    assert (offs[~down] < 1e-7).all() and (offs[down] > 1e-5).all()
+    assert (offs[4] > 1e-5).nonzero().flatten().tolist() == [60, 64]
+    # Elsewhere the logits are the plain model's: the rule only moves the releases of keys that are up.
+    same = model(torch.as_tensor(seq)[None]).logits[0].clone()
+    same[:, NOTE_OFF:NOTE_OFF + 128][~down] = 0
+    want = plain(torch.as_tensor(seq)[None]).logits[0].clone()
+    want[:, NOTE_OFF:NOTE_OFF + 128][~down] = 0
+    torch.testing.assert_close(same, want)
+
+
+def test_in_an_infilling_suffix_any_key_may_be_released():
+    """The suffix's keys are unknown (it starts with none down): its NOTE_OFFs of keys struck in
+    the middle must not be pushed to the floor, or training would learn from huge losses."""
+    model, plain = releasing_model(), sounding_model()
+    plain.load_state_dict(model.state_dict())
+    seq = torch.as_tensor([PRE, 60, wait(0.2), SUF, wait(0.3), NOTE_OFF + 64, MID, wait(0.1), 64])[None]
+    got, want = model(seq).logits[0], plain(seq).logits[0]
+    torch.testing.assert_close(got[3:6], want[3:6])  # FIM_SUFFIX up to FIM_MIDDLE: as the plain model
+    assert (got[6:8, NOTE_OFF + 64] - want[6:8, NOTE_OFF + 64]).max() < -19  # the middle, before 64 is struck
+    torch.testing.assert_close(got[8, NOTE_OFF + 64], want[8, NOTE_OFF + 64])  # and after
+    loss = model(seq[:, :-1], seq[:, 1:]).loss
+    assert loss < 10
+
+
+def test_every_sampler_gives_a_releasing_model_the_same_tokens(tmp_path):
+    model = releasing_model()
+    args = {**ARGS, "num_samples": 2, "max_new_tokens": 150, "release_sounding_only": False}  # the model alone
+    runs = [generate(model, INFILL_PROMPT, **args, **kw) for kw in ({}, {"use_cache": False}, {"static_cache": True})]
+    if onnx_stepper.available():
+        from musicgpt.onnx_export import export_onnx
+
+        export_onnx(model, tmp_path, source="test")
+        runs.append(decode(onnx_stepper.OnnxStepper(tmp_path), INFILL_PROMPT, vocab_size=model.config.vocab_size,
+                           **args))
+    for run in runs[1:]:
+        assert [r.tolist() for r in run] == [r.tolist() for r in runs[0]]
+    releases = 0
+    for row in runs[0]:
+        keyboard = Keyboard(key_table(CONTROLS))
+        keyboard.play_sequence(np.array(INFILL_PROMPT[:INFILL_PROMPT.index(SUF)]))  # the middle goes on from the prefix
+        for token in row:
+            if NOTE_OFF <= token < NOTE_OFF + 128:
+                assert keyboard.down[0, token - NOTE_OFF]
+                releases += 1
+            keyboard.play(np.array([token]))
+    assert releases >= 5

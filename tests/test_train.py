@@ -35,6 +35,7 @@ def test_cli_train_end_to_end(midi_folder, tmp_path, capsys):
     _, ckpt = checkpoint.load_model(run)
     assert ckpt.state["step"] in (3, 6) and ckpt.model_config.attention == "relative"
     assert ckpt.model_config.sounding_notes  # a new model reads the keyboard
+    assert ckpt.model_config.sounding_releases  # and releases only the keys it reads as down
 
 
 def test_resume_continues_exactly(midi_folder, tmp_path):
@@ -100,6 +101,13 @@ def test_the_keyboard_input_joins_an_init_model_at_zero_and_learns(midi_folder, 
     with pytest.raises(MusicGPTError, match="cannot remove"):
         train(TrainConfig(data_dir=data, out=str(tmp_path / "off"), init=str(resumed / "last.safetensors"),
                           sounding_notes=False, max_steps=1, **options), progress=False)
+    assert not checkpoint.load_model(resumed / "last.safetensors")[1].model_config.sounding_releases  # as its init
+    releasing = train(TrainConfig(data_dir=data, out=str(tmp_path / "releases"), init=str(resumed / "last.safetensors"),
+                                  sounding_releases=True, max_steps=2, **options), progress=False)
+    model, c = checkpoint.load_model(releasing / "last.safetensors")
+    assert c.model_config.sounding_releases and set(model.state_dict()) == set(end)  # no new weights
+    losses = [json.loads(line)["loss"] for line in (releasing / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(v) for v in losses)
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(midi_folder, tmp_path, monkeypatch):
