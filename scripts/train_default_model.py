@@ -3,7 +3,7 @@
 Anyone can rerun this on the committed `midi_data/` (pop, classical performances, scores; style
 tags from the folders and `midi_data/tags.txt`). The recipe continues the model shipped before
 (a `tiny` model trained on the 56 GiantMIDI-Piano performances alone, taken from git at
-OLD_MODEL_COMMIT) in nine `musicgpt train` stages, all `tiny` (0.74 M parameters; 0.78 M with
+OLD_MODEL_COMMIT) in twelve `musicgpt train` stages, all `tiny` (0.74 M parameters; 0.78 M with
 the keyboard input of stage 9), with style tags and fill-in-the-middle (FIM) windows at the
 default rate 0.5:
 
@@ -24,11 +24,17 @@ default rate 0.5:
 8. 1,200 steps more from stage 7's best at the same learning rate, the same mix.
 9. 1,200 steps more from stage 8's best with the keyboard input added (`--sounding-notes`: which
    keys sound and for how long, its projection starting at zero), the same mix.
+10. 1,200 steps more from stage 9's best, the same mix.
+11. 1,200 steps more from stage 10's best, the same mix, each window now starting with the notes
+    still sounding where it was cut (the code's behaviour since this stage; stages 9 and 10
+    started every window with no key down).
+12. 600 steps more from stage 11's best on two threads with `--sounding-releases`: the model gives
+    a NOTE_OFF probability only where its key sounds.
 
-The best stage-9 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
+The best stage-12 checkpoint is written in fp16 to musicgpt/default_model/ with every stage's
 metrics.jsonl and loss.png beside it.
 
-    python scripts/train_default_model.py --threads 2   # the shipped run (about 8 h on 2 CPU cores)
+    python scripts/train_default_model.py --threads 2   # the shipped run (about 9 h on 2 CPU cores)
     python scripts/train_default_model.py --quick       # a few steps per stage, to check the pipeline
 """
 
@@ -65,11 +71,19 @@ STAGES = [
                     tag_weight="classical=10", seed=26, threads=1)),
     ("stage9", dict(seq_len=1024, batch_size=4, lr=1e-4, warmup=20, max_steps=1200, eval_interval=100,
                     tag_weight="classical=10", seed=31, threads=1, sounding_notes=True)),
+    ("stage10", dict(seq_len=1024, batch_size=4, lr=1e-4, warmup=20, max_steps=1200, eval_interval=100,
+                     tag_weight="classical=10", seed=32, threads=1)),
+    ("stage11", dict(seq_len=1024, batch_size=4, lr=1e-4, warmup=20, max_steps=1200, eval_interval=100,
+                     tag_weight="classical=10", seed=33, threads=1)),
+    ("stage12", dict(seq_len=1024, batch_size=4, lr=1e-4, warmup=20, max_steps=600, eval_interval=100,
+                     tag_weight="classical=10", seed=34, threads=2, sounding_releases=True)),
 ]
 INIT_FROM = {"stage1": None, "stage2": "stage1/last.safetensors", "stage3": "stage2/best.safetensors",
              "stage4": "stage3/best.safetensors", "stage5": "stage4/last.safetensors",
              "stage6": "stage5-export/model.safetensors", "stage7": "stage6/best.safetensors",
-             "stage8": "stage7/best.safetensors", "stage9": "stage8/best.safetensors"}
+             "stage8": "stage7/best.safetensors", "stage9": "stage8/best.safetensors",
+             "stage10": "stage9/best.safetensors", "stage11": "stage10/best.safetensors",
+             "stage12": "stage11/best.safetensors"}
 # Stage 6 continued the stage-5 model as it shipped: its best checkpoint exported in fp16.
 EXPORTED = {"stage5-export": "stage5/best.safetensors"}
 
