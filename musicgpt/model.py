@@ -305,7 +305,8 @@ class MusicGPT(nn.Module):
         if attn_window is not None and attn_window >= T:
             attn_window = None  # a window covering everything is plain causal attention
         notes = self.keyboard.read(idx, sounding) if self.keyboard is not None else None
-        free = self.keyboard.in_suffix(idx) if notes is not None and self.keyboard.has_fim else None
+        releases = self.config.sounding_releases and self.keyboard.has_fim
+        free = self.keyboard.in_suffix(idx) if releases else None  # only the release floor needs it
         x = self.embed(idx, notes=notes)
         plan = sequence_plan(self.attn_impl, T, idx.device, relative=self.wpe is None,
                              window=attn_window, need_weights=need_weights,

@@ -26,8 +26,8 @@ from musicgpt.controls import Controls
 from musicgpt.data import Piece
 from musicgpt.errors import MusicGPTError
 from musicgpt.fim import fim_window
-from musicgpt.keyboard import KEY_FEATURES, moved_sounding, sounding_before
-from musicgpt.vocab import CodecConfig
+from musicgpt.keyboard import moved_sounding, sounding_before
+from musicgpt.vocab import NUM_PITCHES, CodecConfig
 
 IGNORE_INDEX = -100  # targets with this value (padding) do not count in the loss
 Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, sounding notes [2, 128]
@@ -163,8 +163,9 @@ def window_to_example(window: np.ndarray, need: int, pad_id: int, sounding: np.n
     x = torch.from_numpy(buf[:-1].copy())
     y = torch.from_numpy(buf[1:].copy())
     y[len(window) - 1 :] = IGNORE_INDEX
-    keys = torch.zeros(2, KEY_FEATURES // 2) if sounding is None else torch.from_numpy(np.asarray(sounding, np.float32))
-    return x, y, keys
+    if sounding is None:
+        sounding = np.zeros((2, NUM_PITCHES), np.float32)
+    return x, y, torch.from_numpy(np.asarray(sounding, np.float32))
 
 
 def spread(total: int, limit: int | None) -> list[int] | None:
@@ -227,9 +228,9 @@ def infill_windows(pieces: list[Piece], seq_len: int, config: CodecConfig, contr
     for i, tokens, sounding in eval_token_windows(pieces, seq_len - 3, config, only=only):
         rng = np.random.default_rng([seed, i])
         window = fim_window(tokens, rng, config, controls.fim_ids)
-        x, y, keys = window_to_example(window, seq_len + 1, config.pad_id, sounding)
+        x, y, sounding = window_to_example(window, seq_len + 1, config.pad_id, sounding)
         y[: int(np.flatnonzero(window == controls.fim_ids[2])[0])] = IGNORE_INDEX  # middle only
-        out.append((x, y, keys))
+        out.append((x, y, sounding))
     return out
 
 
