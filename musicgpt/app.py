@@ -17,6 +17,7 @@ from pathlib import Path
 
 from musicgpt import studio
 from musicgpt.errors import MusicGPTError
+from musicgpt.sampling import TOP_P_SCOPES
 
 SILENCE = "(silence)"
 UPLOADED = "(the file dropped above)"
@@ -125,7 +126,7 @@ def knob_components(gr, app: Studio) -> dict:
             k["typical_p"] = gr.Slider(0.05, 1.0, value=d.typical_p, step=0.01, label="typical-p (1: off)")
             k["min_p"] = gr.Slider(0.0, 0.5, value=d.min_p, step=0.01, label="min-p (0: off)")
             k["num_beams"] = gr.Slider(2, 8, value=d.num_beams, step=1, label="beams (beam search)")
-            k["pool_time_shifts"] = gr.Checkbox(value=d.pool_time_shifts, label="top-p: waits as one")
+            k["top_p_scope"] = gr.Dropdown(list(TOP_P_SCOPES), value=d.top_p_scope, label="top-p ranks by")
         with gr.Row():
             k["max_pause"] = gr.Number(value=d.max_pause, minimum=0, label="max pause (s, 0: no limit)")
             k["max_note"] = gr.Number(value=d.max_note, minimum=0, label="max note (s, 0: no limit)")

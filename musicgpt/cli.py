@@ -22,6 +22,7 @@ from musicgpt.sampling import (
     MAX_NOTE_SECONDS,
     MAX_PAUSE_SECONDS,
     TOKENS_PER_SECOND_CAP,
+    TOP_P_SCOPES,
     SamplingConfig,
 )
 
@@ -45,7 +46,7 @@ COMMANDS = {
                "Generate piano music with a trained model and write it as MIDI files (listed on stdout). "
                "Without --checkpoint the newest run under runs/ is used, else the shipped default model. "
                f"Sampling defaults: temperature {SamplingConfig.temperature:g}, top-p {SamplingConfig.top_p:g} "
-               "with the TIME_SHIFTs pooled, other filters off."),
+               f"(--top-p-scope {SamplingConfig.top_p_scope}), other filters off."),
     "infill": ("write new music between two times of a piece (a model trained with --fim-rate > 0)",
                "Regenerate the music from --start to --end seconds of a MIDI file with a fill-in-the-middle model: "
                "the model reads the music before and after the gap and writes a new passage lasting exactly the "
@@ -244,9 +245,11 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
     ]
     for flag, kind, metavar, text in filters:
         p.add_argument(flag, type=kind, metavar=metavar, help=text)
-    p.add_argument("--pool-time-shifts", action=argparse.BooleanOptionalAction, default=None,
-                   help="top-p weighs all TIME_SHIFTs together as one candidate, so it does not cut the long "
-                        "waits and crowd the notes (default: on)")
+    p.add_argument("--top-p-scope", choices=TOP_P_SCOPES,
+                   help="what top-p ranks together: kind (default): pitches and velocities each in their own "
+                        "nucleus, waits and releases never cut, so the music keeps the model's density; pooled: "
+                        "one nucleus with the waits as one candidate (sparser); token: every token on its own "
+                        "(cuts the long waits, crowds the notes)")
     p.add_argument("--beams", type=int, dest="num_beams", metavar="B",
                    help="beam search with this many beams (deterministic)")
     p.add_argument("--length-penalty", type=float, metavar="L",
@@ -265,7 +268,7 @@ def _add_decoding_options(p: argparse.ArgumentParser) -> None:
 
 def _decoding_options(args: argparse.Namespace) -> dict:
     """The request fields `_add_decoding_options`' arguments give (SampleRequest and InfillRequest share them)."""
-    names = ("greedy", "temperature", "top_k", "top_p", "pool_time_shifts", "typical_p", "min_p",
+    names = ("greedy", "temperature", "top_k", "top_p", "top_p_scope", "typical_p", "min_p",
              "repetition_penalty", "num_beams", "length_penalty")
     sampling = SamplingConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     limits = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -21,18 +22,18 @@ from musicgpt.constraints import Rules, prompt_state, seconds_to_steps
 from musicgpt.errors import MusicGPTError
 from musicgpt.sampling import MAX_NEW_TOKENS, MAX_NUM_SAMPLES, SamplingConfig
 from musicgpt.validate import is_integer
-from musicgpt.vocab import CodecConfig
+from musicgpt.vocab import NOTE_ON, NUM_PITCHES, TIME_SHIFT, CodecConfig
 
 TINY = np.finfo(np.float32).tiny  # keeps the race's noise away from an exact zero
+NUCLEUS_GROUPS = 2  # rows of Nucleus.groups: the note pitches and the velocities
 
 
 class Stepper(Protocol):
     """What a decoding loop needs from a model: logits for the next token, and beam reordering.
 
     A stepper may also draw the next token inside its step, `step_and_draw(tokens, mask, noise,
-    temperature, top_p, pooled)` for up to `draw_rows` rows: the rules' mask, the race's noise and
-    the tokens top-p pools go in and the chosen tokens come out, so the loop does no array work
-    per token.
+    temperature, top_p, nucleus)` for up to `draw_rows` rows: the rules' mask, the race's noise and
+    the `Nucleus` go in and the chosen tokens come out, so the loop does no array work per token.
     """
 
     window: int  # tokens the model attends over (the repetition penalty looks as far back)
@@ -61,14 +62,38 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
+@dataclass(frozen=True)
+class Nucleus:
+    """What top-p ranks together. Each row of `groups` ([NUCLEUS_GROUPS, V] bool) is cut to its
+    own nucleus and keeps the probability it had; tokens in no group are never cut; the tokens of
+    `pooled` ([V] bool) count as one candidate of their group, kept or cut whole."""
+
+    groups: np.ndarray
+    pooled: np.ndarray
+
+
+def nucleus_for(scope: str, config: CodecConfig, vocab_size: int) -> Nucleus:
+    """The `Nucleus` of a `SamplingConfig.top_p_scope` ("kind", "pooled" or "token")."""
+    groups = np.zeros((NUCLEUS_GROUPS, vocab_size), dtype=bool)
+    pooled = np.zeros(vocab_size, dtype=bool)
+    if scope == "kind":  # the waits and the releases are never cut: neither is a wrong note
+        groups[0, NOTE_ON:NOTE_ON + NUM_PITCHES] = True
+        groups[1, config.velocity_offset:config.velocity_offset + config.velocity_bins] = True
+    else:
+        groups[0] = True
+        if scope == "pooled":
+            pooled[TIME_SHIFT:TIME_SHIFT + config.max_shift_steps] = True
+    return Nucleus(groups, pooled)
+
+
 def filter_logits(logits: np.ndarray, cfg: SamplingConfig, generated: np.ndarray | None = None,
-                  pooled: np.ndarray | None = None) -> np.ndarray:
+                  nucleus: Nucleus | None = None) -> np.ndarray:
     """Logits [B, V] with cfg's processors applied and removed tokens at -inf (input untouched).
 
     Order, as in Hugging Face transformers: repetition penalty (over `generated` [B, T] token
     ids), temperature, top-k, top-p, min-p, typical-p. Top-k keeps every token tied with the
     k-th best logit, so it may keep more than k; the mass filters always keep at least one.
-    Top-p ranks the tokens of `pooled` (a [V] bool mask, the TIME_SHIFTs) as one candidate.
+    Top-p ranks tokens as `nucleus` groups them (None: every token on its own).
     """
     if generated is not None and cfg.repetition_penalty != 1.0:
         logits = penalize_repeats(logits, generated, cfg.repetition_penalty)
@@ -79,7 +104,7 @@ def filter_logits(logits: np.ndarray, cfg: SamplingConfig, generated: np.ndarray
         kth = np.partition(logits, V - cfg.top_k, axis=-1)[..., V - cfg.top_k:V - cfg.top_k + 1]
         logits = np.where(logits < kth, -np.inf, logits)
     if cfg.top_p < 1.0:
-        logits = _keep_most_probable(logits, cfg.top_p, pooled)
+        logits = _keep_nucleus(logits, cfg.top_p, nucleus)
     if cfg.min_p > 0.0:
         probs = softmax(logits)
         logits = np.where(probs < cfg.min_p * probs.max(-1, keepdims=True), -np.inf, logits)
@@ -97,6 +122,29 @@ def penalize_repeats(logits: np.ndarray, generated: np.ndarray, penalty: float) 
     seen = logits[rows, generated]
     out = logits.copy()
     out[rows, generated] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def _keep_nucleus(logits: np.ndarray, mass: float, nucleus: Nucleus | None) -> np.ndarray:
+    """Top-p within each group of `nucleus`; a group's kept tokens share the probability the
+    whole group had, so the cut changes which pitch or velocity is drawn, not how often one is."""
+    if nucleus is None:
+        return _keep_most_probable(logits, mass)
+    probs = softmax(logits)
+    out = logits.copy()
+    for group in nucleus.groups:
+        if not group.any():
+            continue
+        rows = np.flatnonzero(np.isfinite(logits[:, group]).any(-1))  # rows that may draw from it
+        if not len(rows):
+            continue
+        cut = _keep_most_probable(logits[np.ix_(rows, group)], mass, nucleus.pooled[group])
+        if not group.all():
+            member = probs[np.ix_(rows, group)]
+            kept = np.where(np.isfinite(cut), member, 0.0).sum(-1, keepdims=True)
+            with np.errstate(divide="ignore"):  # a group whose probability underflowed stays at 0
+                cut = cut + np.log(member.sum(-1, keepdims=True) / np.maximum(kept, TINY))
+        out[np.ix_(rows, group)] = cut
     return out
 
 
@@ -157,7 +205,7 @@ def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules
     lengths, alive = [0] * batch, [True] * batch
     rows = rules.initial(batch)
     penalize = cfg.repetition_penalty != 1.0
-    pooled = rules.steps > 0 if cfg.pool_time_shifts else np.zeros(rules.vocab_size, dtype=bool)
+    nucleus = nucleus_for(cfg.top_p_scope, rules.config, rules.vocab_size)
     in_step = in_step_draw(stepper, cfg, batch)
 
     def choose(logits: np.ndarray, pos: int) -> np.ndarray:
@@ -166,7 +214,7 @@ def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules
         if cfg.greedy:
             return (penalize_repeats(logits, seen, cfg.repetition_penalty) if penalize else logits).argmax(-1)
         # The exponential race: argmax p / E with E ~ Exp(1) draws p, one vectorised draw.
-        probs = softmax(filter_logits(logits, cfg, seen, pooled))
+        probs = softmax(filter_logits(logits, cfg, seen, nucleus))
         return (probs / race_noise(rng, probs.shape)).argmax(-1)
 
     token = choose(stepper.start(prompt, batch), P)
@@ -184,7 +232,7 @@ def sample_rows(stepper: Stepper, prompt: np.ndarray, cfg: SamplingConfig, rules
                 break
             if in_step is not None:  # the same draw, made inside the model's step
                 token = in_step(token, rules.mask(rows), race_noise(rng, (batch, rules.vocab_size)),
-                                cfg.temperature, cfg.top_p, pooled)
+                                cfg.temperature, cfg.top_p, nucleus)
             else:
                 token = choose(stepper.step(token), P + t + 1)
     return [_strip_eos(seq[k, P:P + n], rules.eos_id) for k, n in enumerate(lengths)]

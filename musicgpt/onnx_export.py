@@ -14,8 +14,9 @@ Inputs: `tokens` [B, T] int64, `pos` (the position of the first new token) and t
 the token after the last new one, and `new_kN` / `new_vN` [B, H, T, D], which the caller writes
 into slots (pos + t) % (window - 1). `sample.onnx` also takes the draw's `mask` [1, V] (the
 decoding rules, added to the logits), `noise` [1, V] (the race's Exp(1) draws), `temperature`,
-`top_p` and `pooled` [1, V] (1 for the tokens top-p ranks as one), and gives `token` [1] in place
-of the logits. A model that reads the keyboard state (`sounding_notes`) takes `notes` [B, T, 256]
+`top_p`, `groups` [2, V] and `pooled` [1, V] (`musicgpt.decode.Nucleus`: what top-p ranks
+together), and gives `token` [1] in place of the logits.
+A model that reads the keyboard state (`sounding_notes`) takes `notes` [B, T, 256]
 after `pos` in every graph: the state after each new token, which the stepper follows on the
 host (`musicgpt.keyboard`). `meta.json`, written last, says what the folder holds.
 """
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from musicgpt.atomic import atomic_write
 from musicgpt.attention.ring import RingChunk, RingStep
+from musicgpt.decode import NUCLEUS_GROUPS, TINY
 from musicgpt.errors import MusicGPTError
 from musicgpt.keyboard import KEY_FEATURES
 from musicgpt.model import MusicGPT
@@ -61,24 +63,33 @@ def split_notes(model: MusicGPT, inputs: tuple[Tensor, ...]) -> tuple[Tensor | N
     return (inputs[0], inputs[1:]) if model.keyboard is not None else (None, inputs)
 
 
-def race_top_p(logits: Tensor, noise: Tensor, temperature: Tensor, top_p: Tensor, pooled: Tensor) -> Tensor:
+def race_top_p(logits: Tensor, noise: Tensor, temperature: Tensor, top_p: Tensor, groups: Tensor,
+               pooled: Tensor) -> Tensor:
     """The token each row draws from softmax(logits / temperature) cut to its top-p nucleus, by the
     exponential race against `noise`: `musicgpt.decode`'s sampling, written to run in a graph.
 
-    The tokens where `pooled` is 1 (the TIME_SHIFTs) are ranked as one candidate holding their
-    summed probability. A candidate is kept when the ones more probable than it hold less than
-    top_p, and every candidate as probable as the last one kept is kept too (the numpy filter
-    keeps such ties by index).
+    Each row of `groups` [G, V] is cut to its own nucleus and keeps its probability; tokens in no
+    group are never cut (`musicgpt.decode.Nucleus`). Within a group the tokens where `pooled` is 1
+    are ranked as one candidate holding their summed probability. A candidate is kept when the
+    ones more probable than it hold less than top_p, and every candidate as probable as the last
+    one kept is kept too (the numpy filter keeps such ties by index).
     """
-    probs = (logits / temperature).softmax(-1)
-    pooled_mass = (probs * pooled).sum(-1, keepdim=True)
-    candidates = torch.cat([probs * (1.0 - pooled), pooled_mass], -1)
+    probs = (logits / temperature).softmax(-1)  # [B, V]
+    member = probs.unsqueeze(1) * groups  # [B, G, V]: each group's tokens
+    mass = member.sum(-1, keepdim=True)
+    share = member / mass.clamp(min=TINY)  # each group's own distribution
+    pooled_share = (share * pooled).sum(-1, keepdim=True)
+    candidates = torch.cat([share * (1.0 - pooled), pooled_share], -1)
     ranked = candidates.sort(-1, descending=True).values
     before = ranked.cumsum(-1) - ranked  # the mass ahead of each ranked candidate
     kept = (before < top_p).sum(-1, keepdim=True).clamp(min=1)
     threshold = ranked.gather(-1, kept - 1)
-    as_ranked = torch.where(pooled > 0, pooled_mass, probs)  # each token's candidate's mass
-    return (torch.where(as_ranked >= threshold, probs, 0.0) / noise).argmax(-1)
+    as_ranked = torch.where(pooled > 0, pooled_share, share)  # each token's candidate's mass
+    keep = torch.where(as_ranked >= threshold, share, 0.0)
+    # The kept tokens of a group share the probability the whole group had.
+    weights = (keep * (mass / keep.sum(-1, keepdim=True).clamp(min=TINY))).sum(1)
+    ungrouped = probs * (1.0 - groups.amax(0))
+    return ((weights + ungrouped) / noise).argmax(-1)
 
 
 class SampleGraph(StepGraph):
@@ -86,9 +97,9 @@ class SampleGraph(StepGraph):
     decoding rules' `mask`, so a sampling loop needs no array work of its own."""
 
     def forward(self, tokens: Tensor, pos: Tensor, mask: Tensor, noise: Tensor, temperature: Tensor,
-                top_p: Tensor, pooled: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+                top_p: Tensor, groups: Tensor, pooled: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         logits, *new = super().forward(tokens, pos, *inputs)
-        return (race_top_p(logits + mask, noise, temperature, top_p, pooled), *new)
+        return (race_top_p(logits + mask, noise, temperature, top_p, groups, pooled), *new)
 
 
 class ChunkGraph(nn.Module):
@@ -128,7 +139,7 @@ def _graph_bytes(graph: nn.Module, tokens: Tensor, ring: list[Tensor], *, rows: 
         inputs[2:2] = DRAW_INPUTS
         outputs[0] = "token"
         args = (tokens, torch.tensor(0), torch.zeros(1, V), torch.ones(1, V), torch.tensor(1.0),
-                torch.tensor(0.9), torch.zeros(1, V), *notes, *ring)
+                torch.tensor(0.9), torch.zeros(NUCLEUS_GROUPS, V), torch.zeros(1, V), *notes, *ring)
     batch = {0: "batch"} if rows else {}
     axes = {"tokens": {**batch, **({1: "new"} if new else {})}, "logits": batch,
             **({"notes": {**batch, **({1: "new"} if new else {})}} if notes else {}),

@@ -21,16 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from musicgpt.controls import Controls
+from musicgpt.decode import NUCLEUS_GROUPS, Nucleus
 from musicgpt.errors import MusicGPTError
 from musicgpt.keyboard import KEY_FEATURES, Keyboard, KeyTable, key_table
 from musicgpt.vocab import CodecConfig
 
-EXPORT_VERSION = 3  # bump when the graphs' inputs, outputs or kernels change
+EXPORT_VERSION = 4  # bump when the graphs' inputs, outputs or kernels change
 # ONNX Runtime fuses `q * scale` into the ring product as a FusedMatMul, whose kernel is several
 # times slower than the plain MatMul for one query row against the whole ring.
 DISABLED_OPTIMIZERS = ["MatMulScaleFusion"]
 SHORT_PROMPT = 8  # prompts up to this long go through the step graph (no second session to load)
-DRAW_INPUTS = ["mask", "noise", "temperature", "top_p", "pooled"]  # sample.onnx's, after `pos`
+DRAW_INPUTS = ["mask", "noise", "temperature", "top_p", "groups", "pooled"]  # sample.onnx's, after `pos`
 CHUNK = 128  # prompt tokens per chunk: a chunk's attention costs chunk x (window + chunk)
 # Reading a prompt is a few large products, which a second core speeds up (a step is not).
 PREFILL_THREADS = 2
@@ -216,10 +217,10 @@ class OnnxStepper:
         self.pos += 1
 
     def step_and_draw(self, tokens: np.ndarray, mask: np.ndarray, noise: np.ndarray, temperature: float,
-                      top_p: float, pooled: np.ndarray) -> np.ndarray:
+                      top_p: float, nucleus: Nucleus) -> np.ndarray:
         """Feed one row's new token and draw the next in the graph (`onnx_export.race_top_p`)
-        from the logits plus `mask`, with the race's `noise`; top_p 1 keeps every token, and the
-        tokens of `pooled` ([V] bool) are one candidate of the nucleus."""
+        from the logits plus `mask`, with the race's `noise`; top_p 1 keeps every token, and
+        `nucleus` says what the nucleus ranks together."""
         if self.draw_binding is None:
             self._bind_draw()
         self.tokens[:, 0] = tokens
@@ -230,7 +231,8 @@ class OnnxStepper:
         inputs["noise"][...] = noise
         inputs["temperature"][...] = temperature
         inputs["top_p"][...] = top_p if top_p < 1.0 else np.inf
-        inputs["pooled"][...] = pooled
+        inputs["groups"][...] = nucleus.groups
+        inputs["pooled"][...] = nucleus.pooled
         self.draw_session.run_with_iobinding(self.draw_binding)
         self._keep_new()
         return self.drawn.copy()
@@ -240,6 +242,7 @@ class OnnxStepper:
         V = self.vocab_size
         self.draw_inputs = {"mask": np.zeros((1, V), np.float32), "noise": np.ones((1, V), np.float32),
                             "temperature": np.ones((), np.float32), "top_p": np.ones((), np.float32),
+                            "groups": np.zeros((NUCLEUS_GROUPS, V), np.float32),
                             "pooled": np.zeros((1, V), np.float32)}
         self.drawn = np.zeros(1, np.int64)
         self.draw_binding = self._io_binding(self.draw_session, self.draw_inputs, {"token": self.drawn})

@@ -21,6 +21,7 @@ MAX_NOTE_SECONDS = 12.0
 MAX_NEW_TOKENS = 1_000_000
 MAX_NUM_SAMPLES = 256
 MAX_SECONDS = MAX_NEW_TOKENS / TOKENS_PER_SECOND_CAP
+TOP_P_SCOPES = ("kind", "pooled", "token")  # what top-p ranks together: SamplingConfig.top_p_scope
 
 _FLAGS = {"num_beams": "--beams"}  # options whose CLI flag is not the field name with dashes
 
@@ -39,12 +40,16 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0  # keep the k most likely tokens (ties at the k-th value all kept)
     # Nucleus: the smallest set holding this much probability. 0.95 keeps the default model's
-    # statistics nearest real music; 0.9 thins its texture, 1.0 lets notes ring on (model card).
+    # statistics nearest real music (its model card measures 0.9 to 1.0).
     top_p: float = 0.95
-    # Top-p weighs the TIME_SHIFT tokens as one candidate, "wait", kept or cut whole. Per token,
-    # the cut falls on the long waits, each of which is rare, and the music comes out twice as
-    # dense as the performances it continues (the default model's card gives the measurements).
-    pool_time_shifts: bool = True
+    # What the nucleus ranks together (TOP_P_SCOPES). "kind": the note pitches and the velocities
+    # are each cut to their own nucleus and keep their probability, and the waits and releases
+    # are never cut, so top-p trims unlikely notes without changing how often a note is struck,
+    # released or waited for. "pooled": one nucleus in which the waits count as one candidate;
+    # it keeps the likely waits over the many pitches and thins the music. "token": every token
+    # its own candidate; it cuts the long waits, each rare on its own, and crowds the notes.
+    # The default model's card measures all three.
+    top_p_scope: str = "kind"
     typical_p: float = 1.0  # locally typical set holding this much probability
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max
     repetition_penalty: float = 1.0  # CTRL penalty on tokens in the model's view
@@ -56,7 +61,7 @@ class SamplingConfig:
         _check(self, "temperature", is_real(self.temperature) and self.temperature > 0, "> 0")
         _check(self, "top_k", is_integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)")
         _check(self, "top_p", is_real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]")
-        _check(self, "pool_time_shifts", isinstance(self.pool_time_shifts, bool), "True or False")
+        _check(self, "top_p_scope", self.top_p_scope in TOP_P_SCOPES, "one of " + ", ".join(TOP_P_SCOPES))
         _check(self, "typical_p", is_real(self.typical_p) and 0 < self.typical_p <= 1, "in (0, 1]")
         _check(self, "min_p", is_real(self.min_p) and 0 <= self.min_p < 1, "in [0, 1)")
         _check(self, "repetition_penalty", is_real(self.repetition_penalty) and self.repetition_penalty > 0, "> 0")

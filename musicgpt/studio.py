@@ -55,7 +55,7 @@ class Settings:
     temperature: float = SamplingConfig.temperature
     top_k: int = SamplingConfig.top_k
     top_p: float = SamplingConfig.top_p
-    pool_time_shifts: bool = SamplingConfig.pool_time_shifts
+    top_p_scope: str = SamplingConfig.top_p_scope
     typical_p: float = SamplingConfig.typical_p
     min_p: float = SamplingConfig.min_p
     num_beams: int = 4
@@ -73,7 +73,7 @@ class Settings:
         if self.method == "beam search":
             return SamplingConfig(num_beams=int(self.num_beams))
         return SamplingConfig(temperature=self.temperature, top_k=int(self.top_k), top_p=self.top_p,
-                              pool_time_shifts=bool(self.pool_time_shifts), typical_p=self.typical_p,
+                              top_p_scope=self.top_p_scope, typical_p=self.typical_p,
                               min_p=self.min_p)
 
     def request_options(self) -> dict:

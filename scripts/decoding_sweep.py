@@ -1,6 +1,6 @@
 """Decoding settings side by side on held-out primers: what the default decoding was chosen on.
 
-For each setting (temperature, top-p, whether top-p pools the TIME_SHIFTs), N one-minute
+For each setting (temperature, top-p, what top-p ranks together), N one-minute
 continuations of the first 10 s of held-out primers of one style (seeds SEED.., as
 `compare_models.py` makes them), once with the sampler's limits and once without. Reported: the
 notes struck per second (median, beside the same minute of the real pieces), `musicgpt stats`'
@@ -8,7 +8,7 @@ mean overlap with the style's corpus (against the minute after each piece's firs
 share of notes sounding longer than 4.5 s with the limits off (the model's own habit). With
 `--free-releases` a NOTE_OFF may also name a key that is up, which the sampler otherwise forbids.
 
-    python scripts/decoding_sweep.py --style classical --setting t=1,p=0.9,pool=0 --setting t=0.9,p=0.9 \\
+    python scripts/decoding_sweep.py --style classical --setting t=1,p=0.95,s=pooled --setting t=1,p=0.95 \\
         --samples 24 --seed 3000 --out runs/sweep
 """
 
@@ -24,15 +24,15 @@ from musicgpt import data
 from musicgpt.checkpoint import choose_checkpoint
 from musicgpt.sampling import SamplingConfig
 
-KEYS = {"t": "temperature", "p": "top_p", "pool": "pool_time_shifts", "m": "min_p"}
+KEYS = {"t": "temperature", "p": "top_p", "s": "top_p_scope", "m": "min_p"}
 
 
 def parse_setting(text: str) -> SamplingConfig:
-    """'t=0.9,p=0.9,pool=1' (m: min-p) as a SamplingConfig (keys left out keep their defaults)."""
+    """'t=0.9,p=0.9,s=kind' (s: top-p scope, m: min-p) as a SamplingConfig (keys left out keep their defaults)."""
     fields = {}
     for item in text.split(","):
         key, value = item.split("=")
-        fields[KEYS[key]] = bool(int(value)) if key == "pool" else float(value)
+        fields[KEYS[key]] = value if key == "s" else float(value)
     return SamplingConfig(**fields).validate()
 
 
@@ -42,7 +42,7 @@ def measure(checkpoint: Path, style: str, sampling: SamplingConfig, samples: int
     primers = cm.held_out_files()[style]
     reference = cm.CLASSICAL if style == "classical" else cm.POP
     result = {"style": style, "temperature": sampling.temperature, "top_p": sampling.top_p,
-              "pool_time_shifts": sampling.pool_time_shifts, "min_p": sampling.min_p,
+              "top_p_scope": sampling.top_p_scope, "min_p": sampling.min_p,
               "seeds": f"{seed}-{seed + samples - 1}", "release_sounding_only": release_sounding_only}
     for limits in (True, False):
         folder = out / ("limits" if limits else "no-limits")
@@ -58,7 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--style", choices=("classical", "pop"), required=True)
-    ap.add_argument("--setting", action="append", required=True, help="t=T,p=P,pool=0|1,m=MIN_P (repeatable)")
+    ap.add_argument("--setting", action="append", required=True,
+                    help="t=T,p=P,s=kind|pooled|token,m=MIN_P (repeatable)")
     ap.add_argument("--samples", type=int, default=cm.SAMPLES_PER_STYLE)
     ap.add_argument("--seed", type=int, default=1700)
     ap.add_argument("--out", type=Path, required=True, help="folder for the samples (one subfolder per setting)")

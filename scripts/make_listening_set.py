@@ -31,7 +31,7 @@ HELD_OUT = "held out"  # the primer is the next validation file of the style nam
 PIECES = [
     ("01-classical", HELD_OUT, ["--style", "classical"]),
     ("02-classical-per-token-top-p", HELD_OUT, ["--style", "classical", "--temperature", "1.0",
-                                                "--no-pool-time-shifts"]),
+                                                "--top-p-scope", "token"]),
     ("03-pop", HELD_OUT, ["--style", "pop"]),
     ("04-pop-minp", HELD_OUT, ["--style", "pop", "--min-p", "0.05", "--top-p", "1.0"]),
     ("05-chorale", "midi_data/scores/music21/bach/bwv121.6.mid", ["--style", "chorale"]),

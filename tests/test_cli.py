@@ -202,9 +202,9 @@ def test_sample_options_reach_the_library(monkeypatch, tmp_path, capsys):
     assert named["include_primer"] is False and named["seconds"] == 4.5 and named["primer_seconds"] is None
     assert main(["sample", "--greedy"]) == 0
     assert _received(calls[-1])[1]["greedy"] is True
-    assert named["pool_time_shifts"] is True  # the default, where the flag is not given
-    assert main(["sample", "--no-pool-time-shifts"]) == 0
-    assert _received(calls[-1])[1]["pool_time_shifts"] is False
+    assert named["top_p_scope"] == "kind"  # the default, where the flag is not given
+    assert main(["sample", "--top-p-scope", "token"]) == 0
+    assert _received(calls[-1])[1]["top_p_scope"] == "token"
 
 
 # ----------------------------------------------------------------------------- output paths

@@ -70,17 +70,29 @@ class WaitingStepper(FixedStepper):
         self.logits[0, TIME_SHIFT:TIME_SHIFT + 100] = np.log(0.006)
 
 
-@pytest.mark.parametrize("pool, longest_kept", [(True, 100), (False, 84)])
-def test_top_p_cuts_waits_as_one_candidate_so_time_is_not_shortened(pool, longest_kept):
+@pytest.mark.parametrize("scope, longest_kept", [("kind", 100), ("pooled", 100), ("token", 84)])
+def test_top_p_cuts_waits_as_one_candidate_so_time_is_not_shortened(scope, longest_kept):
     # Per token, a 0.9 nucleus holds the note and the 84 first waits (in index order among ties),
-    # so the long waits are never drawn; pooled, every wait keeps its probability.
+    # so the long waits are never drawn; pooled or by kind, every wait keeps its probability.
     out = decode(WaitingStepper(), [CFG.eos_id], vocab_size=CFG.vocab_size, max_new_tokens=50,
-                 sampling=SamplingConfig(top_p=0.9, temperature=1.0, pool_time_shifts=pool), num_samples=200, seed=0,
+                 sampling=SamplingConfig(top_p=0.9, temperature=1.0, top_p_scope=scope), num_samples=200, seed=0,
                  stop_at_eos=False)
     waits = np.concatenate(out)
     waits = waits[waits >= TIME_SHIFT] - TIME_SHIFT + 1
     assert waits.max() == longest_kept
     assert abs(waits.mean() - (1 + longest_kept) / 2) < 1.5  # uniform over the kept waits
+
+
+@pytest.mark.parametrize("scope, note_share", [("kind", 0.4), ("pooled", 0.0), ("token", 0.4 / 0.502)])
+def test_top_p_by_kind_strikes_notes_as_often_as_the_model_does(scope, note_share):
+    # The note holds 0.4 and the waits 0.6 between them: a 0.5 nucleus of one pool holds only the
+    # waits, so no note is ever struck; per token it holds the note and 17 waits; by kind the
+    # notes keep their 0.4, the model's own rate.
+    out = decode(WaitingStepper(), [CFG.eos_id], vocab_size=CFG.vocab_size, max_new_tokens=50,
+                 sampling=SamplingConfig(top_p=0.5, temperature=1.0, top_p_scope=scope), num_samples=100, seed=0,
+                 stop_at_eos=False)
+    tokens = np.concatenate(out)
+    assert abs((tokens == 60).mean() - note_share) < 0.03
 
 
 class ReleasingStepper(FixedStepper):

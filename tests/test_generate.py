@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from musicgpt import codec
+from musicgpt.decode import Nucleus, nucleus_for, softmax
 from musicgpt.errors import MusicGPTError
 from musicgpt.generate import SamplingConfig, beam_search, filter_logits, generate, penalize_repeats
 from musicgpt.model import MusicGPT, preset
@@ -55,19 +56,61 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass(p, expected):
     assert _kept(filter_logits(logits, SamplingConfig(top_p=p, temperature=1.0))) == expected
 
 
+def _pooled(mask: np.ndarray) -> Nucleus:
+    """One nucleus over every token, the tokens of `mask` ranked as one candidate."""
+    return Nucleus(np.ones((1, len(mask)), dtype=bool), mask)
+
+
 def test_top_p_weighs_the_pooled_tokens_as_one_candidate_kept_or_cut_whole():
     # A note at 0.3 and fourteen waits at 0.05 each: per token, a 0.48 nucleus keeps the note and
     # the four first waits; pooled, the waits (0.7 together) fill the nucleus and the note is cut.
     logits = _from_probs([0.3] + [0.05] * 14)
-    pooled = np.arange(15) > 0
+    pooled = _pooled(np.arange(15) > 0)
     assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48, temperature=1.0))) == {0, 1, 2, 3, 4}
-    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48, temperature=1.0), pooled=pooled)) == set(range(1, 15))
-    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.8, temperature=1.0), pooled=pooled)) == set(range(15))
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.48, temperature=1.0), nucleus=pooled)) == set(
+        range(1, 15))
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.8, temperature=1.0), nucleus=pooled)) == set(range(15))
     rare = _from_probs([0.9] + [0.1 / 14] * 14)  # all the waits together are still the rare 10 %
-    assert _kept(filter_logits(rare, SamplingConfig(top_p=0.85, temperature=1.0), pooled=pooled)) == {0}
+    assert _kept(filter_logits(rare, SamplingConfig(top_p=0.85, temperature=1.0), nucleus=pooled)) == {0}
     tie = _from_probs([0.5, 0.25, 0.125, 0.125])  # the pool ties the note at 0.25: ranked after it
-    two = np.array([False, False, True, True])
-    assert _kept(filter_logits(tie, SamplingConfig(top_p=0.6, temperature=1.0), pooled=two)) == {0, 1}
+    two = _pooled(np.array([False, False, True, True]))
+    assert _kept(filter_logits(tie, SamplingConfig(top_p=0.6, temperature=1.0), nucleus=two)) == {0, 1}
+
+
+def test_top_p_by_kind_cuts_within_each_group_and_keeps_each_groups_probability():
+    # Three pitches (0.3, 0.06, 0.04), two velocities (0.1, 0.1) and waits (0.4 together), none
+    # of them in a group. A 0.65 nucleus per group keeps the likely pitch with the pitches' whole
+    # 0.4, ties the velocities (both kept) and never cuts a wait.
+    logits = _from_probs([0.3, 0.06, 0.04, 0.1, 0.1, 0.2, 0.15, 0.05])
+    groups = np.zeros((2, 8), dtype=bool)
+    groups[0, :3] = groups[1, 3:5] = True
+    kind = Nucleus(groups, np.zeros(8, dtype=bool))
+    out = filter_logits(logits, SamplingConfig(top_p=0.65, temperature=1.0), nucleus=kind)
+    assert np.allclose(softmax(out)[0], [0.4, 0, 0, 0.1, 0.1, 0.2, 0.15, 0.05])
+    # One nucleus with the waits pooled ranks them first and cuts every pitch but the likeliest.
+    pooled = np.zeros(8, dtype=bool)
+    pooled[5:] = True
+    assert _kept(filter_logits(logits, SamplingConfig(top_p=0.65, temperature=1.0), nucleus=_pooled(pooled))) == {
+        0, 5, 6, 7}
+    # A group the rules ban entirely stays banned, and the others are untouched by it.
+    banned = logits.copy()
+    banned[0, :3] = -np.inf
+    out = filter_logits(banned, SamplingConfig(top_p=0.65, temperature=1.0), nucleus=kind)
+    assert np.allclose(softmax(out)[0], np.array([0, 0, 0, 0.1, 0.1, 0.2, 0.15, 0.05]) / 0.6)
+
+
+def test_top_p_by_kind_never_cuts_a_release_or_a_wait():
+    # A likely pitch (0.6), two rare ones, two releases (0.08, 0.02) and a wait: a 0.5 nucleus by
+    # kind keeps the likely pitch alone among the pitches, and the releases and the wait untouched.
+    config = CodecConfig()
+    probs = np.zeros(config.vocab_size)
+    probs[[60, 64, 67]] = [0.6, 0.1, 0.1]
+    probs[[NOTE_OFF + 55, NOTE_OFF + 57, TIME_SHIFT + 99]] = [0.08, 0.02, 0.1]
+    kind = nucleus_for("kind", config, config.vocab_size)
+    with np.errstate(divide="ignore"):
+        logits = _from_probs(probs)
+    out = softmax(filter_logits(logits, SamplingConfig(top_p=0.5, temperature=1.0), nucleus=kind))[0]
+    assert np.allclose(out[[60, 64, 67, NOTE_OFF + 55, NOTE_OFF + 57, TIME_SHIFT + 99]], [0.8, 0, 0, 0.08, 0.02, 0.1])
 
 
 def test_min_p_keeps_tokens_above_a_fraction_of_the_best():

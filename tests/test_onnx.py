@@ -12,7 +12,7 @@ from conftest import make_model, make_piece
 from musicgpt import backends, onnx_stepper
 from musicgpt.checkpoint import save_checkpoint
 from musicgpt.checkpoint_header import read_checkpoint_meta
-from musicgpt.decode import TINY, decode, filter_logits, softmax
+from musicgpt.decode import NUCLEUS_GROUPS, TINY, Nucleus, decode, filter_logits, nucleus_for, softmax
 from musicgpt.errors import MusicGPTError
 from musicgpt.generate import beam_search, generate
 from musicgpt.onnx_export import ChunkGraph, StepGraph, empty_ring, export_onnx, race_top_p
@@ -105,7 +105,8 @@ def test_a_prompt_read_on_two_threads_fills_the_ring_bit_for_bit(tmp_path):
     (SamplingConfig(), 1),  # these three draw inside sample.onnx
     (SamplingConfig(temperature=0.7, top_p=0.8), 1),
     (SamplingConfig(temperature=1.3, top_p=1.0), 1),
-    (SamplingConfig(top_p=0.8, pool_time_shifts=False), 1),
+    (SamplingConfig(top_p=0.8, top_p_scope="token"), 1),
+    (SamplingConfig(top_p=0.8, top_p_scope="pooled"), 1),
     (SamplingConfig(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3), 3),
     (SamplingConfig(typical_p=0.9, min_p=0.05, top_p=1.0), 2),
     (SamplingConfig(greedy=True, repetition_penalty=2.0), 1),
@@ -208,20 +209,23 @@ def test_sampling_with_onnx_never_imports_torch(tmp_path):
 PROBS = np.array([0.5, 0.25, 0.15, 0.1])
 
 
-@pytest.mark.parametrize("temperature, top_p, pooled, probs", [
-    (1.0, float("inf"), [], PROBS),
-    (1.0, 0.7, [], np.array([2 / 3, 1 / 3, 0, 0])),  # 0.5 + 0.25 reach 0.7
-    (2.0, float("inf"), [], np.sqrt(PROBS) / np.sqrt(PROBS).sum()),
-    (1.0, 0.7, [1, 2], np.array([0.5, 0.25, 0.15, 0]) / 0.9),  # 0.5 + the pool's 0.4 reach it
-    (1.0, 0.45, [1, 2], np.array([1.0, 0, 0, 0])),
+@pytest.mark.parametrize("temperature, top_p, groups, pooled, probs", [
+    (1.0, float("inf"), [[1, 1, 1, 1]], [], PROBS),
+    (1.0, 0.7, [[1, 1, 1, 1]], [], np.array([2 / 3, 1 / 3, 0, 0])),  # 0.5 + 0.25 reach 0.7
+    (2.0, float("inf"), [[1, 1, 1, 1]], [], np.sqrt(PROBS) / np.sqrt(PROBS).sum()),
+    (1.0, 0.7, [[1, 1, 1, 1]], [1, 2], np.array([0.5, 0.25, 0.15, 0]) / 0.9),  # 0.5 + the pool's 0.4 reach it
+    (1.0, 0.45, [[1, 1, 1, 1]], [1, 2], np.array([1.0, 0, 0, 0])),
+    # By kind: {0, 1} and {2} each keep their mass, token 3 is in no group and never cut.
+    (1.0, 0.6, [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], [], np.array([0.75, 0, 0.15, 0.1])),
 ])
-def test_the_graphs_draw_follows_the_filtered_distribution(temperature, top_p, pooled, probs):
+def test_the_graphs_draw_follows_the_filtered_distribution(temperature, top_p, groups, pooled, probs):
     rows = 10_000
     logits = torch.log(torch.tensor(PROBS, dtype=torch.float32)).expand(rows, -1)
     noise = torch.from_numpy(np.random.default_rng(0).standard_exponential((rows, 4), dtype=np.float32) + TINY)
     pool = torch.zeros(1, 4)
     pool[0, pooled] = 1.0
-    draws = race_top_p(logits, noise, torch.tensor(temperature), torch.tensor(top_p), pool).numpy()
+    draws = race_top_p(logits, noise, torch.tensor(temperature), torch.tensor(top_p),
+                       torch.tensor(groups, dtype=torch.float32), pool).numpy()
     counts = np.bincount(draws, minlength=4)
     expected = probs * rows
     assert counts[probs == 0].sum() == 0  # what the filter removed is never drawn
@@ -231,7 +235,7 @@ def test_the_graphs_draw_follows_the_filtered_distribution(temperature, top_p, p
 def test_the_graphs_draw_keeps_every_token_tied_with_the_last_one_kept():
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.3]]))  # 0.4 + 0.3 reach 0.5 with either 0.3
     noise = torch.tensor([[1e9, 1.0, 2.0], [1e9, 2.0, 1.0]])  # the 0.4 never wins: which 0.3 does?
-    assert race_top_p(logits.expand(2, -1), noise, torch.tensor(1.0), torch.tensor(0.5),
+    assert race_top_p(logits.expand(2, -1), noise, torch.tensor(1.0), torch.tensor(0.5), torch.ones(1, 3),
                       torch.zeros(1, 3)).tolist() == [1, 2]
 
 
@@ -252,15 +256,20 @@ def test_the_exported_draw_picks_what_the_models_logits_give(tmp_path):
     cfg = SamplingConfig(temperature=1.2, top_p=0.8)
     shifts = np.zeros(390, dtype=bool)
     shifts[256:356] = True
-    for pooled in (shifts, ~shifts & (np.arange(390) % 2 == 0), np.zeros(390, dtype=bool)):
-        allowed = np.isfinite(filter_logits(logits.numpy() + mask, cfg, pooled=pooled))[0]
+    everything = np.ones((NUCLEUS_GROUPS, 390), dtype=bool)
+    everything[1:] = False
+    nuclei = [Nucleus(everything, pooled) for pooled in (shifts, ~shifts & (np.arange(390) % 2 == 0),
+                                                         np.zeros(390, dtype=bool))]
+    for nucleus in nuclei + [nucleus_for("kind", CodecConfig(), 390)]:
+        allowed = np.isfinite(filter_logits(logits.numpy() + mask, cfg, nucleus=nucleus))[0]
         rng, drawn = np.random.default_rng(1), []
         for _ in range(200):
             noise = rng.standard_exponential((1, 390), dtype=np.float32) + TINY
             draw = {"mask": mask, "noise": noise, "temperature": np.array(1.2, np.float32),
-                    "top_p": np.array(0.8, np.float32), "pooled": pooled[None].astype(np.float32)}
+                    "top_p": np.array(0.8, np.float32), "groups": nucleus.groups.astype(np.float32),
+                    "pooled": nucleus.pooled[None].astype(np.float32)}
             token = session.run(None, {**feeds, **draw})[0]
-            probs = softmax(filter_logits(logits.numpy() + mask, cfg, pooled=pooled))
+            probs = softmax(filter_logits(logits.numpy() + mask, cfg, nucleus=nucleus))
             assert token.tolist() == (probs / noise).argmax(-1).tolist()  # the numpy loop's own draw
             drawn.append(token[0])
         assert allowed[drawn].all() and len(set(drawn)) > 3

@@ -46,8 +46,8 @@ def test_bad_primers_give_one_line_errors(tmp_path):
 def test_settings_pick_the_decoding_method():
     assert studio.Settings(method="greedy").sampling().greedy
     assert studio.Settings(method="beam search", num_beams=3).sampling().num_beams == 3
-    assert studio.Settings().sampling().pool_time_shifts  # the command line's default
-    assert not studio.Settings(pool_time_shifts=False).sampling().pool_time_shifts
+    assert studio.Settings().sampling().top_p_scope == "kind"  # the command line's default
+    assert studio.Settings(top_p_scope="pooled").sampling().top_p_scope == "pooled"
     s = studio.Settings(temperature=0.7, top_k=5, min_p=0.1).sampling()
     assert (s.temperature, s.top_k, s.min_p, s.greedy) == (0.7, 5, 0.1, False)
     assert studio.Settings(max_pause=0).request_options()["max_pause_seconds"] == float("inf")
