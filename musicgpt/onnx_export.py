@@ -15,10 +15,10 @@ the token after the last new one, and `new_kN` / `new_vN` [B, H, T, D], which th
 into slots (pos + t) % (window - 1). `sample.onnx` also takes the draw's `mask` [1, V] (the
 decoding rules, added to the logits), `noise` [1, V] (the race's Exp(1) draws), `temperature`,
 `top_p`, `groups` [2, V] and `pooled` [1, V] (`musicgpt.decode.Nucleus`: what top-p ranks
-together), and gives `token` [1] in place of the logits.
-A model that reads the keyboard state (`sounding_notes`) takes `notes` [B, T, 256]
-after `pos` in every graph: the state after each new token, which the stepper follows on the
-host (`musicgpt.keyboard`). `meta.json`, written last, says what the folder holds.
+together), and gives `token` [1] in place of the logits. A model that reads the keyboard state
+(`sounding_notes`) takes `notes` [B, T, 256] after `pos` in every graph: the state after each
+new token, which the stepper follows on the host (`musicgpt.keyboard`). `meta.json`, written
+last, says what the folder holds.
 """
 
 from __future__ import annotations
